@@ -1,0 +1,1 @@
+"""Free-page sources, tried in order of preference: ebpf, kpageflags, none."""

@@ -1,0 +1,109 @@
+"""The interface every free-page source implements.
+
+A source answers one question, "which guest-physical pages are free in the
+buddy allocator right now?", without allocating or writing guest memory. The
+agent calls :meth:`FreePageSource.snapshot` once per hint request, after the
+request arrived: a source must scan afresh every time and never serve a result
+computed earlier (shared/reference/safety-rule.md, guest side).
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+
+class SourceUnavailable(RuntimeError):
+    """The source cannot run on this kernel; the message says why, for the logs
+    and the attach facts."""
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Whether a source can run here, and if not, why not."""
+
+    name: str
+    available: bool
+    reason: str = ""
+
+
+@dataclass
+class Snapshot:
+    """Free guest-physical byte ranges seen by one scan.
+
+    ``ranges`` are sorted, non-overlapping, page-aligned (start, length) pairs.
+    Each page in them was free at some instant between ``started`` and
+    ``finished`` (``time.monotonic()``), never earlier.
+    """
+
+    source: str
+    ranges: Sequence[tuple[int, int]]
+    pages: int
+    started: float
+    finished: float
+    #: False when the scan stopped early (deadline); what it has is still sound.
+    complete: bool = True
+    #: Source-specific figures worth logging (chunks run, blocks dropped, ...).
+    details: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def duration_s(self) -> float:
+        return self.finished - self.started
+
+
+class LiveFrees(abc.ABC):
+    """Pages freed after a point in time, for extra hints of an open epoch.
+
+    Optional: only sources that can watch frees (eBPF) provide it. Losing
+    events is allowed (fewer hints); reporting a page that was not freed after
+    :meth:`start` is not.
+    """
+
+    @abc.abstractmethod
+    def start(self) -> None:
+        """Begin collecting; only frees after this call may be reported."""
+
+    @abc.abstractmethod
+    def drain(self, max_ranges: int) -> list[tuple[int, int]]:
+        """Return up to ``max_ranges`` freed (start, length) byte ranges, sorted,
+        and forget them."""
+
+    @abc.abstractmethod
+    def stop(self) -> None:
+        """Stop collecting and drop what was not drained."""
+
+
+class FreePageSource(abc.ABC):
+    """A way to learn free guest-physical pages from kernel data."""
+
+    #: Name used on the command line and in the attach facts.
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    def probe(self) -> Probe:
+        """Check cheaply whether this source can work here (no BPF load yet)."""
+
+    def open(self) -> None:
+        """Prepare for scanning (load programs, self-test).
+
+        :raise SourceUnavailable: when the source turns out not to work.
+        """
+
+    @abc.abstractmethod
+    def snapshot(self, deadline: float | None = None) -> Snapshot:
+        """Scan now. Stop early, returning ``complete=False``, once
+        ``time.monotonic()`` passes ``deadline``."""
+
+    def live_frees(self) -> LiveFrees | None:
+        """A tracker of pages freed after a point in time, if the source has one."""
+        return None
+
+    def close(self) -> None:
+        """Release kernel resources; the source may not be used afterwards."""
+
+
+def now() -> float:
+    return time.monotonic()
