@@ -1,0 +1,1 @@
+"""QEMU migration stream handling: parsing, safe rewriting, proxying."""

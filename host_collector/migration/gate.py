@@ -1,0 +1,68 @@
+"""The contract between the stream proxy and whoever decides which hints apply.
+
+The proxy parses the source's main channel and holds back RAM records for a
+bounded time. The gate implements the timing half of the safety rule
+(shared/reference/safety-rule.md): it knows when each epoch's hint request was
+sent (in bytes the proxy had received by then) and what each ``query-migrate``
+poll issued after a given byte offset answered. From that it says, for a
+record whose last byte was received at stream offset ``end``, which free-page
+hints may turn it into a zero page.
+
+Offsets are counts of main-channel bytes received from the source, starting
+at 0 with the "QEVM" magic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+
+class PageOracle(Protocol):
+    """Free-page hints that may zero a given record."""
+
+    def is_free(self, block: str, page: int) -> bool:
+        """Whether page ``page`` (offset // 4096) of RAMBlock ``block`` is hinted free."""
+        ...
+
+
+class RewriteGate(Protocol):
+    """Decides which hints may change records the proxy holds."""
+
+    def received(self, total: int) -> None:
+        """The proxy has now received ``total`` bytes of the main channel.
+
+        Cheap; called often. The gate may start a confirmation poll.
+        """
+        ...
+
+    def decided_through(self) -> int:
+        """Records that ended at or before this offset can be judged now."""
+        ...
+
+    def oracle_for(self, end: int) -> PageOracle | None:
+        """Hints that may zero a record that ended at ``end`` (``end <= decided_through()``).
+
+        None: send it unchanged.
+        """
+        ...
+
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (from any thread) when ``decided_through`` may have grown."""
+        ...
+
+
+class NoHints:
+    """A gate that never rewrites: the plain relay."""
+
+    def received(self, total: int) -> None:
+        pass
+
+    def decided_through(self) -> int:
+        return 1 << 63
+
+    def oracle_for(self, end: int) -> PageOracle | None:
+        return None
+
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        pass
