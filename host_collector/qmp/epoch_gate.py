@@ -163,6 +163,7 @@ class EpochGate:
             if delay > 0:
                 await asyncio.sleep(delay)
             x = self.ledger.received_total
+            passes_before = self.ledger.last_pass
             last_issue = time.monotonic()
             self.polls_issued += 1
             try:
@@ -173,10 +174,10 @@ class EpochGate:
             # Events queued before this reply are applied before it (QEMU emits
             # MIGRATION_PASS s before it can answer s; the client keeps wire order).
             self._take_events()
-            self._apply_reply(x, reply)
+            self._apply_reply(x, reply, passes_before)
             self._notify()
 
-    def _apply_reply(self, x: int, reply: Any) -> None:
+    def _apply_reply(self, x: int, reply: Any, passes_before: int) -> None:
         if not isinstance(reply, Mapping):
             self._fail(f"query-migrate returned {reply!r}")
             return
@@ -188,4 +189,4 @@ class EpochGate:
         if status not in _COUNTING or not isinstance(count, int) or isinstance(count, bool):
             self._fail(f"query-migrate status {status!r} without a dirty-sync-count")
             return
-        self.ledger.on_poll(x, count)
+        self.ledger.on_poll(x, count, passes_before)

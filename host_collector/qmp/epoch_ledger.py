@@ -154,6 +154,10 @@ class EpochLedger:
     def failure(self) -> str | None:
         return self._failed
 
+    @property
+    def last_pass(self) -> int:
+        return self._last_pass
+
     def on_pass(self, count: int) -> EpochEntry | None:
         """``MIGRATION_PASS count``: open epoch ``count`` and send its hint request."""
         with self._lock:
@@ -177,10 +181,19 @@ class EpochLedger:
             self.stats.epochs_opened += 1
             return entry
 
-    def on_poll(self, x: int, sync_count: int) -> None:
-        """A ``query-migrate`` issued when ``x`` bytes had been reported answered ``sync_count``."""
+    def on_poll(self, x: int, sync_count: int, passes_before: int = 0) -> None:
+        """A ``query-migrate`` issued when ``x`` bytes had been reported answered ``sync_count``.
+
+        ``passes_before``: the last MIGRATION_PASS applied when the poll was
+        issued; an answer below it means the two sources disagree.
+        """
         with self._lock:
             if self._failed:
+                return
+            if sync_count < passes_before:
+                self._fail_locked(
+                    f"query-migrate answered sync {sync_count} after MIGRATION_PASS {passes_before} had arrived"
+                )
                 return
             if self._poll_x and (x < self._poll_x[-1] or sync_count < self._poll_s[-1]):
                 self._fail_locked(
@@ -244,6 +257,16 @@ class EpochLedger:
                 return last
             oracle = self._last_oracle = EpochOracle(usable)
             return oracle
+
+    def polls(self) -> list[tuple[int, int]]:
+        """(offset, sync count) of every answered poll still kept, oldest first."""
+        with self._lock:
+            return list(zip(self._poll_x, self._poll_s))
+
+    def entries(self) -> list[EpochEntry]:
+        """Epochs not yet released, oldest first."""
+        with self._lock:
+            return list(self._epochs.values())
 
     def snapshot(self) -> LedgerStats:
         st = self.stats
