@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from host_collector.qmp.session import QmpSession
+from host_collector.qmp.session import QmpError, QmpSession
 
 QEMU = os.environ.get("FPH_QEMU", "qemu-system-x86_64")
 #: Extra -L directories (firmware) for a QEMU given by FPH_QEMU, ':'-separated.
@@ -44,7 +44,11 @@ class Qemu:
 
     async def qmp(self, timeout_s: float = 10.0) -> QmpSession:
         """A new QMP session (QEMU's monitor serves one client at a time)."""
-        session = await QmpSession.connect(self.qmp_path, label=self.dir.name, timeout_s=timeout_s)
+        try:
+            session = await QmpSession.connect(self.qmp_path, label=self.dir.name, timeout_s=timeout_s)
+        except QmpError as err:
+            await asyncio.sleep(0.2)  # let a dying QEMU finish its error message
+            raise RuntimeError(f"{err}\nQEMU alive: {self.alive()}\nstderr: {self.stderr()}\nargv: {self.args}") from err
         self.sessions.append(session)
         return session
 

@@ -57,6 +57,8 @@ HARMLESS_CAPABILITIES = frozenset(
 
 #: QEMU versions whose stream format and sync/event order were checked against the source.
 SUPPORTED = ((7, 2), (10, 2))
+#: First QEMU release whose TCG dirty tracking keeps up with migration syncs.
+FIXED_TCG_DIRTY_TRACKING = (9, 0)
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,7 @@ async def _check_end(report: SafetyReport, side: str, qmp: QmpSession, enable: t
         state = status.get("status") if isinstance(status, Mapping) else None
         if state in ("setup", "active", "pre-switchover", "device", "postcopy-active", "cancelling"):
             report.problems.append(Problem(side, "migration state", f"a migration is already {state}"))
+        await _check_tcg_dirty_tracking(report, qmp, version)
     caps = _capabilities(await qmp.execute("query-migrate-capabilities"))
     missing = [c for c in enable if not caps.get(c, False)]
     if missing:
@@ -178,6 +181,31 @@ async def _check_end(report: SafetyReport, side: str, qmp: QmpSession, enable: t
     mode = params.get("mode", "normal")
     if mode != "normal":
         report.problems.append(Problem(side, "parameter mode", f"is {mode!r}: not a live pre-copy migration"))
+
+
+async def _check_tcg_dirty_tracking(report: SafetyReport, qmp: QmpSession, version: tuple[int, int, int]) -> None:
+    """TCG before 9.0 can drop writes made after a dirty-bitmap sync.
+
+    The 64-page fast path of cpu_physical_memory_sync_dirty_bitmap() clears
+    migration dirty bits without resetting the TCG TLB, so later stores
+    through a cached TLB entry are never logged (fixed upstream in 9.0,
+    "physmem: Fix migration dirty bitmap coherency with TCG memory access";
+    Debian's 7.2.22 lacks it, and a running guest loses pages even without
+    fphint). The safety rule needs every write after a hint to be logged, so
+    a running TCG guest is relayed unchanged; a paused one cannot write.
+    """
+    if version[:2] >= FIXED_TCG_DIRTY_TRACKING:
+        return
+    kvm = await qmp.execute("query-kvm")
+    if isinstance(kvm, Mapping) and kvm.get("enabled"):
+        return
+    status = await qmp.execute("query-status")
+    running = isinstance(status, Mapping) and bool(status.get("running"))
+    why = "QEMU before 9.0 under TCG can lose guest writes during migration (no TLB reset after a dirty sync)"
+    if running:
+        report.problems.append(Problem("source", "accelerator TCG", why))
+    else:
+        report.warnings.append(f"source: {why}; the VM is paused now, so only a resume before the end would matter")
 
 
 def _version(reply: Any) -> tuple[int, int, int]:
