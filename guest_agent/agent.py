@@ -40,6 +40,9 @@ CHANNEL_OPTIONS = [
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.max_receive_message_length", 1 << 20),
     ("grpc.enable_retries", 0),
+    # Our own connection, never one shared with other channels in the process
+    # (the collector caps streams per connection).
+    ("grpc.use_local_subchannel_pool", 1),
 ]
 
 

@@ -128,6 +128,8 @@ class Epoch:
             m = self._masks.get(block)
             if m is None:
                 m = self._masks[block] = np.zeros(self.index.layout.block_pages(block), dtype=np.bool_)
+            if f + c > m.shape[0]:  # validation maps inside blocks; never trust a silent slice
+                raise AssertionError(f"piece {block}[{f}:{f + c}] beyond {m.shape[0]} pages")
             m[f : f + c] = True
             pages += c
         return pages

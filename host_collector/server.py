@@ -98,7 +98,10 @@ class CollectorServer:
                 addr = addresses.Address("tcp", host=addr.host, port=port)
             self.bound.append(addr)
         if cfg.admin is not None:
-            self.admin_server = grpc.aio.server(options=server_options(limits))
+            # Operators are trusted: many concurrent admin calls on one connection are fine.
+            admin_opts = [o for o in server_options(limits) if o[0] != "grpc.max_concurrent_streams"]
+            admin_opts.append(("grpc.max_concurrent_streams", limits.max_concurrent_rpcs))
+            self.admin_server = grpc.aio.server(options=admin_opts)
             admin_pb2_grpc.add_CollectorAdminServicer_to_server(AdminService(self.collector), self.admin_server)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.admin_server)
             reflection.enable_server_reflection((ADMIN_SERVICE, reflection.SERVICE_NAME), self.admin_server)
