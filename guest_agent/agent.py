@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from fphint import addresses, ranges
+from fphint import addresses, ranges, vsock
 from fphint.v1 import hints_pb2, hints_pb2_grpc
 
 from .facts import self_usage
@@ -150,6 +150,19 @@ class Agent:
 
     async def _session(self, ep: Endpoint) -> None:
         target = ep.address.grpc_target()
+        dialer = None
+        if ep.address.kind == "vsock":
+            # grpcio wheels lack vsock: relay through a local abstract socket.
+            dialer = vsock.VsockDialer(ep.address.cid, ep.address.port)
+            await dialer.start()
+            target = dialer.target
+        try:
+            await self._attached_session(ep, target)
+        finally:
+            if dialer is not None:
+                dialer.close()
+
+    async def _attached_session(self, ep: Endpoint, target: str) -> None:
         md = self._metadata(ep)
         async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
             stub = hints_pb2_grpc.FreePageHintsStub(channel)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from fphint import vsock
 from fphint.v1 import hints_pb2
 
 from .config import CollectorConfig, VmEntry
@@ -202,12 +203,8 @@ class Collector:
     def identify(self, token: str | None, peer: str) -> VmState:
         """The VM a call comes from: its vsock CID, or its token. Never what it says."""
         by_token = self._by_token.get(_digest(token)) if token else None
-        by_cid = None
-        if peer.startswith("vsock:"):
-            try:
-                by_cid = self._by_cid.get(int(peer.split(":")[1]))
-            except (IndexError, ValueError):
-                by_cid = None
+        cid = vsock.peer_cid(peer)
+        by_cid = self._by_cid.get(cid) if cid is not None else None
         if by_cid is not None and by_token is not None and by_cid != by_token:
             raise Refusal("PERMISSION_DENIED", "identity_mismatch", "token belongs to another VM than this vsock CID")
         name = by_cid or by_token

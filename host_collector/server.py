@@ -11,14 +11,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from fphint import addresses
+from fphint import addresses, vsock
 from fphint.v1 import admin_pb2, admin_pb2_grpc, hints_pb2, hints_pb2_grpc
 
 from .admin import AdminService
@@ -77,6 +79,9 @@ class CollectorServer:
         #: Actual bound addresses (port 0 resolved), in config order.
         self.bound: list[addresses.Address] = []
         self._stopped = asyncio.Event()
+        self._vsock: list[vsock.VsockListener] = []
+        #: 0700 directory for sockets only the collector itself may reach.
+        self._private: Path | None = None
 
     async def start(self) -> None:
         cfg, limits = self.config, self.config.limits
@@ -91,6 +96,15 @@ class CollectorServer:
             (HINTS_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
         for addr in cfg.listen:
+            if addr.kind == "vsock":
+                # grpcio wheels lack vsock: bridge it to a private Unix socket.
+                if self._private is None:
+                    self._private = Path(tempfile.mkdtemp(prefix="fphint-collector-"))
+                backend = str(self._private / f"vsock-{addr.port}.sock")
+                self.server.add_insecure_port(f"unix:{backend}")
+                self._vsock.append(vsock.VsockListener(addr.port, backend))
+                self.bound.append(addr)
+                continue
             if addr.kind == "unix":
                 _prepare_unix(addr.path)
             port = self.server.add_insecure_port(addr.grpc_target())
@@ -113,6 +127,8 @@ class CollectorServer:
             finally:
                 os.umask(old)
         await self.server.start()
+        for listener in self._vsock:
+            await listener.start()
         for name in ("", HINTS_SERVICE, ADMIN_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if cfg.metrics is not None:
@@ -132,7 +148,11 @@ class CollectorServer:
         await self.health.enter_graceful_shutdown()
         self.collector.shutdown()
         waits = [s.stop(grace) for s in (self.server, self.admin_server) if s is not None]
+        for listener in self._vsock:
+            listener.close()
         await asyncio.gather(*waits)
+        if self._private is not None:
+            shutil.rmtree(self._private, ignore_errors=True)
         self._stopped.set()
 
     async def wait_stopped(self) -> None:
