@@ -14,6 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import generate_latest
 
 from fphint.v1 import hints_pb2
+from guest_agent.agent import Settings
+from guest_agent.sources.base import LiveFrees
 from host_collector.config import Limits
 from host_collector.server import CollectorServer
 
@@ -285,5 +287,56 @@ def test_health_reflection_and_graceful_shutdown() -> None:
             await g.next_request(timeout=2)
         await g.close()
         await ch.close()
+
+    run(go())
+
+
+class FakeLive(LiveFrees):
+    """Pages 'freed' after start(): one new range per drain."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self.next = 1 * GiB
+
+    def start(self) -> None:
+        self.started = True
+
+    def drain(self, max_ranges: int) -> list[tuple[int, int]]:
+        assert self.started
+        out = [(self.next + i * 8192, 4096) for i in range(max_ranges)]
+        self.next += max_ranges * 8192
+        return out
+
+    def stop(self) -> None:
+        self.started = False
+
+
+class LiveSource(FixedSource):
+    def __init__(self) -> None:
+        super().__init__(GOOD[:1])
+        self.live = FakeLive()
+
+    def live_frees(self) -> LiveFrees:
+        return self.live
+
+
+def test_live_hints_follow_the_snapshot_rate_bounded() -> None:
+    async def go() -> None:
+        async with running_collector(make_config(["a"])) as srv:
+            src = LiveSource()
+            settings = Settings(backoff_initial_s=0.05, live_interval_s=0.05, live_max_ranges_per_s=200)
+            async with running_agent(srv, "a", src, settings):
+                await wait_attached(srv, "a")
+                ep = srv.collector.open_epoch("a", 1.0)
+                await ep.wait_closed()
+                live_pages = ep.free_pages() - pages_of(GOOD[:1])
+                # 200 ranges/s of one page each for at most ~1 s, in 10-range batches.
+                assert 10 <= live_pages <= 200, live_pages
+                assert ep.stats().reports >= 2
+                assert ep.is_free("pc.ram", GiB // 4096)
+                no_live = srv.collector.open_epoch("a", 0.5, live_hints=False)
+                await no_live.wait_closed()
+                assert no_live.free_pages() == pages_of(GOOD[:1])
+                assert not src.live.started
 
     run(go())
