@@ -15,12 +15,13 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from qmp_fake_collector import FakeCollector
-from qmp_launcher import qemu
 
 from host_collector.qmp.epoch_gate import EpochGate
 from host_collector.qmp.epoch_ledger import NEVER_DECIDED_LIMIT, EpochOracle
 from host_collector.qmp.session import EventQueue, QmpError
+
+from .qmp_fake_collector import FakeCollector
+from .qmp_launcher import qemu
 
 Reply = Callable[["FakeSource"], Any]
 

@@ -16,9 +16,10 @@ import random
 from dataclasses import dataclass, field
 
 import pytest
-from qmp_fake_collector import FakeCollector, FakeEpoch
 
 from host_collector.qmp.epoch_ledger import NEVER_DECIDED_LIMIT, EpochEntry, EpochLedger, EpochOracle
+
+from .qmp_fake_collector import FakeCollector, FakeEpoch
 
 VM = "vm1"
 BLOCK = "pc.ram"

@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from qmp_expected import BY_NAME, G, M
 
 from host_collector.layout import LayoutError, RamRange
 from host_collector.qmp.mtree import MtreeError, map_ram, parse_mtree
 from host_collector.qmp.ram_layout import MemoryFacts, build_layout
 from host_collector.qmp.ramblock import RamBlockError, parse_ramblocks
+
+from .qmp_expected import BY_NAME, G, M
 
 DATA = Path(__file__).parent / "data" / "qmp"
 CAPTURES = sorted(DATA.glob("*.json"))

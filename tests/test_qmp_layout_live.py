@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from qmp_expected import CASES, Case
-from qmp_launcher import qemu
 
 from host_collector.qmp.ram_layout import learn_layout, read_layout
+
+from .qmp_expected import CASES, Case
+from .qmp_launcher import qemu
 
 pytestmark = pytest.mark.qemu
 

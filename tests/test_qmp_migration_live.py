@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from qmp_fake_collector import FakeCollector
-from qmp_launcher import qemu
 
 from host_collector.qmp.epoch_gate import EpochGate
 from host_collector.qmp.epoch_ledger import EpochOracle
 from host_collector.qmp.preflight import check_migration_safety
 from host_collector.qmp.session import QmpSession
+
+from .qmp_fake_collector import FakeCollector
+from .qmp_launcher import qemu
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
@@ -141,7 +142,9 @@ async def with_pair(body: Callable[[QmpSession, QmpSession, Path, Path], Awaitab
 def test_gate_on_a_real_migration() -> None:
     async def body(src: QmpSession, dst: QmpSession, src_ram: Path, dst_ram: Path) -> None:
         report = await check_migration_safety(src, dst)
-        assert report.safe, report.summary()
+        # A running TCG guest on 7.2 is never rewritten (its writes can be lost);
+        # the gate's bookkeeping is exercised all the same.
+        assert [(p.side, p.setting) for p in report.problems] == [("source", "accelerator TCG")]
         assert set(report.enabled) == {"source: return-path", "source: events", "destination: return-path"}
 
         await dst.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})

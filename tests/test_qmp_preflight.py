@@ -7,10 +7,11 @@ import copy
 from typing import Any
 
 import pytest
-from qmp_launcher import Qemu, qemu
 
 from host_collector.qmp.preflight import UNSAFE_CAPABILITIES, SafetyReport, check_migration_safety
 from host_collector.qmp.session import QmpCommandError, QmpError, QmpSession
+
+from .qmp_launcher import Qemu, qemu
 
 VM = ["-machine", "pc", "-m", "64M"]
 
