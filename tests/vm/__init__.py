@@ -1,0 +1,16 @@
+"""VM fixtures for fphint's end-to-end tests: boot real guests under QEMU (TCG).
+
+Modules: ``harness`` (VM lifecycle, factory, migration helpers), ``console``
+(serial shell), ``qmp`` (blocking QMP over qemu.qmp), ``ramcompare``
+(page-by-page RAM file comparison); ``guest/`` holds the workloads installed
+in the image. The image builder lives in vm-images/ (package ``vmimage``),
+made importable here.
+"""
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+_VMIMAGES = str(REPO / "vm-images")
+if _VMIMAGES not in sys.path:
+    sys.path.insert(0, _VMIMAGES)
