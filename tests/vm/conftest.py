@@ -25,7 +25,7 @@ import pytest
 
 from vmimage.builder import Image, ensure_image
 
-from .harness import VMFactory
+from .harness import VMFactory, remove_stale_ram_files
 
 SKIP_ENV = "FPHINT_SKIP_VM_TESTS"
 KEEP_ENV = "FPHINT_VM_KEEP"
@@ -49,6 +49,7 @@ def vm_image() -> Image:
     reason = vm_unavailable()
     if reason:
         pytest.skip(reason)
+    remove_stale_ram_files()
     return ensure_image()
 
 

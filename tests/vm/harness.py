@@ -8,7 +8,8 @@ its guests with it. Every wait has a deadline and notices QEMU exiting.
 
 :class:`VMFactory` is what tests use (through conftest fixtures): it gives
 each guest a fresh qcow2 overlay over the cached image and tears down every
-VM it made. Migrations: :func:`start_incoming` then :func:`migrate`.
+VM it made. Migrations: :func:`start_incoming` then :func:`migrate` (which also waits
+for the destination to finish loading).
 
 Exceptions::
 
@@ -321,6 +322,25 @@ class VM:
         return [line for line in log.splitlines() if KERNEL_TROUBLE.search(line)]
 
 
+def remove_stale_ram_files(shm_dir: Path = SHM_DIR) -> list[Path]:
+    """Delete RAM files left by test processes that died (SIGKILL, OOM).
+
+    A file's name carries the pid of the test process that made it, so files
+    of concurrent test sessions (other worktrees) are left alone.
+    """
+    removed = []
+    for path in shm_dir.glob("fphvm-*-*-*.ram"):
+        pid = path.name.split("-")[1]
+        if not pid.isdigit() or Path(f"/proc/{pid}").exists():
+            continue
+        try:
+            path.unlink()
+        except OSError:
+            continue
+        removed.append(path)
+    return removed
+
+
 class VMFactory:
     """Makes VMs from one image in one run directory and tears them all down."""
 
@@ -446,13 +466,7 @@ def migrate(
         info = src.cmd("query-migrate")
         status = info.get("status")
         if status == "completed":
-            return MigrationResult(
-                status=status,
-                total_time_ms=int(info.get("total-time", 0)),
-                downtime_ms=int(info.get("downtime", 0)),
-                ram=info.get("ram", {}),
-                info=info,
-            )
+            break
         if status in ("failed", "cancelled"):
             raise MigrationError(f"migration {src.name} -> {uri} {status}", info)
         if dst is not None:
@@ -463,4 +477,32 @@ def migrate(
             except QMPError as exc:
                 LOG.warning("migrate_cancel: %s", exc)
             raise MigrationError(f"migration {src.name} -> {uri} not done after {timeout:.0f} s", info)
+        time.sleep(poll)
+    if dst is not None:
+        wait_incoming(dst, max(5.0, deadline - time.monotonic()), poll)
+    return MigrationResult(
+        status=status,
+        total_time_ms=int(info.get("total-time", 0)),
+        downtime_ms=int(info.get("downtime", 0)),
+        ram=info.get("ram", {}),
+        info=info,
+    )
+
+
+def wait_incoming(dst: VM, timeout: float, poll: float = 0.05) -> None:
+    """Wait until the destination has loaded everything.
+
+    The source reports "completed" once it has *sent* the last bytes; the
+    destination may still be loading device state ("inmigrate") for a while.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        info = dst.cmd("query-migrate")
+        status = info.get("status")
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled"):
+            raise MigrationError(f"incoming migration on {dst.name} {status}", info)
+        if time.monotonic() > deadline:
+            raise MigrationError(f"incoming migration on {dst.name} not done after {timeout:.0f} s", info)
         time.sleep(poll)

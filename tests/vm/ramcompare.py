@@ -128,6 +128,30 @@ def compare_ram_files(
     return RamDiff(pages, differing, rewritten_zero, tuple(bad), bad_count)
 
 
+def find_pages(path: Path, content: bytes, *, chunk_pages: int = 8192) -> list[int]:
+    """Indexes of every page of a RAM file that holds exactly ``content``.
+
+    Finds where a guest's page is *now*, without trusting a physical address
+    read earlier (the guest kernel may have moved the page since); stale
+    copies in free memory match too.
+    """
+    if len(content) != PAGE:
+        raise ValueError(f"content must be one page ({PAGE} bytes), not {len(content)}")
+    want = np.frombuffer(content, dtype=np.uint64)
+    size = path.stat().st_size
+    if size % PAGE:
+        raise ValueError(f"{path}: size {size} is not a multiple of {PAGE}")
+    pages = size // PAGE
+    found: list[int] = []
+    with io.FileIO(path, "r") as f:
+        for first in range(0, pages, chunk_pages):
+            n = min(chunk_pages, pages - first)
+            rows = _read_pages(f, n)
+            candidates = np.flatnonzero((rows[:, 0] == want[0]) & (rows[:, 1] == want[1]))
+            found += [first + int(i) for i in candidates if np.array_equal(rows[i], want)]
+    return found
+
+
 def _read_pages(f: io.FileIO, n: int) -> npt.NDArray[np.uint64]:
     buf = bytearray(n * PAGE)
     view = memoryview(buf)

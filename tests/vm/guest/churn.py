@@ -12,8 +12,10 @@ stop after its current iteration, verify its keep region — written before the
 migration, still alive after it — and report. It prints one JSON object and
 exits 1 if any byte was wrong anywhere or any worker died.
 
-``status`` prints progress; ``info`` prints each worker's pid and keep region
-address (for pagemap.py). State lives in --dir (default /run/fphint-churn).
+``status`` prints progress; ``info`` prints each worker's pid, keep region
+address and pattern seed (for pagemap.py, or to find its pages in a RAM file
+with mempattern.expected()). Keep regions are madvised MADV_NOHUGEPAGE so their
+physical pages stay put. State lives in --dir (default /run/fphint-churn).
 
 usage:
   churn.py start [--workers 3] [--loop-mib 32] [--keep-mib 16] [--dwell 0.2]
@@ -34,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from patterns import PAGE, Region  # noqa: E402
+from mempattern import PAGE, Region  # noqa: E402
 
 DEFAULT_DIR = "/run/fphint-churn"
 
@@ -85,6 +87,7 @@ class Worker:
         signal.signal(signal.SIGUSR1, self._on_stop)
         signal.signal(signal.SIGTERM, self._on_stop)
         keep = Region(self.keep_len)
+        keep.no_huge_pages()
         keep.fill(self.keep_seed)
         bad, pages = keep.check(self.keep_seed)
         if bad:
@@ -93,7 +96,13 @@ class Worker:
             return 3
         _write_json(
             self.state / f"ready-{self.wid}.json",
-            {"id": self.wid, "pid": os.getpid(), "keep_addr": keep.address(), "keep_len": self.keep_len},
+            {
+                "id": self.wid,
+                "pid": os.getpid(),
+                "keep_addr": keep.address(),
+                "keep_len": self.keep_len,
+                "keep_seed": self.keep_seed,
+            },
         )
         while not self.stop:
             seed = f"loop/{self.wid}/{os.getpid()}/{self.iterations}"
@@ -123,8 +132,8 @@ class Worker:
 
 def cmd_start(args: argparse.Namespace) -> int:
     state = Path(args.dir)
-    if state.exists() and any(state.glob("ready-*.json")):
-        print(f"churn.py: error: {state} already holds a run; use check first", file=sys.stderr)
+    if state.exists() and any(_alive(w["pid"]) for w in _workers(state)):
+        print(f"churn.py: error: workers of an earlier run still live in {state}; use check first", file=sys.stderr)
         return 2
     state.mkdir(parents=True, exist_ok=True)
     for old in state.iterdir():

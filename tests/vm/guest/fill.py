@@ -18,7 +18,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from patterns import PAGE, Region  # noqa: E402
+from mempattern import PAGE, Region  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

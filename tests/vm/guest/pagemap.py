@@ -6,9 +6,10 @@ agent that lies by reporting a workload's own pages as free. Needs root
 (the kernel hides PFNs from others since Linux 4.2). Prints one JSON object:
 ``{"pid", "page_size", "pages", "absent", "ranges": [[phys_addr, length], ...]}``
 with adjacent pages merged and ranges sorted by physical address; "absent"
-counts virtual pages not in RAM (never touched, or swapped).
+counts virtual pages not in RAM (never touched, or swapped). With --list,
+"pfns" also gives each virtual page's PFN in virtual order (null: absent).
 
-usage: pagemap.py PID [--addr ADDR --len LEN]   (default: every mapping in /proc/PID/maps)
+usage: pagemap.py PID [--addr ADDR --len LEN [--list]]   (default: every mapping in /proc/PID/maps)
 """
 
 from __future__ import annotations
@@ -36,13 +37,12 @@ def mappings(pid: int) -> list[tuple[int, int]]:
     return spans
 
 
-def pfns(pid: int, start: int, end: int) -> tuple[list[int], int]:
-    """PFNs of the present pages in [start, end), and the count of absent pages."""
+def pfns(pid: int, start: int, end: int) -> list[int | None]:
+    """The PFN of every virtual page in [start, end), None where absent."""
     if start % PAGE or end % PAGE or end <= start:
         raise ValueError(f"range {start:#x}-{end:#x} is not page-aligned and non-empty")
     npages = (end - start) // PAGE
-    found: list[int] = []
-    absent = 0
+    found: list[int | None] = []
     with open(f"/proc/{pid}/pagemap", "rb") as f:
         f.seek(start // PAGE * 8)
         done = 0
@@ -58,9 +58,9 @@ def pfns(pid: int, start: int, end: int) -> tuple[list[int], int]:
                         raise PermissionError("pagemap shows PFN 0: run as root")
                     found.append(pfn)
                 else:
-                    absent += 1
+                    found.append(None)
             done += n
-    return found, absent
+    return found
 
 
 def merge(pfn_list: list[int]) -> list[list[int]]:
@@ -80,25 +80,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("pid", type=int)
     p.add_argument("--addr", type=lambda s: int(s, 0), help="start of a virtual range")
     p.add_argument("--len", dest="length", type=lambda s: int(s, 0), help="length of the range in bytes")
+    p.add_argument("--list", action="store_true", help="also list each virtual page's PFN, in order")
     args = p.parse_args(argv)
     if (args.addr is None) != (args.length is None):
         p.error("--addr and --len go together")
+    if args.list and args.addr is None:
+        p.error("--list needs --addr and --len")
     spans = [(args.addr, args.addr + args.length)] if args.addr is not None else mappings(args.pid)
-    all_pfns: list[int] = []
-    absent = 0
+    in_order: list[int | None] = []
     try:
         for lo, hi in spans:
-            found, missing = pfns(args.pid, lo, hi)
-            all_pfns += found
-            absent += missing
+            in_order += pfns(args.pid, lo, hi)
     except (OSError, ValueError) as exc:
         print(f"pagemap.py: error: {exc}", file=sys.stderr)
         return 1
-    print(
-        json.dumps(
-            {"pid": args.pid, "page_size": PAGE, "pages": len(set(all_pfns)), "absent": absent, "ranges": merge(all_pfns)}
-        )
-    )
+    present = [pfn for pfn in in_order if pfn is not None]
+    out: dict[str, object] = {
+        "pid": args.pid,
+        "page_size": PAGE,
+        "pages": len(set(present)),
+        "absent": len(in_order) - len(present),
+        "ranges": merge(present),
+    }
+    if args.list:
+        out["pfns"] = in_order
+    print(json.dumps(out))
     return 0
 
 

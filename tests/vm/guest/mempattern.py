@@ -73,6 +73,14 @@ class Region:
             raise ValueError("region already freed")
         return self._map
 
+    def no_huge_pages(self) -> None:
+        """Keep khugepaged from collapsing (and so moving) this region's pages.
+
+        Debian's kernel has THP "always": khugepaged copies small pages into a
+        huge one, and physical addresses read from pagemap go stale.
+        """
+        self.mem.madvise(mmap.MADV_NOHUGEPAGE)
+
     def address(self) -> int:
         """The region's virtual address (for /proc/<pid>/pagemap)."""
         buf = ctypes.c_char.from_buffer(self.mem)
