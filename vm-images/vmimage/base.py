@@ -75,6 +75,7 @@ class BaseSpec:
         d.add_file("requirements", self.requirements)
         d.add_tree("overlay", self.overlay)
         d.add_file("base.py", Path(__file__))
+        d.add_file("run.py", Path(__file__).with_name("run.py"))
         return d.key()
 
 

@@ -142,8 +142,17 @@ def _build_layer(
 
 def _base_manifest(base: BaseSpec, key: str, work: Path, log: BuildLog) -> dict[str, object]:
     facts = build_base(base, key, work, log)
-    spec = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(base).items()}
+    repo = Path(__file__).resolve().parents[2]
+    spec = {k: (_relative(v, repo) if isinstance(v, Path) else v) for k, v in asdict(base).items()}
     return {"kind": "base", "key": key, "spec": spec, **facts}
+
+
+def _relative(path: Path, repo: Path) -> str:
+    """Repository paths without the worktree they happened to be built from."""
+    try:
+        return str(path.resolve().relative_to(repo))
+    except ValueError:
+        return str(path)
 
 
 def _load(entry: Path, built: tuple[Layer, ...]) -> Image | None:

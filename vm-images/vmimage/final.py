@@ -61,6 +61,7 @@ class ImageSpec:
         d.add_tree("workloads", self.workloads)
         d.add_text("free_mib", str(self.free_mib))
         d.add_file("final.py", Path(__file__))
+        d.add_file("run.py", Path(__file__).with_name("run.py"))
         return d.key()
 
 
