@@ -46,10 +46,13 @@ class Listener:
                 return
             with conn, conn.makefile("r") as f:
                 conn.settimeout(10)
-                for line in f:
-                    with self._cond:
-                        self.lines.append(line.rstrip("\n"))
-                        self._cond.notify_all()
+                try:
+                    for line in f:
+                        with self._cond:
+                            self.lines.append(line.rstrip("\n"))
+                            self._cond.notify_all()
+                except OSError:  # slirp may reset the connection when QEMU goes
+                    pass
 
     def wait_line(self, timeout: float) -> str | None:
         with self._cond:
