@@ -95,14 +95,16 @@ class QMP:
                 raise QMPConnectError(f"QMP {self.name}: QEMU exited before QMP came up")
             if path.exists():
                 client = QMPClient(self.name)
+                # Listen before connecting, so no event after the greeting is missed.
+                listener = EventListener()
+                client.register_listener(listener)
                 try:
                     self._call(client.connect(str(path)), max(0.5, deadline - time.monotonic()))
-                except (QMPError, OSError, Exception) as exc:  # qemu.qmp raises ConnectError
+                except Exception as exc:  # qemu.qmp's ConnectError, or a timeout
                     last = exc
                 else:
                     self._client = client
-                    self._listener = EventListener()
-                    client.register_listener(self._listener)
+                    self._listener = listener
                     self._pump = self._call(self._start_pump(), 5.0)
                     return
             time.sleep(0.05)

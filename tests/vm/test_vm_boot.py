@@ -140,6 +140,13 @@ def test_qmp(guest: VM) -> None:
     with pytest.raises(QMPCommandError) as info:
         guest.cmd("no-such-command")
     assert info.value.error_class == "CommandNotFound"
+    seen = len(guest.qmp.events())
+    guest.cmd("stop")
+    guest.qmp.event_wait("STOP", 10, start=seen)
+    assert guest.status() == "paused"
+    guest.cmd("cont")
+    guest.qmp.event_wait("RESUME", 10, start=seen)
+    assert guest.output("echo alive") == "alive"
 
 
 def test_ram_file_is_guest_ram(guest: VM) -> None:
