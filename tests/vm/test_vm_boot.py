@@ -168,6 +168,13 @@ def test_ram_file_is_guest_ram(guest: VM) -> None:
     assert guest.workload("churn.py", "check")["ok"]
 
 
+def test_kernel_trouble_catches_a_planted_line(guest: VM) -> None:
+    """The dmesg checker the e2e tests use: clean after boot, then a planted BUG line."""
+    assert guest.kernel_trouble() == []
+    guest.run("echo 'BUG: planted by test_vm_boot' > /dev/kmsg")
+    assert guest.kernel_trouble() == ["BUG: planted by test_vm_boot"]
+
+
 BPF_PROBE = r'''
 import subprocess, sys
 from bcc import BPF
