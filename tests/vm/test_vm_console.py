@@ -41,19 +41,19 @@ class PtyBash:
         conn, _ = self.server.accept()
         self.conn = conn
         threading.Thread(target=self._to_pty, args=(conn,), daemon=True).start()
-        while True:
-            try:
-                data = os.read(self.master, 65536)
-            except OSError:
-                break
-            if not data:
-                break
-            conn.sendall(data)
+        try:
+            while data := os.read(self.master, 65536):
+                conn.sendall(data)
+        except OSError:  # teardown closed one end
+            pass
         conn.close()
 
     def _to_pty(self, conn: socket.socket) -> None:
-        while data := conn.recv(65536):
-            os.write(self.master, data)
+        try:
+            while data := conn.recv(65536):
+                os.write(self.master, data)
+        except OSError:
+            pass
 
     def close(self) -> None:
         self.proc.kill()
