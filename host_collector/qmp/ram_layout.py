@@ -162,8 +162,33 @@ def build_layout(facts: MemoryFacts) -> LearnedLayout:
         visible = cut
     ranges = _pages(visible)
     _check_unique(ranges)
-    layout = RamLayout(tuple(ranges), {name: _block(blocks, name).used_length for name in sorted(wanted)})
+    layout = RamLayout(
+        tuple(ranges),
+        {name: _block(blocks, name).used_length for name in sorted(wanted)},
+        excluded=_spans(excluded, ranges),
+    )
     return LearnedLayout(layout, tuple(excluded), tuple(notes), base, plugged)
+
+
+def _spans(excluded: Sequence[Excluded], mapped: Sequence[RamRange]) -> tuple[tuple[int, int], ...]:
+    """Excluded bytes as merged, page-aligned spans for the RamLayout, minus
+    what is mapped (a window "may cover" RAM that is also visible, e.g. a PAM
+    segment the firmware switched to RAM)."""
+    ps = TARGET_PAGE_SIZE
+    spans = sorted((e.gpa // ps * ps, -(-(e.gpa + e.size) // ps) * ps) for e in excluded)
+    merged: list[list[int]] = []
+    for s, e in spans:
+        if merged and s <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], e)
+        else:
+            merged.append([s, e])
+    out: list[tuple[int, int]] = []
+    for s, e in merged:
+        pieces = [(s, e)]
+        for r in mapped:
+            pieces = [q for a, b in pieces for q in ((a, min(b, r.gpa)), (max(a, r.end), b)) if q[0] < q[1]]
+        out.extend((a, b - a) for a, b in pieces)
+    return tuple(out)
 
 
 def _str(obj: Mapping[str, Any], key: str, where: str) -> str:
