@@ -52,13 +52,13 @@ def page_hashes(content: bytes) -> set[bytes]:  # noqa: D103
 
 def live_pages_hinted(mask: Any, layout: Any, spans: list[list[int]]) -> list[int]:
     """Guest-physical addresses in ``spans`` whose block page is marked free."""
-    out = []
+    out = set()
     for phys, length in spans:
         for gpa in range(phys, phys + length, PAGE):
             r = layout.find(gpa)
             if r is not None and mask[(r.offset + gpa - r.gpa) // PAGE]:
-                out.append(gpa)
-    return out
+                out.add(gpa)
+    return sorted(out)
 
 
 def test_agent_in_guest_hints_only_free_pages(vm_factory: VMFactory, collector: CollectorThread,
