@@ -46,7 +46,7 @@ from dataclasses import dataclass, replace
 from fphint import addresses
 from host_collector.migration import stream as s
 from host_collector.migration.gate import RewriteGate
-from host_collector.migration.parser import StreamParser
+from host_collector.migration.parser import PageRecord, StreamParser
 from host_collector.migration.stream import Phase
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ _RELAY_SIZE = 1 << 20
 _IOV_MAX = 1024
 _PAGE = s.PAGE_SIZE
 _NOT_PAGE = ~s.FLAG_PAGE & 0xFF
+_ZERO = s.FLAG_ZERO
 
 
 class Outcome(enum.Enum):
@@ -443,11 +444,20 @@ class _Chunk:
         self.cuts: collections.deque[int] = collections.deque()
 
 
-_Held = tuple[_Chunk, int, int, str, int, float]  # chunk, record start, record end, block, page, deadline
+class _Batch:
+    """PAGE records from one parse call, judged in order; ``i`` is the first not judged."""
+
+    __slots__ = ("chunk", "pages", "i", "deadline")
+
+    def __init__(self, chunk: _Chunk, pages: list[PageRecord], deadline: float) -> None:
+        self.chunk = chunk
+        self.pages = pages
+        self.i = 0
+        self.deadline = deadline
 
 
 class _MainRelay:
-    """Source -> destination on the main channel: parse, hold, decide, send."""
+    """Source -> destination on the main channel: parse, hold, judge, send."""
 
     def __init__(self, proxy: MigrationProxy, src: socket.socket, dst: socket.socket) -> None:
         self.proxy = proxy
@@ -457,7 +467,9 @@ class _MainRelay:
         self.parser = StreamParser()
         self.chunks: collections.deque[_Chunk] = collections.deque([_Chunk(proxy._chunk_size)])
         self.spare: list[_Chunk] = []
-        self.held: collections.deque[_Held] = collections.deque()
+        #: Batches with records not judged yet; nothing after the first such
+        #: record is sent.
+        self.held: collections.deque[_Batch] = collections.deque()
         self.received = 0
         self.sent_bytes = 0
         self.rewritten = 0
@@ -475,12 +487,6 @@ class _MainRelay:
 
     def snapshot(self, st: ProxyStats) -> ProxyStats:
         p = self.parser
-        held = self.held
-        try:
-            first = held[0]
-            held_bytes = self.received - (first[0].base + first[1])
-        except IndexError:
-            held_bytes = 0
         return replace(
             st,
             phase=p.phase,
@@ -491,7 +497,7 @@ class _MainRelay:
             pages_rewritten=self.rewritten,
             pages_held=self.pages_held,
             pages_released_unjudged=self.unjudged,
-            held_bytes=held_bytes,
+            held_bytes=self._held_bytes(),
         )
 
     def wake(self) -> None:
@@ -537,42 +543,45 @@ class _MainRelay:
         poller.register(self._wake_r, select.POLLIN)
         while proxy._outcome is None:
             self._check_extra()
-            readable = not self.src_eof and self._held_bytes() <= proxy._hold_bytes
-            if self.held or not readable:
-                timeout = self._timeout()
-                if not readable and not self.held:
-                    break  # source closed and everything is out
-                events = poller.poll(None if timeout is None else max(0, int(timeout * 1000) + 1))
-                if any(fd == self._wake_r for fd, _ in events):
-                    self._drain_wake()
-                readable = readable and any(fd != self._wake_r for fd, _ in events)
-            if readable:
-                self._receive()
+            if self.held:
+                # Wait for data, the gate (wake) or the first hold deadline.
+                timeout = max(0.0, self.held[0].deadline - time.monotonic())
+                events = poller.poll(int(timeout * 1000) + 1)
+                readable = False
+                for fd, _ in events:
+                    if fd == self._wake_r:
+                        self._drain_wake()
+                    else:
+                        readable = True
+                if readable:
+                    self._receive()
+            elif self.src_eof:
+                break  # everything is out
+            else:
+                self._receive()  # nothing held: block in recv
             if proxy._outcome is not None:
                 break
-            self._judge_held()
+            if self.held:
+                self._judge()
             self._send_ready()
         if proxy._outcome is None:
             _half_close(self.dst)
 
-    def _timeout(self) -> float | None:
-        if not self.held:
-            return None
-        return max(0.0, self.held[0][5] - time.monotonic())
-
     def _drain_wake(self) -> None:
-        self._woken = False
-        try:
-            while os.read(self._wake_r, 512):
+        with self._wake_lock:
+            self._woken = False
+            try:
+                while os.read(self._wake_r, 512):
+                    pass
+            except OSError:
                 pass
-        except OSError:
-            pass
 
     def _held_bytes(self) -> int:
-        if not self.held:
+        try:
+            bt = self.held[0]
+            return self.received - (bt.chunk.base + bt.pages[bt.i][0])
+        except IndexError:
             return 0
-        first = self.held[0]
-        return self.received - (first[0].base + first[1])
 
     def _check_extra(self) -> None:
         if self._extra is not None and self.parser.parsing:
@@ -603,40 +612,16 @@ class _MainRelay:
         ck.parsed = parser.feed(ck.buf, ck.parsed, ck.fill, ck.base)
         if parser.transitions or not parser.parsing:
             self._after_parse()
-        if parser.pages:
-            self._take_pages(ck)
+        pages = parser.pages
+        if pages:
+            parser.pages = []
+            bt = _Batch(ck, pages, time.monotonic() + self.proxy._hold_seconds)
+            self.held.append(bt)
+            self._judge()
+            if self.held and self.held[-1] is bt:
+                self.pages_held += len(pages) - bt.i
         if not parser.parsing:
             ck.parsed = ck.fill
-
-    def _take_pages(self, ck: _Chunk) -> None:
-        pages = self.parser.pages
-        held = self.held
-        base = ck.base
-        if held:
-            deadline = time.monotonic() + self.proxy._hold_seconds
-            held.extend((ck, a, b, blk, pg, deadline) for a, b, blk, pg in pages)
-            self.pages_held += len(pages)
-            pages.clear()
-            return
-        decided = self.gate.decided_through()
-        oracle_for = self.gate.oracle_for
-        buf = ck.buf
-        cuts = ck.cuts
-        for i, (a, b, blk, pg) in enumerate(pages):
-            end = base + b
-            if end > decided:
-                deadline = time.monotonic() + self.proxy._hold_seconds
-                rest = pages[i:]
-                held.extend((ck, a2, b2, blk2, pg2, deadline) for a2, b2, blk2, pg2 in rest)
-                self.pages_held += len(rest)
-                break
-            oracle = oracle_for(end)
-            if oracle is not None and oracle.is_free(blk, pg):
-                buf[a + 7] = (buf[a + 7] & _NOT_PAGE) | s.FLAG_ZERO
-                buf[b - _PAGE] = 0
-                cuts.append(b - _PAGE)
-                self.rewritten += 1
-        pages.clear()
 
     def _after_parse(self) -> None:
         parser = self.parser
@@ -658,7 +643,9 @@ class _MainRelay:
         ck.parsed = ck.fill
 
     def _release_all(self) -> None:
-        self.unjudged += len(self.held)
+        """Send every held record unchanged."""
+        for bt in self.held:
+            self.unjudged += len(bt.pages) - bt.i
         self.held.clear()
 
     def _source_closed(self) -> None:
@@ -691,36 +678,56 @@ class _MainRelay:
         self.chunks.append(new)
         return new
 
-    def _judge_held(self) -> None:
+    def _judge(self) -> None:
+        """Judge held records in order: rewrite, keep, or let go unjudged at a bound."""
         held = self.held
-        if not held:
-            return
         gate = self.gate
+        oracle_for = gate.oracle_for
         decided = gate.decided_through()
         now = time.monotonic()
+        received = self.received
         limit = self.proxy._hold_bytes
-        while held:
-            ck, a, b, blk, pg, deadline = held[0]
-            end = ck.base + b
-            if end <= decided:
-                oracle = gate.oracle_for(end)
-                if oracle is not None and oracle.is_free(blk, pg):
-                    buf = ck.buf
-                    buf[a + 7] = (buf[a + 7] & _NOT_PAGE) | s.FLAG_ZERO
-                    buf[b - _PAGE] = 0
-                    ck.cuts.append(b - _PAGE)
-                    self.rewritten += 1
-            elif deadline <= now or self.received - (ck.base + a) > limit:
-                self.unjudged += 1
-            else:
-                break
-            held.popleft()
+        rewritten = 0
+        unjudged = 0
+        try:
+            while held:
+                bt = held[0]
+                ck = bt.chunk
+                base = ck.base
+                pages = bt.pages
+                n = len(pages)
+                i = bt.i
+                buf = ck.buf
+                cuts = ck.cuts
+                expired = bt.deadline <= now
+                while i < n:
+                    a, b, blk, pg = pages[i]
+                    end = base + b
+                    if end <= decided:
+                        oracle = oracle_for(end)
+                        if oracle is not None and oracle.is_free(blk, pg):
+                            buf[a + 7] = (buf[a + 7] & _NOT_PAGE) | _ZERO
+                            fill = b - _PAGE
+                            buf[fill] = 0
+                            cuts.append(fill)
+                            rewritten += 1
+                    elif expired or received - (base + a) > limit:
+                        unjudged += 1
+                    else:
+                        bt.i = i
+                        return
+                    i += 1
+                held.popleft()
+        finally:
+            self.rewritten += rewritten
+            self.unjudged += unjudged
 
     def _send_ready(self) -> None:
         """Send everything before the first held record."""
         if self.held:
-            stop_chunk: _Chunk | None = self.held[0][0]
-            stop_pos = self.held[0][1]
+            bt = self.held[0]
+            stop_chunk: _Chunk | None = bt.chunk
+            stop_pos = bt.pages[bt.i][0]
         else:
             stop_chunk, stop_pos = None, -1
         iov: list[memoryview] = []
