@@ -512,7 +512,11 @@ class _MainRelay:
                 pass
 
     def extra_connection(self, n: int) -> None:
+        """(acceptor thread) A connection beyond the main one arrived."""
         self._extra = n
+        if self.rewritten:
+            # The parsing thread may sit in recv on an idle source; do not wait for it.
+            self.proxy.abort(f"extra connection #{n} (multifd or postcopy-preempt) after {self.rewritten} pages were rewritten")
         self.wake()
 
     def release(self) -> None:
@@ -637,6 +641,7 @@ class _MainRelay:
             proxy.abort(f"{fb.reason} at offset {fb.offset} after {self.rewritten} pages were rewritten")
             return
         proxy._note_fallback(f"{fb.reason} at offset {fb.offset} ({fb.phase.value})")
+        self.unjudged += len(parser.pages)
         parser.pages.clear()
         self._release_all()
         ck = self.chunks[-1]
