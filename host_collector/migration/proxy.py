@@ -631,9 +631,11 @@ class _MainRelay:
         parser = self.parser
         proxy = self.proxy
         for phase, offset in parser.transitions:
-            if proxy._on_phase is not None:
+            if proxy._on_phase is not None and proxy._outcome is None:
                 proxy._on_phase(phase, offset)
         parser.transitions.clear()
+        if proxy._outcome is not None:
+            return  # e.g. on_phase aborted: nothing of what follows counts
         fb = parser.fallback
         if fb is None or parser.parsing:
             return
