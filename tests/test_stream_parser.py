@@ -9,6 +9,7 @@ import pytest
 from host_collector.migration.parser import MAX_ITEM, StreamParser
 from host_collector.migration.stream import Phase
 from tests.stream_helpers import BLOCKS, StreamBuilder, be16, be32, be64, typical_stream
+from tests.stream_reference import reference_read
 
 
 def parse_all(data: bytes) -> StreamParser:
@@ -252,6 +253,8 @@ def test_gives_up_at_the_first_byte_it_cannot_prove(name: str) -> None:
     # and byte by byte it gives up at the same place
     q, _ = parse_chunked(data, list(range(1, len(data))))
     assert q.fallback is not None and q.fallback.offset == at
+    # as does the separate reference reader the fuzz tests compare against
+    assert reference_read(data).stop == at
 
 
 def test_an_incomplete_item_longer_than_the_bound_is_refused() -> None:
