@@ -141,10 +141,12 @@ class Vm:
     qmp: QEMUMonitorProtocol | None = None
     files: dict[str, Path] = field(default_factory=dict)
     log: Path | None = None
+    #: Where the RAM files go (default: workdir). Postcopy in QEMU 10.0 wants tmpfs.
+    ram_dir: Path | None = None
 
     def __post_init__(self) -> None:
         for name, size in self.machine.backends():
-            path = self.workdir / f"{self.name}-{name}.ram"
+            path = (self.ram_dir or self.workdir) / f"{self.name}-{name}.ram"
             with open(path, "wb") as f:
                 f.truncate(size)
             self.files[name] = path

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,11 +58,11 @@ VERSION = _version()
 class Pair:
     """A source and a destination QEMU for one machine, plus the proxy between them."""
 
-    def __init__(self, workdir: Path, machine: Machine, running: bool) -> None:
+    def __init__(self, workdir: Path, machine: Machine, running: bool, ram_dir: Path | None = None) -> None:
         self.machine = machine
         boot = boot_image(workdir / "boot.img") if running else None
-        self.src = Vm(machine, workdir, "src", incoming=False, running=running, boot=boot)
-        self.dst = Vm(machine, workdir, "dst", incoming=True, boot=boot)
+        self.src = Vm(machine, workdir, "src", incoming=False, running=running, boot=boot, ram_dir=ram_dir)
+        self.dst = Vm(machine, workdir, "dst", incoming=True, boot=boot, ram_dir=ram_dir)
         self.proxy: MigrationProxy | None = None
 
     def fill(self, spans: list[tuple[int, int]], seed: int = 7) -> None:
@@ -113,18 +115,22 @@ class Pair:
 
 @pytest.fixture
 def pairs(tmp_path: Path) -> Iterator[Any]:
+    """Makes Pairs; guests up to 256 MiB keep their RAM files on tmpfs (/dev/shm)."""
     made: list[Pair] = []
+    shm = Path(tempfile.mkdtemp(prefix="fph-stream-test-", dir="/dev/shm"))
 
     def make(machine: Machine, running: bool = False) -> Pair:
         d = tmp_path / f"p{len(made)}"
         d.mkdir()
-        p = Pair(d, machine, running)
+        ram_dir = shm if machine.ram <= 256 * MiB else None
+        p = Pair(d, machine, running, ram_dir)
         made.append(p)
         return p
 
     yield make
     for p in made:
         p.close()
+    shutil.rmtree(shm, ignore_errors=True)
 
 
 def assert_completed(p: Pair, res: ProxyResult) -> None:
@@ -239,9 +245,11 @@ def _hinted_pair(pairs: Any, running: bool = False, ram: int = 128 * MiB) -> tup
 
 
 CAPS = {
-    "multifd": ({"multifd": True}, "extra connection"),
-    "postcopy-ram": ({"postcopy_ram": True}, "POSTCOPY_ADVISE (length 16)"),
-    "dirty-bitmaps": ({"dirty_bitmaps": True}, "POSTCOPY_ADVISE (length 0)"),
+    # 7.2 shows multifd by its extra connections; 10.0 by a MULTIFD_FLUSH in
+    # the setup section, which may reach the parser before they are accepted.
+    "multifd": ({"multifd": True}, "extra connection|MULTIFD_FLUSH"),
+    "postcopy-ram": ({"postcopy_ram": True}, r"POSTCOPY_ADVISE \(length 16\)"),
+    "dirty-bitmaps": ({"dirty_bitmaps": True}, r"POSTCOPY_ADVISE \(length 0\)"),
     "compress": ({"compress": True}, "compressed page"),
 }
 
@@ -257,7 +265,7 @@ def test_capabilities_that_defeat_rewriting_fall_back_before_any_rewrite(pairs: 
     res = p.migrate(gate, caps=caps)
     assert res is not None
     assert_completed(p, res)
-    assert res.stats.fallback_reason is not None and reason in res.stats.fallback_reason, res.stats
+    assert res.stats.fallback_reason is not None and re.search(reason, res.stats.fallback_reason), res.stats
     assert res.stats.pages_rewritten == 0 and not gate.rewritten
     assert assert_ram(p, set()) == set()
     if cap == "multifd":
@@ -303,10 +311,10 @@ def test_xbzrle_after_rewrites_aborts_and_the_guest_keeps_running(pairs: Any) ->
     p.start()
     time.sleep(0.5)
     gate = FixedGate(free)
-    # At 32 MB/s a 1 ms downtime allows ~32 KiB, less than the 512 KiB the
+    # At 4 MB/s a 1 ms downtime allows ~4 KiB, far less than the 512 KiB the
     # guest loop dirties: passes repeat until pages hit the XBZRLE cache
     # (sent, cached, then delta-encoded: from the third pass on).
-    res = p.migrate(gate, caps={"xbzrle": True}, params={"max-bandwidth": 32 << 20, "downtime-limit": 1}, wait=False)
+    res = p.migrate(gate, caps={"xbzrle": True}, params={"max-bandwidth": 4_000_000, "downtime-limit": 1}, wait=False)
     assert res is None
     res = p.finish(60)
     _expect_aborted(p, res, "XBZRLE")
