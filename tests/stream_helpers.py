@@ -242,6 +242,27 @@ class SteppedGate(FixedGate):
         self.listeners.append(callback)
 
 
+class SpanSteppedGate(SteppedGate):
+    """A :class:`SteppedGate` that also answers per window (proxy.SpanGate)."""
+
+    def __init__(self, free: dict[str, set[int]] | set[tuple[str, int]]) -> None:
+        super().__init__(free)
+        self.span_calls: list[int] = []
+        self.per_record_calls = 0
+
+    def oracle_for(self, end: int) -> PageOracle | None:
+        self.per_record_calls += 1
+        return super().oracle_for(end)
+
+    def oracle_until(self, end: int) -> tuple[PageOracle | None, int]:
+        self.span_calls.append(end)
+        for upto, confirmed in self.windows:
+            if end <= upto:
+                self._end = end
+                return (self if confirmed else None), upto
+        raise AssertionError(f"oracle_until({end}) beyond decided_through")
+
+
 @dataclass
 class Loopback:
     """A fake source and destination around a :class:`MigrationProxy`."""

@@ -18,6 +18,7 @@ from host_collector.migration.stream import Phase
 from tests.stream_helpers import (
     FixedGate,
     StreamBuilder,
+    SpanSteppedGate,
     SteppedGate,
     be16,
     be32,
@@ -121,6 +122,26 @@ def test_held_records_wait_for_the_gate_and_a_new_sync_window_goes_out_unchanged
     assert out == bytes(want.want)
     assert gate.rewritten == late
     assert res.stats.pages_released_unjudged == 0
+
+
+def test_a_gate_that_answers_per_window_is_asked_once_per_window() -> None:
+    b0 = typical_stream()
+    mid = b0.pages[len(b0.pages) // 2][1]
+    late = {(blk, pg) for _, end, blk, pg in b0.pages if end > mid and (blk, pg) in HINTED}
+    gate = SpanSteppedGate(HINTED)
+
+    def decide(px: MigrationProxy) -> None:
+        deadline = time.monotonic() + 5
+        while px.stats().pages_held < len(b0.pages) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        gate.step(mid, confirmed=False)
+        gate.step(gate.total, confirmed=True)
+
+    res, out, _ = run_proxy(bytes(b0.orig), gate, before_close=decide, hold_seconds=30)
+    assert out == bytes(typical_stream(late).want)
+    assert gate.per_record_calls == 0
+    # one question per window (each step may wake the proxy separately: at most 2 more)
+    assert 2 <= len(gate.span_calls) <= 4 < len(b0.pages)
 
 
 def test_a_silent_gate_delays_records_at_most_hold_seconds() -> None:

@@ -25,6 +25,11 @@ Threads: one accepts, one parses and relays source -> destination (the hot
 path), one relays the return path, two per extra connection. All gate calls
 come from the parsing thread. Use :meth:`MigrationProxy.wait_async` from
 asyncio code.
+
+A gate may also offer ``oracle_until(end) -> (oracle, valid_through)``
+(:class:`SpanGate`): the answer ``oracle_for(end)`` would give, and the last
+offset through which every record gets that same answer. The proxy then asks
+once per window instead of once per PAGE record.
 """
 
 from __future__ import annotations
@@ -42,10 +47,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from fphint import addresses
 from host_collector.migration import stream as s
-from host_collector.migration.gate import RewriteGate
+from host_collector.migration.gate import PageOracle, RewriteGate
 from host_collector.migration.parser import PageRecord, StreamParser
 from host_collector.migration.stream import Phase
 
@@ -112,6 +118,14 @@ class ProxyResult:
 PhaseListener = Callable[[Phase, int], None]
 
 
+class SpanGate(Protocol):
+    """Optional extension of :class:`RewriteGate` (see the module docstring)."""
+
+    def oracle_until(self, end: int) -> tuple[PageOracle | None, int]:
+        """(``oracle_for(end)``, last offset >= ``end`` with the same answer)."""
+        ...
+
+
 class ProxyError(RuntimeError):
     """The proxy could not start (bad address, port in use)."""
 
@@ -152,12 +166,12 @@ class MigrationProxy:
         self._lock = threading.Lock()
         self._stats = ProxyStats()
         self._listener: socket.socket | None = None
+        self._address = ""
         self._sockets: list[socket.socket] = []
         self._threads: list[threading.Thread] = []
         self._main: _MainRelay | None = None
         self._done = threading.Event()
         self._result: ProxyResult | None = None
-        self._closing = False
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[ProxyResult]]] = []
         self._outcome: Outcome | None = None
 
@@ -165,7 +179,7 @@ class MigrationProxy:
 
     def start(self) -> None:
         """Bind and listen; returns at once. Connections are served in threads."""
-        if self._listener is not None:
+        if self._address:
             raise ProxyError("already started")
         ep = self._listen
         try:
@@ -178,6 +192,11 @@ class MigrationProxy:
         except OSError as e:
             raise ProxyError(f"cannot listen on {ep}: {e}") from e
         self._listener = ls
+        if ep.kind == "unix":
+            self._address = f"unix:{ep.path}"
+        else:
+            host, port = ls.getsockname()[:2]
+            self._address = f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"
         self._gate.add_listener(self._wake_main)
         t = threading.Thread(target=self._accept_loop, name="fph-proxy-accept", daemon=True)
         self._threads.append(t)
@@ -186,12 +205,9 @@ class MigrationProxy:
     @property
     def listen_address(self) -> str:
         """Where the source must connect (``tcp:HOST:PORT`` / ``unix:PATH``), port resolved."""
-        if self._listener is None:
+        if not self._address:
             raise ProxyError("not started")
-        if self._listen.kind == "unix":
-            return f"unix:{self._listen.path}"
-        host, port = self._listener.getsockname()[:2]
-        return f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"
+        return self._address
 
     def stats(self) -> ProxyStats:
         main = self._main
@@ -207,7 +223,6 @@ class MigrationProxy:
 
     def close(self) -> None:
         """Stop listening; abort a migration in progress. Idempotent."""
-        self._closing = True
         if self._main is None and not self._done.is_set():
             self._finish(Outcome.ABORTED, "proxy closed before the source connected")
         elif not self._done.is_set():
@@ -234,11 +249,12 @@ class MigrationProxy:
     # -- connections ---------------------------------------------------------
 
     def _accept_loop(self) -> None:
-        assert self._listener is not None
+        ls = self._listener
+        assert ls is not None
         n = 0
         while not self._done.is_set():
             try:
-                conn, _ = self._listener.accept()
+                conn, _ = ls.accept()
             except OSError:
                 return  # listener closed
             try:
@@ -386,7 +402,10 @@ class MigrationProxy:
             socks = list(self._sockets)
             self._sockets.clear()
         for sk in socks:
-            _hard_close(sk) if outcome is not Outcome.FINISHED else sk.close()
+            if outcome is Outcome.FINISHED:
+                sk.close()
+            else:
+                _hard_close(sk)
         self._close_listener()
         result = ProxyResult(outcome, self.stats())
         if self._main is not None:
@@ -399,7 +418,8 @@ class MigrationProxy:
             loop.call_soon_threadsafe(_set_result, fut, result)
 
     def _close_listener(self) -> None:
-        ls = self._listener
+        with self._lock:
+            ls, self._listener = self._listener, None
         if ls is None:
             return
         try:
@@ -465,6 +485,8 @@ class _MainRelay:
         self.src = src
         self.dst = dst
         self.parser = StreamParser()
+        span = getattr(self.gate, "oracle_until", None)
+        self._oracle_until: Callable[[int], tuple[PageOracle | None, int]] | None = span
         self.chunks: collections.deque[_Chunk] = collections.deque([_Chunk(proxy._chunk_size)])
         self.spare: list[_Chunk] = []
         #: Batches with records not judged yet; nothing after the first such
@@ -690,6 +712,9 @@ class _MainRelay:
         held = self.held
         gate = self.gate
         oracle_for = gate.oracle_for
+        oracle_until = self._oracle_until
+        oracle: PageOracle | None = None
+        valid_through = -1  # the last record end `oracle` is known to answer for
         decided = gate.decided_through()
         now = time.monotonic()
         received = self.received
@@ -711,7 +736,12 @@ class _MainRelay:
                     a, b, blk, pg = pages[i]
                     end = base + b
                     if end <= decided:
-                        oracle = oracle_for(end)
+                        if end > valid_through:
+                            if oracle_until is None:
+                                oracle, valid_through = oracle_for(end), end
+                            else:
+                                oracle, valid_through = oracle_until(end)
+                                valid_through = min(max(valid_through, end), decided)
                         if oracle is not None and oracle.is_free(blk, pg):
                             buf[a + 7] = (buf[a + 7] & _NOT_PAGE) | _ZERO
                             fill = b - _PAGE
