@@ -51,7 +51,7 @@ from typing import Protocol
 
 from fphint import addresses
 from host_collector.migration import stream as s
-from host_collector.migration.gate import PageOracle, RewriteGate
+from host_collector.migration.gate import NoHints, PageOracle, RewriteGate
 from host_collector.migration.parser import PageRecord, StreamParser
 from host_collector.migration.stream import Phase
 
@@ -486,6 +486,8 @@ class _MainRelay:
         self.dst = dst
         self.parser = StreamParser()
         span = getattr(self.gate, "oracle_until", None)
+        if span is None and type(self.gate) is NoHints:
+            span = _never  # one window covering everything: batches are skipped whole
         self._oracle_until: Callable[[int], tuple[PageOracle | None, int]] | None = span
         self.chunks: collections.deque[_Chunk] = collections.deque([_Chunk(proxy._chunk_size)])
         self.spare: list[_Chunk] = []
@@ -732,6 +734,10 @@ class _MainRelay:
                 buf = ck.buf
                 cuts = ck.cuts
                 expired = bt.deadline <= now
+                last_end = base + pages[-1][1]
+                if oracle is None and last_end <= valid_through:
+                    held.popleft()  # the rest of the batch gets "unchanged"
+                    continue
                 while i < n:
                     a, b, blk, pg = pages[i]
                     end = base + b
@@ -804,6 +810,10 @@ class _MainRelay:
             old = chunks.popleft()
             if len(self.spare) < 2:
                 self.spare.append(old)
+
+
+def _never(end: int) -> tuple[PageOracle | None, int]:
+    return None, 1 << 63
 
 
 class _SideError(Exception):
