@@ -98,8 +98,14 @@ def capture(cache: Path, ram_mib: int) -> tuple[Path, bytearray]:
             m.cmd("migrate-set-parameters", **{"max-bandwidth": 8 << 30})
             tmp = out.with_suffix(".part")
             m.cmd("migrate", uri=f"exec:cat > {tmp}")
-            while m.cmd("query-migrate").get("status") not in ("completed", "failed"):
+            while True:
+                info = m.cmd("query-migrate")
+                assert isinstance(info, dict)
+                if info.get("status") in ("completed", "failed"):
+                    break
                 time.sleep(0.1)
+            if info["status"] != "completed":
+                raise RuntimeError(f"capture failed: {info}")
             m.close()
             tmp.rename(out)
         finally:

@@ -12,7 +12,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Set
 from dataclasses import dataclass, field
 
 from host_collector.migration.gate import PageOracle
@@ -70,7 +70,9 @@ class StreamBuilder:
     def command(self, cmd: int, data: bytes = b"") -> StreamBuilder:
         return self.raw(b"\x08" + be16(cmd) + be16(len(data)) + data)
 
-    def section_start(self, sid: int, idstr: bytes, instance: int = 0, version: int = 4, kind: int = 1) -> StreamBuilder:
+    def section_start(
+        self, sid: int, idstr: bytes, instance: int = 0, version: int = 4, kind: int = 1
+    ) -> StreamBuilder:
         return self.raw(bytes([kind]) + be32(sid) + bytes([len(idstr)]) + idstr + be32(instance) + be32(version))
 
     def start_ram(self, sid: int, blocks: dict[str, int], ignore_shared: bool = False) -> StreamBuilder:
@@ -136,7 +138,7 @@ class StreamBuilder:
 BLOCKS = {"pc.ram": 64 * PAGE, "pc.bios": 4 * PAGE, "/rom@etc/acpi/tables": 2 * PAGE}
 
 
-def typical_stream(hinted: set[tuple[str, int]] = frozenset(), *, return_path: bool = True) -> StreamBuilder:
+def typical_stream(hinted: Set[tuple[str, int]] = frozenset(), *, return_path: bool = True) -> StreamBuilder:
     """A small stream shaped like QEMU 7.2's: setup, two PARTs, END, device state, EOF."""
     b = StreamBuilder()
     b.header().config()
@@ -316,7 +318,8 @@ def run_proxy(
 
     td = threading.Thread(target=destination, daemon=True)
     td.start()
-    px = MigrationProxy("tcp:127.0.0.1:0", f"tcp:127.0.0.1:{dest.getsockname()[1]}", gate, **kw)  # type: ignore[arg-type]
+    dest_addr = f"tcp:127.0.0.1:{dest.getsockname()[1]}"
+    px = MigrationProxy("tcp:127.0.0.1:0", dest_addr, gate, **kw)  # type: ignore[arg-type]
     px.start()
     port = int(px.listen_address.rsplit(":", 1)[1])
     src = socket.create_connection(("127.0.0.1", port))

@@ -94,15 +94,15 @@ def _read(r: _Reader, out: Reference) -> None:
         while r.peek() == 0x05:
             at = r.p
             r.u8()
-            name = r.take(r.u8())
+            sub = r.take(r.u8())
             if r.u32() != 1:
                 raise _Stop(at)
-            if name == b"configuration/target-page-bits":
+            if sub == b"configuration/target-page-bits":
                 if r.u32() != 12:
                     raise _Stop(at)
-            elif name == b"configuration/uuid":
+            elif sub == b"configuration/uuid":
                 r.take(16)
-            elif name == b"configuration/capabilities":
+            elif sub == b"configuration/capabilities":
                 count = r.u32()
                 if count > 64:
                     raise _Stop(at)
@@ -141,13 +141,13 @@ def _read(r: _Reader, out: Reference) -> None:
             total = w & ~0xFFF
             seen = 0
             while seen < total:
-                name = _ascii(r.take(r.u8()))
+                listed = _ascii(r.take(r.u8()))
                 used = r.u64()
                 if ignore_shared:
                     r.u64()
-                if not name or name in blocks or used == 0 or used % 4096:
+                if not listed or listed in blocks or used == 0 or used % 4096:
                     raise _Stop(rec)
-                blocks[name] = used
+                blocks[listed] = used
                 seen += used
             if seen != total or not blocks:
                 raise _Stop(rec)
@@ -171,10 +171,10 @@ def _read(r: _Reader, out: Reference) -> None:
                         raise _Stop(rec)
                     block = current
                 else:
-                    name = _ascii(r.take(r.u8()))
-                    if name is None or name not in blocks:
+                    named = _ascii(r.take(r.u8()))
+                    if named is None or named not in blocks:
                         raise _Stop(rec)
-                    block = name
+                    block = named
                 if addr >= blocks[block]:
                     raise _Stop(rec)
                 if flags & 0x08:

@@ -167,14 +167,24 @@ def _fallback_cases() -> dict[str, tuple[bytes, int, str, Phase]]:
         "configuration subsection configuration/zzz",
         Phase.HEADER,
     )
-    add("mapped-ram capability", _case(config, StreamBuilder.caps(b"mapped-ram")), "capability mapped-ram", Phase.HEADER)
+    add(
+        "mapped-ram capability",
+        _case(config, StreamBuilder.caps(b"mapped-ram")),
+        "capability mapped-ram",
+        Phase.HEADER,
+    )
     add(
         "page bits",
         _case(config, StreamBuilder.subsection(b"configuration/target-page-bits", be32(16))),
         "target page bits 16",
         Phase.HEADER,
     )
-    add("postcopy advise", _case(_prefix(), b"\x08" + be16(3) + be16(16) + be64(4096) + be64(4096)), "POSTCOPY_ADVISE", Phase.SETUP)
+    add(
+        "postcopy advise",
+        _case(_prefix(), b"\x08" + be16(3) + be16(16) + be64(4096) + be64(4096)),
+        "POSTCOPY_ADVISE",
+        Phase.SETUP,
+    )
     add("dirty-bitmaps advise", _case(_prefix(), b"\x08" + be16(3) + be16(0)), "POSTCOPY_ADVISE", Phase.SETUP)
     add("colo", _case(_prefix(), b"\x08" + be16(8) + be16(0)), "ENABLE_COLO", Phase.SETUP)
     add("ping with odd length", _case(_prefix(), b"\x08" + be16(2) + be16(2) + b"\0\0"), "PING (length 2)", Phase.SETUP)
@@ -194,17 +204,32 @@ def _fallback_cases() -> dict[str, tuple[bytes, int, str, Phase]]:
         "device section",
         Phase.SETUP,
     )
-    add("ram version 3", _case(_prefix(), b"\x01" + be32(2) + b"\x03ram" + be32(0) + be32(3)), "iterable section 'ram'", Phase.SETUP)
+    add(
+        "ram version 3",
+        _case(_prefix(), b"\x01" + be32(2) + b"\x03ram" + be32(0) + be32(3)),
+        "iterable section 'ram'",
+        Phase.SETUP,
+    )
     add("unknown section id", _case(_in_ram().eos().footer(2), b"\x02" + be32(7)), "section 7", Phase.ITERATION)
     add("xbzrle", _case(_in_ram(), be64(3 * PAGE_ | 0x60) + b"\x01" + be16(2) + b"ab"), "XBZRLE", Phase.ITERATION)
-    add("compress", _case(_in_ram(), be64(3 * PAGE_ | 0x120) + be32(10) + b"x" * 10), "compressed page", Phase.ITERATION)
+    add(
+        "compress",
+        _case(_in_ram(), be64(3 * PAGE_ | 0x120) + be32(10) + b"x" * 10),
+        "compressed page",
+        Phase.ITERATION,
+    )
     add("multifd flush", _case(_in_ram(), be64(0x200)), "MULTIFD_FLUSH", Phase.ITERATION)
     add("rdma hook", _case(_in_ram(), be64(0x80)), "RDMA hook", Phase.ITERATION)
     add("zero|page", _case(_in_ram(), be64(3 * PAGE_ | 0x2A) + b"\0" * 4096), "flags 0x02a", Phase.ITERATION)
     add("mem size again", _case(_in_ram(), be64(PAGE_ | 0x04)), "flags 0x004", Phase.ITERATION)
     add("eos with address", _case(_in_ram(), be64(PAGE_ | 0x10)), "flags 0x010", Phase.ITERATION)
     add("zero fill", _case(_in_ram(), be64(3 * PAGE_ | 0x22) + b"\x5a"), "fill byte 0x5a", Phase.ITERATION)
-    add("offset beyond block", _case(_in_ram(), be64(16 * PAGE_ | 0x28) + b"\1" * 4096), "beyond the end of block pc.ram", Phase.ITERATION)
+    add(
+        "offset beyond block",
+        _case(_in_ram(), be64(16 * PAGE_ | 0x28) + b"\1" * 4096),
+        "beyond the end of block pc.ram",
+        Phase.ITERATION,
+    )
     add(
         "unknown block",
         _case(_in_ram(), be64(0x08) + b"\x05other" + b"\1" * 4096),
@@ -224,10 +249,20 @@ def _fallback_cases() -> dict[str, tuple[bytes, int, str, Phase]]:
         Phase.SETUP,
     )
     add("footer id", _case(_in_ram().eos(), b"\x7e" + be32(3)), "section footer 3", Phase.ITERATION)
-    add("missing footer", _case(_in_ram().eos().footer(2).part(2).eos(), b"\x02" + be32(2)), "missing section footer", Phase.ITERATION)
+    add(
+        "missing footer",
+        _case(_in_ram().eos().footer(2).part(2).eos(), b"\x02" + be32(2)),
+        "missing section footer",
+        Phase.ITERATION,
+    )
     add("eof in ram phase", _case(_in_ram().eos().footer(2), b"\x00"), "EOF before", Phase.ITERATION)
     add("odd item", _case(_in_ram().eos().footer(2), b"\x09"), "item type 0x09", Phase.ITERATION)
-    add("part after end", _case(_in_ram().eos().footer(2).end(2).eos().footer(2), b"\x02" + be32(2)), "", Phase.DEVICE_STATE)
+    add(
+        "part after end",
+        _case(_in_ram().eos().footer(2).end(2).eos().footer(2), b"\x02" + be32(2)),
+        "",
+        Phase.DEVICE_STATE,
+    )
     return cases
 
 

@@ -540,7 +540,9 @@ class _MainRelay:
         self._extra = n
         if self.rewritten:
             # The parsing thread may sit in recv on an idle source; do not wait for it.
-            self.proxy.abort(f"extra connection #{n} (multifd or postcopy-preempt) after {self.rewritten} pages were rewritten")
+            self.proxy.abort(
+                f"extra connection #{n} (multifd or postcopy-preempt) after {self.rewritten} pages were rewritten"
+            )
         self.wake()
 
     def release(self) -> None:
