@@ -248,6 +248,29 @@ def write_gpa(vm: Vm, gpa: int, data: bytes) -> None:
         pos += n
 
 
+def loop_counter(vm: Vm) -> int:
+    """The word the boot-sector loop increments in its first page (read through the RAM file)."""
+    r = vm.machine.layout().find(DIRTY_GPA[0])
+    assert r is not None
+    with open(vm.files[r.block], "rb") as f:
+        f.seek(r.offset + DIRTY_GPA[0] - r.gpa)
+        return int.from_bytes(f.read(2), "little")
+
+
+def wait_loop_running(vm: Vm, timeout: float = 30) -> None:
+    """Until the guest's loop is seen incrementing (SeaBIOS has booted the sector)."""
+    deadline = time.monotonic() + timeout
+    last = loop_counter(vm)
+    while True:
+        time.sleep(0.05)
+        now = loop_counter(vm)
+        if now != last:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{vm.name}: the guest loop does not run: {vm.status()}")
+        last = now
+
+
 def pattern(gpa: int, pages: int, seed: int) -> bytes:
     """Non-zero, page-unique content: every page differs from every other."""
     rng = np.random.default_rng(seed ^ (gpa >> 12))

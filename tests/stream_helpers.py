@@ -159,7 +159,9 @@ def typical_stream(hinted: Set[tuple[str, int]] = frozenset(), *, return_path: b
     b.page("pc.ram", 41, hinted=("pc.ram", 41) in hinted)
     b.eos().footer(2)
     b.end(2)
-    b.page("pc.ram", 41, hinted=("pc.ram", 41) in hinted)  # a re-send
+    # a re-send in the END section: never rewritten (the guest is stopped and
+    # a sync ran before its pick, so no hint can apply to it)
+    b.page("pc.ram", 41)
     b.zero("pc.ram", 63)
     b.eos().footer(2)
     b.full(3, b"timer", be64(123) + be64(456))

@@ -23,7 +23,7 @@ import pytest
 from host_collector.migration.parser import StreamParser
 from host_collector.migration.proxy import Outcome
 from host_collector.migration.stream import Phase
-from tests.qemu_pair import MiB, PAGE, Machine, Tap, Vm, boot_image, pattern, write_gpa
+from tests.qemu_pair import MiB, PAGE, Machine, Tap, Vm, boot_image, pattern, wait_loop_running, write_gpa
 from tests.stream_helpers import FixedGate, run_proxy
 from tests.stream_reference import reference_read
 
@@ -44,7 +44,7 @@ def captured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[bytes]:
     src.start()
     dst.start()
     try:
-        time.sleep(0.3)
+        wait_loop_running(src)
         for vm in (src, dst):
             vm.set_caps(return_path=True, events=True)
         src.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 30})

@@ -12,7 +12,11 @@ Rewriting follows the gate (gate.py): a PAGE record that ended at stream
 offset ``end`` is held until ``gate.decided_through() >= end``, then it is
 turned into a ZERO record if ``gate.oracle_for(end)`` says its page is free.
 A record held longer than ``hold_seconds``, or while more than ``hold_bytes``
-are held, goes out unchanged: the proxy never waits on the guest.
+are held, goes out unchanged: the proxy never waits on the guest. Records of
+the ram END section are never held nor judged: QEMU stops the guest and then
+runs a dirty sync before it picks them (migration_completion ->
+ram_save_complete), so no hint can be both later than that sync and earlier
+than the pick, and holding them would only add downtime.
 
 When the parser meets something it does not understand it gives up and the
 rest goes through byte for byte. If pages were already rewritten by then the
@@ -465,15 +469,19 @@ class _Chunk:
 
 
 class _Batch:
-    """PAGE records from one parse call, judged in order; ``i`` is the first not judged."""
+    """PAGE records from one parse call, judged in order; ``i`` is the first not judged.
 
-    __slots__ = ("chunk", "pages", "i", "deadline")
+    A ``final`` batch (the ram END section) goes out unchanged without asking the gate.
+    """
 
-    def __init__(self, chunk: _Chunk, pages: list[PageRecord], deadline: float) -> None:
+    __slots__ = ("chunk", "pages", "i", "deadline", "final")
+
+    def __init__(self, chunk: _Chunk, pages: list[PageRecord], deadline: float, final: bool = False) -> None:
         self.chunk = chunk
         self.pages = pages
         self.i = 0
         self.deadline = deadline
+        self.final = final
 
 
 class _MainRelay:
@@ -500,6 +508,7 @@ class _MainRelay:
         self.pages_held = 0
         self.unjudged = 0
         self.src_eof = False
+        self._completion_at: int | None = None  # stream offset of the ram END section
         self._extra: int | None = None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -645,11 +654,21 @@ class _MainRelay:
         pages = parser.pages
         if pages:
             parser.pages = []
-            bt = _Batch(ck, pages, time.monotonic() + self.proxy._hold_seconds)
-            self.held.append(bt)
-            self._judge()
-            if self.held and self.held[-1] is bt:
-                self.pages_held += len(pages) - bt.i
+            deadline = time.monotonic() + self.proxy._hold_seconds
+            final: list[PageRecord] = []
+            if self._completion_at is not None:
+                split = self._completion_at - ck.base
+                i = next((k for k, rec in enumerate(pages) if rec[0] > split), len(pages))
+                pages, final = pages[:i], pages[i:]
+            if pages:
+                bt = _Batch(ck, pages, deadline)
+                self.held.append(bt)
+                self._judge()
+                if self.held and self.held[-1] is bt:
+                    self.pages_held += len(pages) - bt.i
+            if final:
+                self.held.append(_Batch(ck, final, deadline, final=True))
+                self._judge()
         if not parser.parsing:
             ck.parsed = ck.fill
 
@@ -657,6 +676,8 @@ class _MainRelay:
         parser = self.parser
         proxy = self.proxy
         for phase, offset in parser.transitions:
+            if phase is Phase.COMPLETION:
+                self._completion_at = offset
             if proxy._on_phase is not None and proxy._outcome is None:
                 proxy._on_phase(phase, offset)
         parser.transitions.clear()
@@ -737,8 +758,8 @@ class _MainRelay:
                 cuts = ck.cuts
                 expired = bt.deadline <= now
                 last_end = base + pages[-1][1]
-                if oracle is None and last_end <= valid_through:
-                    held.popleft()  # the rest of the batch gets "unchanged"
+                if bt.final or (oracle is None and last_end <= valid_through):
+                    held.popleft()  # the rest of the batch goes out unchanged
                     continue
                 while i < n:
                     a, b, blk, pg = pages[i]
