@@ -173,8 +173,16 @@ class Vm:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{self.name}: QEMU did not start: {self.log.read_text()}")
             time.sleep(0.02)
-        self.qmp = QEMUMonitorProtocol(str(qmp_path))
-        self.qmp.connect()
+        while True:  # the socket file appears at bind(), a moment before listen()
+            self.qmp = QEMUMonitorProtocol(str(qmp_path))
+            try:
+                self.qmp.connect()
+                break
+            except Exception:
+                self.qmp.close()
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def cmd(self, name: str, **args: Any) -> Any:
         assert self.qmp is not None
