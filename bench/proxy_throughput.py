@@ -1,0 +1,347 @@
+"""Throughput of the migration proxy against a plain byte relay, same run, same stream.
+
+The stream is captured once from a real QEMU (``migrate exec:cat>FILE``) whose
+RAM file holds runs of random and zero pages, then replayed over loopback
+through each relay in turn, several rounds, alternating. A helper process
+sends (sendfile, so it costs the relay's core little) and sinks; the relay
+under test runs in this process on one thread.
+
+Figures: the median and the best round of each (GB/s of source stream), and
+the median over rounds of proxy/relay measured back to back.
+
+Relays: ``relay`` (recv_into + sendall, what the proxy does in pass-through),
+``proxy`` (NoHints gate: parse only), ``proxy_hints`` (a gate that frees about
+half of the non-zero pages and decides at once), ``proxy_held`` (the same
+hints, but the gate confirms every 2 ms what it had received 2 ms earlier, so
+records wait in the hold queue as with the real epoch gate).
+
+Transports: ``tcp`` (127.0.0.1, the issue's "over loopback") and ``unix``
+(what a proxy on the source host can offer QEMU: ``migrate unix:PATH``); on
+this 2-core machine loopback TCP caps even a direct sender->sink copy near
+2.2 GB/s, so the unix figures show what the relay code itself can do.
+
+Last line: one JSON object. Usage:
+    .venv/bin/python bench/proxy_throughput.py [--ram-mib 1024] [--rounds 5] [--transport tcp unix]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from host_collector.migration.gate import NoHints, PageOracle, RewriteGate
+from host_collector.migration.proxy import MigrationProxy
+
+PAGE = 4096
+MiB = 1 << 20
+
+
+def fill_ram(path: Path, size: int, seed: int) -> tuple[bytearray, float]:
+    """Runs (mean 32 pages) alternately random or zero; returns the non-zero page mask."""
+    rng = np.random.default_rng(seed)
+    pages = size // PAGE
+    mask = bytearray(pages)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        p = 0
+        random_run = True
+        while p < pages:
+            n = int(min(pages - p, rng.geometric(1 / 32)))
+            if random_run:
+                f.seek(p * PAGE)
+                f.write(rng.integers(0, 256, n * PAGE, dtype=np.uint8).tobytes())
+                mask[p : p + n] = b"\1" * n
+            p += n
+            random_run = not random_run
+    return mask, sum(mask) / pages
+
+
+def capture(cache: Path, ram_mib: int) -> tuple[Path, bytearray]:
+    """Capture the stream of a -S q35 guest with ``ram_mib`` MiB (cached), and its non-zero page mask."""
+    out = cache / f"stream-{ram_mib}M.raw"
+    mask_file = cache / f"stream-{ram_mib}M.mask"
+    if out.exists() and mask_file.exists():
+        return out, bytearray(mask_file.read_bytes())
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    with tempfile.TemporaryDirectory(prefix="fph-bench-stream-") as td:
+        ram = Path(td) / "ram"
+        mask, _ = fill_ram(ram, ram_mib * MiB, 1)
+        mask_file.write_bytes(mask)
+        qmp = Path(td) / "qmp"
+        argv = [
+            "qemu-system-x86_64", "-accel", "tcg", "-nodefaults", "-no-user-config", "-display", "none",
+            "-S", "-machine", "q35,memory-backend=mem", "-m", f"{ram_mib}M",
+            "-object", f"memory-backend-file,id=mem,size={ram_mib}M,mem-path={ram},share=on",
+            "-qmp", f"unix:{qmp},server=on,wait=off",
+        ]  # fmt: skip
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+        try:
+            while not qmp.exists():
+                time.sleep(0.05)
+            m = QEMUMonitorProtocol(str(qmp))
+            m.connect()
+            m.cmd("migrate-set-parameters", **{"max-bandwidth": 8 << 30})
+            tmp = out.with_suffix(".part")
+            m.cmd("migrate", uri=f"exec:cat > {tmp}")
+            while True:
+                info = m.cmd("query-migrate")
+                assert isinstance(info, dict)
+                if info.get("status") in ("completed", "failed"):
+                    break
+                time.sleep(0.1)
+            if info["status"] != "completed":
+                raise RuntimeError(f"capture failed: {info}")
+            m.close()
+            tmp.rename(out)
+        finally:
+            proc.kill()
+            proc.wait()
+    return out, mask
+
+
+class BitmapOracle:
+    def __init__(self, free: dict[str, bytearray]) -> None:
+        self.free = free
+
+    def is_free(self, block: str, page: int) -> bool:
+        m = self.free.get(block)
+        return m is not None and page < len(m) and m[page] == 1
+
+
+class ImmediateGate(NoHints):
+    def __init__(self, oracle: PageOracle) -> None:
+        self.oracle = oracle
+
+    def oracle_for(self, end: int) -> PageOracle | None:
+        return self.oracle
+
+
+class LaggingGate:
+    """Confirms, every ``tick`` seconds, what had been received one tick earlier."""
+
+    def __init__(self, oracle: PageOracle, tick: float = 0.002) -> None:
+        self.oracle = oracle
+        self.tick = tick
+        self.total = 0
+        self.decided = 0
+        self.listeners: list[Callable[[], None]] = []
+        self.stop = threading.Event()
+        threading.Thread(target=self._poll, daemon=True).start()
+
+    def _poll(self) -> None:
+        pending = 0
+        while not self.stop.wait(self.tick):
+            self.decided, pending = pending, self.total
+            for cb in self.listeners:
+                cb()
+
+    def received(self, total: int) -> None:
+        self.total = total
+
+    def decided_through(self) -> int:
+        return self.decided
+
+    def oracle_for(self, end: int) -> PageOracle | None:
+        return self.oracle
+
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        self.listeners.append(callback)
+
+
+class Transport:
+    """Where sockets live: loopback TCP or unix sockets in a private directory."""
+
+    def __init__(self, kind: str, tmp: Path) -> None:
+        self.kind = kind
+        self.tmp = tmp
+        self.n = 0
+
+    def listen(self) -> tuple[socket.socket, str]:
+        if self.kind == "tcp":
+            ls = socket.create_server(("127.0.0.1", 0))
+            return ls, f"tcp:127.0.0.1:{ls.getsockname()[1]}"
+        self.n += 1
+        path = self.tmp / f"{os.getpid()}-{self.n}.sock"
+        ls = socket.socket(socket.AF_UNIX)
+        ls.bind(str(path))
+        ls.listen()
+        return ls, f"unix:{path}"
+
+    def spare_address(self) -> str:
+        """An address for the proxy to listen on (it binds it itself)."""
+        if self.kind == "tcp":
+            return "tcp:127.0.0.1:0"
+        self.n += 1
+        return f"unix:{self.tmp / f'{os.getpid()}-{self.n}.sock'}"
+
+
+def connect(addr: str) -> socket.socket:
+    kind, _, rest = addr.partition(":")
+    if kind == "tcp":
+        host, _, port = rest.rpartition(":")
+        return socket.create_connection((host, int(port)))
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(rest)
+    return s
+
+
+def plain_relay(listener: socket.socket, dest: str, ready: threading.Event) -> None:
+    ready.set()
+    src, _ = listener.accept()
+    dst = connect(dest)
+    buf = bytearray(4 << 20)
+    view = memoryview(buf)
+    while True:
+        n = src.recv_into(buf)
+        if not n:
+            break
+        dst.sendall(view[:n])
+    dst.shutdown(socket.SHUT_WR)
+    dst.recv(1)
+    dst.close()
+    src.close()
+
+
+def peer(stream: str, conn: Any, tmp: Path) -> None:
+    """Helper process: per request, sink on an address, then sendfile the stream to the relay."""
+    size = os.path.getsize(stream)
+    sinks = {kind: Transport(kind, tmp).listen() for kind in ("tcp", "unix")}
+    conn.send({kind: addr for kind, (_, addr) in sinks.items()})
+    while True:
+        req = conn.recv()
+        if req is None:
+            return
+        kind, target = req
+        sink = sinks[kind][0]
+        result: dict[str, float] = {}
+
+        def drain() -> None:
+            c, _ = sink.accept()
+            buf = bytearray(4 << 20)
+            got = 0
+            while True:
+                n = c.recv_into(buf)
+                if not n:
+                    break
+                got += n
+            result["end"] = time.perf_counter()
+            result["got"] = got
+            c.close()
+
+        t = threading.Thread(target=drain)
+        t.start()
+        s = connect(target)
+        start = time.perf_counter()
+        with open(stream, "rb") as f:
+            sent = 0
+            while sent < size:
+                sent += os.sendfile(s.fileno(), f.fileno(), sent, size - sent)
+        s.shutdown(socket.SHUT_WR)
+        t.join()
+        s.close()
+        conn.send({"seconds": result["end"] - start, "sent": size, "received": result["got"]})
+
+
+def run_one(
+    mode: str, conn: Any, tr: Transport, sink: str, free: dict[str, bytearray]
+) -> dict[str, float]:
+    if mode == "relay":
+        ls, addr = tr.listen()
+        ready = threading.Event()
+        t = threading.Thread(target=plain_relay, args=(ls, sink, ready))
+        t.start()
+        ready.wait()
+        conn.send((tr.kind, addr))
+        r: dict[str, float] = conn.recv()
+        t.join()
+        ls.close()
+        return r
+    gate: RewriteGate
+    if mode == "proxy":
+        gate = NoHints()
+    elif mode == "proxy_hints":
+        gate = ImmediateGate(BitmapOracle(free))
+    else:
+        gate = LaggingGate(BitmapOracle(free))
+    px = MigrationProxy(tr.spare_address(), sink, gate, hold_bytes=256 * MiB)
+    px.start()
+    conn.send((tr.kind, px.listen_address))
+    r = conn.recv()
+    res = px.wait(60)
+    if isinstance(gate, LaggingGate):
+        gate.stop.set()
+    assert res is not None, "proxy did not finish"
+    st = res.stats
+    r.update(rewritten=st.pages_rewritten, held=st.pages_held, unjudged=st.pages_released_unjudged)
+    assert st.fallback_reason is None and res.outcome.value == "finished", res
+    return r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ram-mib", type=int, default=1024)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--transport", nargs="+", choices=("tcp", "unix"), default=["tcp", "unix"])
+    ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "fph-bench-stream")
+    args = ap.parse_args()
+    args.cache.mkdir(exist_ok=True)
+    stream, mask = capture(args.cache, args.ram_mib)
+    nonzero = sum(mask) / len(mask)
+    # Half of the non-zero pages are hinted free (every other page).
+    half = np.frombuffer(mask, dtype=np.uint8).copy()
+    half[1::2] = 0
+    free = bytearray(half.tobytes())
+
+    with tempfile.TemporaryDirectory(prefix="fph-bench-sock-") as td:
+        tmp = Path(td)
+        parent, child = mp.Pipe()
+        proc = mp.get_context("fork").Process(target=peer, args=(str(stream), child, tmp), daemon=True)
+        proc.start()
+        sinks = parent.recv()
+        modes = ["relay", "proxy", "proxy_hints", "proxy_held"]
+        runs = [(kind, m) for kind in args.transport for m in modes]
+        results: dict[tuple[str, str], list[dict[str, float]]] = {r: [] for r in runs}
+        transports = {kind: Transport(kind, tmp) for kind in args.transport}
+        for _ in range(args.rounds):
+            for kind, m in runs:
+                results[kind, m].append(run_one(m, parent, transports[kind], sinks[kind], {"mem": free}))
+        parent.send(None)
+        proc.join(10)
+
+    size = os.path.getsize(stream)
+    out: dict[str, Any] = {"stream_bytes": size, "ram_mib": args.ram_mib, "nonzero_fraction": round(nonzero, 3)}
+    gbps: dict[tuple[str, str], list[float]] = {}
+    for kind, m in runs:
+        gbps[kind, m] = [size / r["seconds"] / 1e9 for r in results[kind, m]]
+        out[f"{kind}_{m}_GBps"] = round(statistics.median(gbps[kind, m]), 3)
+        out[f"{kind}_{m}_best_GBps"] = round(max(gbps[kind, m]), 3)
+        print(f"{kind:4s} {m:12s} GB/s per round: {' '.join(f'{g:.2f}' for g in gbps[kind, m])}", file=sys.stderr)
+    for kind in args.transport:
+        for m in ("proxy", "proxy_hints", "proxy_held"):
+            # The machine is shared: compare each round's proxy run with the
+            # relay run right before it, then take the median of those ratios.
+            ratios = [p / r for p, r in zip(gbps[kind, m], gbps[kind, "relay"])]
+            out[f"{kind}_{m}_vs_relay"] = round(statistics.median(ratios), 3)
+        out[f"{kind}_rewritten_pages"] = results[kind, "proxy_hints"][-1].get("rewritten")
+        out[f"{kind}_held_pages_lagging_gate"] = results[kind, "proxy_held"][-1].get("held")
+        out[f"{kind}_unjudged_pages_lagging_gate"] = results[kind, "proxy_held"][-1].get("unjudged")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
