@@ -1,0 +1,121 @@
+"""Cheap checks that decide whether the eBPF source can run here.
+
+Each failure is one line saying what is wrong and, where there is one, what
+to do. Nothing is loaded into the kernel; tracefs is mounted if absent (the
+agent needs it anyway) and securityfs only for the lockdown read.
+
+:func:`safety_refusal` is not about eBPF at all: page poisoning and memory
+encryption make hinting unsafe whatever the source, so the agent should ask
+it before using any source.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from . import headers, program, system
+from .btf import Btf, BtfError
+from .layout import LayoutError, PageLayout, page_layout
+from .system import KernelPaths
+
+
+def safety_refusal(paths: KernelPaths | None = None) -> str:
+    """Why no source may hint on this guest, or ""."""
+    paths = paths or KernelPaths()
+    return system.encryption_refusal(paths) or system.poisoning_refusal(paths)
+
+
+@dataclass
+class Findings:
+    """What the checks learnt, reused by open()."""
+
+    reason: str = ""
+    layout: PageLayout | None = None
+    btf: Btf | None = None
+    kernel_source: str | None = None
+    vmemmap_symbol: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def run(paths: KernelPaths, release: str | None = None) -> Findings:
+    found = Findings()
+    release = release or system.kernel_release()
+
+    found.reason = safety_refusal(paths)
+    if found.reason:
+        return found
+
+    if not os.path.exists(paths.btf):
+        found.reason = f"no BTF at {paths.btf} (kernel built without CONFIG_DEBUG_INFO_BTF)"
+        return found
+    try:
+        found.btf = Btf.load(paths.btf)
+        found.layout = page_layout(found.btf, release)
+        problems, missing = program.tracepoint_problems(found.btf)
+    except (OSError, BtfError, LayoutError) as e:
+        found.reason = f"cannot use BTF at {paths.btf}: {e}"
+        return found
+    if problems:
+        found.reason = "kernel tracepoints differ from what the BPF code reads: " + "; ".join(
+            problems
+        )
+        return found
+    if missing:
+        found.notes.append("optional tracepoints absent: " + ", ".join(missing))
+
+    if not system.bpf_capable(paths.status):
+        found.reason = "BPF not permitted: needs CAP_SYS_ADMIN, or CAP_BPF and CAP_PERFMON (run as root)"
+        return found
+
+    mode = system.lockdown_mode(paths.securityfs)
+    if mode == "confidentiality":
+        found.reason = "kernel lockdown is 'confidentiality': BPF may not read kernel memory"
+        return found
+
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        found.reason = (
+            "bcc is not importable: install python3-bpfcc and run under Debian's python3 "
+            "(a venv needs --system-site-packages)"
+        )
+        return found
+    try:
+        found.kernel_source = headers.kernel_source(release)
+    except headers.HeadersMissing as e:
+        found.reason = str(e)
+        return found
+
+    try:
+        found.vmemmap_symbol = system.kallsyms_address("vmemmap_base", paths.kallsyms) is not None
+    except OSError:
+        found.vmemmap_symbol = False
+    try:
+        note = system.ensure_tracefs(paths.tracefs)
+        if note:
+            found.notes.append(note)
+    except OSError as e:
+        if not found.vmemmap_symbol:
+            found.reason = (
+                f"tracefs is not mounted at {paths.tracefs} and mounting it failed "
+                f"({e.strerror}); it is needed to find vmemmap_base"
+            )
+            return found
+        found.notes.append(f"tracefs unavailable ({e.strerror}); vmemmap_base from kallsyms")
+
+    try:
+        with open(paths.kpageflags, "rb") as f:
+            f.read(8)
+    except OSError as e:
+        found.reason = f"cannot read {paths.kpageflags} for the self-test: {e.strerror}"
+        return found
+    try:
+        ram = system.ram_pfn_ranges(paths.iomem)
+    except OSError as e:
+        found.reason = f"cannot read {paths.iomem}: {e.strerror}"
+        return found
+    if not ram:
+        found.reason = f"{paths.iomem} shows no System RAM addresses (needs root)"
+        return found
+    return found
