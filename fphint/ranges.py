@@ -45,7 +45,7 @@ def encode(ranges: Iterable[tuple[int, int]], state: CodecState | None = None) -
     append = out.append
     prev_start, prev_end = st.prev_start, st.prev_end
     for start, length in ranges:
-        if start < prev_end or length < 0 or start + length > ADDRESS_SPACE_END:
+        if start < prev_end or length < 0 or start >= ADDRESS_SPACE_END or start + length > ADDRESS_SPACE_END:
             raise RangeError(f"range {start:#x}+{length:#x} is unsorted, overlapping or beyond 2**64")
         append(start - prev_start)
         append(length)
@@ -68,8 +68,8 @@ def decode(words: Sequence[int], state: CodecState | None = None) -> list[tuple[
     for i in range(0, len(words), 2):
         start = prev_start + words[i]
         length = words[i + 1]
-        if start + length > ADDRESS_SPACE_END:
-            raise RangeError(f"range {i // 2} ends beyond 2**64")
+        if start >= ADDRESS_SPACE_END or start + length > ADDRESS_SPACE_END:
+            raise RangeError(f"range {i // 2} reaches beyond 2**64")
         if start < prev_end:
             raise RangeError(f"range {i // 2} at {start:#x} overlaps the previous one (ends {prev_end:#x})")
         out.append((start, length))

@@ -1,0 +1,135 @@
+"""``fph-agent``: the guest agent's command line.
+
+``run`` serves the collector; ``probe`` prints the facts the agent would
+attach with; ``snapshot`` scans once and prints totals (for operators
+comparing sources).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from google.protobuf import json_format
+
+from fphint import addresses
+from fphint import logs
+
+from . import discovery
+from .agent import Agent, Endpoint, Settings
+from .facts import build_facts, detect_safety
+from .selection import PREFERENCES, select_source
+
+log = logging.getLogger("guest_agent")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fph-agent", description="fphint guest agent: free-page hints for live migration")
+    ap.add_argument("--source", choices=PREFERENCES, default="auto", help="free-page source (default: auto)")
+    ap.add_argument("--show-bpf", action="store_true", help="print the final BPF program and exit")
+    ap.add_argument("--log-format", choices=("text", "json"), default="text")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="cmd")
+    run = sub.add_parser("run", help="attach to the collector and answer hint requests")
+    run.add_argument("--collector", help="tcp:HOST:PORT, unix:/path or vsock:CID:PORT")
+    run.add_argument("--token", help="this VM's token (prefer --token-file or fw_cfg)")
+    run.add_argument("--token-file", help="file holding this VM's token")
+    run.add_argument("--config", default=str(discovery.CONFIG_FILE), help="agent config file (TOML)")
+    run.add_argument("--chunk-ranges", type=int, default=Settings.chunk_ranges, help="ranges per chunk")
+    sub.add_parser("probe", help="print the facts the agent would attach with (JSON)")
+    sub.add_parser("snapshot", help="scan once and print totals (JSON)")
+    return ap
+
+
+def _show_bpf() -> int:
+    try:
+        from .sources.ebpf import bpf_program_text
+    except ImportError as e:
+        print(f"fph-agent: the eBPF source is not available: {e}", file=sys.stderr)
+        return 1
+    print(bpf_program_text())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logs.setup(args.log_format, args.verbose)
+    if args.show_bpf:
+        return _show_bpf()
+    if args.cmd is None:
+        _parser().print_help()
+        return 2
+    safety = detect_safety()
+    sel = select_source(args.source, safety)
+    facts = build_facts(safety, sel.statuses, sel.name, sel.refusal)
+    if args.cmd == "probe":
+        print(json.dumps(json_format.MessageToDict(facts, preserving_proto_field_name=True), indent=2))
+        return 0
+    if args.cmd == "snapshot":
+        if sel.source is None:
+            print(f"fph-agent: no source: {sel.refusal}", file=sys.stderr)
+            return 1
+        t = time.monotonic()
+        snap = sel.source.snapshot()
+        print(json.dumps({"source": snap.source, "ranges": len(snap.ranges), "pages": snap.pages,
+                          "ms": round((time.monotonic() - t) * 1000, 2), "complete": snap.complete}))
+        return 0
+
+    if args.token and args.token_file:
+        print("fph-agent: give --token or --token-file, not both", file=sys.stderr)
+        return 2
+    cli_token = args.token
+    if args.token_file:
+        try:
+            with open(args.token_file) as f:
+                cli_token = f.read().strip()
+        except OSError as e:
+            print(f"fph-agent: cannot read {args.token_file}: {e.strerror}", file=sys.stderr)
+            return 2
+    if args.collector:
+        try:
+            addresses.parse(args.collector)
+        except addresses.AddressError as e:
+            print(f"fph-agent: --collector: {e}", file=sys.stderr)
+            return 2
+    places = discovery.Places(env=os.environ, config_file=Path(args.config))
+    said: dict[str, str] = {}
+
+    def endpoint() -> Endpoint:
+        addr = discovery.discover("collector", args.collector, places)
+        if addr is None:
+            raise discovery.DiscoveryError("no collector address (--collector, FPHINT_COLLECTOR, config, fw_cfg)")
+        token = discovery.discover("token", cli_token, places)
+        for key, found in (("collector", addr), ("token", token)):
+            where = found.source if found else "nowhere"
+            if said.get(key) != where:
+                log.info("%s from %s", key, where)
+                said[key] = where
+        return Endpoint(addresses.parse(addr.value), token.value if token else None)
+
+    agent = Agent(sel.source, facts, endpoint, Settings(chunk_ranges=args.chunk_ranges))
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await agent.run(stop)
+
+    try:
+        asyncio.run(serve())
+    finally:
+        if sel.source is not None:
+            sel.source.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""The collector's configuration file: daemon settings and the VM registry.
+
+Example (TOML; integers may be written in hex)::
+
+    [collector]
+    listen = ["tcp:0.0.0.0:7420", "unix:/run/fphint/agents.sock"]
+    admin = "unix:/run/fphint/admin.sock"
+    metrics = "127.0.0.1:9464"
+
+    [[vm]]
+    name = "web1"
+    token_file = "/etc/fphint/tokens/web1"   # or token = "..."
+    ram = [
+      { gpa = 0x0, size = 0x80000000, block = "pc.ram", offset = 0x0 },
+      { gpa = 0x100000000, size = 0x40000000, block = "pc.ram", offset = 0x80000000 },
+    ]
+
+A VM's ``ram`` may be left out and filled in later from QMP
+(:meth:`Collector.set_layout`). Every error names the file and the entry.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fphint import addresses
+
+from .layout import LayoutError, RamLayout, RamRange
+
+#: Tokens shorter than this are refused: they only stop cross-VM impersonation
+#: if they cannot be guessed.
+MIN_TOKEN_LENGTH = 16
+_VM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+class ConfigError(ValueError):
+    """A configuration file the collector refuses to start with."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what one guest can make the collector spend."""
+
+    max_message_bytes: int = 4 << 20
+    max_ranges_per_epoch: int = 1 << 20
+    max_ranges_per_chunk: int = 1 << 16
+    max_reports_per_vm: int = 4
+    max_deadline_s: float = 60.0
+    #: A Report call that sends nothing for this long is cut.
+    report_idle_timeout_s: float = 10.0
+    max_concurrent_rpcs: int = 1024
+    max_streams_per_connection: int = 16
+    keepalive_time_s: float = 20.0
+    keepalive_timeout_s: float = 10.0
+    max_connection_age_s: float = 3600.0
+    max_connection_age_grace_s: float = 30.0
+    #: Closed epochs kept per VM for the proxy before the oldest is released.
+    retained_epochs: int = 4
+
+
+@dataclass(frozen=True)
+class VmEntry:
+    name: str
+    token: str
+    vsock_cid: int | None = None
+    layout: RamLayout | None = None
+
+
+@dataclass(frozen=True)
+class CollectorConfig:
+    listen: tuple[addresses.Address, ...] = ()
+    admin: addresses.Address | None = None
+    metrics: tuple[str, int] | None = None
+    default_deadline_s: float = 2.0
+    shutdown_grace_s: float = 5.0
+    limits: Limits = field(default_factory=Limits)
+    vms: tuple[VmEntry, ...] = ()
+
+
+def _expect(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
+    if isinstance(value, bool) and kind is not bool:
+        raise ConfigError(f"{where}: expected {getattr(kind, '__name__', kind)}, got a boolean")
+    if not isinstance(value, kind):
+        name = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise ConfigError(f"{where}: expected {name}, got {type(value).__name__}")
+    return value
+
+
+def _layout(vm: dict[str, Any], where: str) -> RamLayout | None:
+    ram = vm.get("ram")
+    if ram is None:
+        return None
+    _expect(ram, list, f"{where}.ram")
+    ranges = []
+    for i, item in enumerate(ram):
+        w = f"{where}.ram[{i}]"
+        _expect(item, dict, w)
+        unknown = set(item) - {"gpa", "size", "block", "offset"}
+        if unknown:
+            raise ConfigError(f"{w}: unknown keys {sorted(unknown)}")
+        try:
+            ranges.append(
+                RamRange(
+                    gpa=_expect(item["gpa"], int, f"{w}.gpa"),
+                    size=_expect(item["size"], int, f"{w}.size"),
+                    block=_expect(item["block"], str, f"{w}.block"),
+                    offset=_expect(item.get("offset", 0), int, f"{w}.offset"),
+                )
+            )
+        except KeyError as e:
+            raise ConfigError(f"{w}: missing {e.args[0]!r}") from None
+    blocks = vm.get("blocks")
+    try:
+        if blocks is None:
+            return RamLayout.from_ranges(ranges)
+        _expect(blocks, dict, f"{where}.blocks")
+        return RamLayout(tuple(ranges), {str(k): _expect(v, int, f"{where}.blocks.{k}") for k, v in blocks.items()})
+    except LayoutError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _token(vm: dict[str, Any], where: str, base: Path) -> str:
+    if ("token" in vm) == ("token_file" in vm):
+        raise ConfigError(f"{where}: give exactly one of token and token_file")
+    if "token" in vm:
+        token = str(_expect(vm["token"], str, f"{where}.token"))
+    else:
+        path = base / _expect(vm["token_file"], str, f"{where}.token_file")
+        try:
+            token = path.read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"{where}: cannot read token_file {path}: {e.strerror}") from None
+    if len(token) < MIN_TOKEN_LENGTH or not token.isprintable() or " " in token:
+        raise ConfigError(f"{where}: token must be at least {MIN_TOKEN_LENGTH} printable characters without spaces")
+    return token
+
+
+def _limits(raw: dict[str, Any], where: str) -> Limits:
+    defaults = Limits()
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if not hasattr(defaults, key):
+            continue
+        kind = type(getattr(defaults, key))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        _expect(value, kind, f"{where}.{key}")
+        if value <= 0:
+            raise ConfigError(f"{where}.{key}: must be positive")
+        values[key] = value
+    return Limits(**values)
+
+
+def parse(data: dict[str, Any], source: str = "<config>", base: Path | None = None) -> CollectorConfig:
+    """Build a config from parsed TOML. ``source`` prefixes every error."""
+    base = base or Path(".")
+    unknown = set(data) - {"collector", "vm"}
+    if unknown:
+        raise ConfigError(f"{source}: unknown tables {sorted(unknown)}")
+    col = _expect(data.get("collector", {}), dict, f"{source}: [collector]")
+    known = {"listen", "admin", "metrics", "default_deadline_ms", "shutdown_grace_s"} | set(Limits.__dataclass_fields__)
+    unknown = set(col) - known
+    if unknown:
+        raise ConfigError(f"{source}: [collector] unknown keys {sorted(unknown)}")
+    try:
+        listen = tuple(addresses.parse(_expect(a, str, f"{source}: listen")) for a in col.get("listen", []))
+        admin = addresses.parse(_expect(col["admin"], str, f"{source}: admin")) if "admin" in col else None
+    except addresses.AddressError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    if admin is not None and admin.kind != "unix":
+        raise ConfigError(f"{source}: admin must be a unix: socket (it is not for guests)")
+    metrics = None
+    if "metrics" in col:
+        host, _, port = _expect(col["metrics"], str, f"{source}: metrics").rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"{source}: metrics must be HOST:PORT")
+        metrics = (host, int(port))
+    deadline_ms = _expect(col.get("default_deadline_ms", 2000), int, f"{source}: default_deadline_ms")
+    grace = float(_expect(col.get("shutdown_grace_s", 5.0), (int, float), f"{source}: shutdown_grace_s"))
+    limits = _limits(col, f"{source}: [collector]")
+    if not 0 < deadline_ms <= limits.max_deadline_s * 1000:
+        raise ConfigError(f"{source}: default_deadline_ms must be in (0, {limits.max_deadline_s * 1000:.0f}]")
+
+    vms: list[VmEntry] = []
+    seen_names: set[str] = set()
+    seen_tokens: set[str] = set()
+    seen_cids: set[int] = set()
+    for i, vm in enumerate(_expect(data.get("vm", []), list, f"{source}: [[vm]]")):
+        where = f"{source}: vm[{i}]"
+        _expect(vm, dict, where)
+        unknown = set(vm) - {"name", "token", "token_file", "vsock_cid", "ram", "blocks"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+        name = _expect(vm.get("name"), str, f"{where}.name")
+        if not _VM_NAME.match(name):
+            raise ConfigError(f"{where}: name {name!r} must be 1-63 of [A-Za-z0-9._-]")
+        where = f"{source}: vm {name!r}"
+        token = _token(vm, where, base)
+        cid = vm.get("vsock_cid")
+        if cid is not None:
+            _expect(cid, int, f"{where}.vsock_cid")
+            if not 3 <= cid < 2**32 - 1:
+                raise ConfigError(f"{where}: vsock_cid {cid} is not a guest CID")
+            if cid in seen_cids:
+                raise ConfigError(f"{where}: vsock_cid {cid} used twice")
+            seen_cids.add(cid)
+        if name in seen_names:
+            raise ConfigError(f"{where}: name used twice")
+        if token in seen_tokens:
+            raise ConfigError(f"{where}: token shared with another VM")
+        seen_names.add(name)
+        seen_tokens.add(token)
+        vms.append(VmEntry(name=name, token=token, vsock_cid=cid, layout=_layout(vm, where)))
+    return CollectorConfig(
+        listen=listen,
+        admin=admin,
+        metrics=metrics,
+        default_deadline_s=deadline_ms / 1000,
+        shutdown_grace_s=grace,
+        limits=limits,
+        vms=tuple(vms),
+    )
+
+
+def load(path: str | Path) -> CollectorConfig:
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except OSError as e:
+        raise ConfigError(f"{p}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: {e}") from None
+    return parse(data, str(p), p.parent)

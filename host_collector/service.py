@@ -1,0 +1,184 @@
+"""The guest-facing gRPC service: Attach and Report.
+
+Every call is identified before anything it sends is read, and every wait is
+bounded on the server side (idle timeout, epoch deadline) because a guest may
+omit deadlines or simply stall. A refusal is one gRPC status plus one log line
+and never touches another VM's state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, AsyncIterator, NoReturn
+
+import grpc
+
+from fphint.v1 import hints_pb2, hints_pb2_grpc
+
+from .epochs import Collector, Epoch, VmState
+from .errors import Refusal
+from .hintcheck import ReportDecoder
+
+log = logging.getLogger(__name__)
+
+TOKEN_HEADER = "authorization"
+#: Longest string kept from the agent's self-description.
+FACT_TEXT_MAX = 256
+
+
+def bearer_token(context: grpc.aio.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == TOKEN_HEADER and isinstance(value, str) and value.startswith("Bearer "):
+            return value[len("Bearer ") :].strip()
+    return None
+
+
+def sanitize_facts(facts: hints_pb2.AgentFacts) -> hints_pb2.AgentFacts:
+    """Clip the guest's free text so logs and the admin API stay bounded."""
+    out = hints_pb2.AgentFacts()
+    out.CopyFrom(facts)
+    for name in ("agent_version", "kernel_release", "chosen_source", "refusal", "memory_encryption", "hostname"):
+        value = getattr(out, name)
+        clean = "".join(ch if ch.isprintable() else "?" for ch in value[:FACT_TEXT_MAX])
+        setattr(out, name, clean)
+    del out.sources[16:]
+    for s in out.sources:
+        s.name = s.name[:64]
+        s.reason = s.reason[:FACT_TEXT_MAX]
+    return out
+
+
+async def _abort(context: grpc.aio.ServicerContext, refusal: Refusal) -> NoReturn:
+    await context.abort(getattr(grpc.StatusCode, refusal.code), refusal.message)
+    raise AssertionError("unreachable")  # context.abort raises
+
+
+class FreePageHintsService(hints_pb2_grpc.FreePageHintsServicer):
+    def __init__(self, collector: Collector) -> None:
+        self.collector = collector
+
+    async def _identify(self, context: grpc.aio.ServicerContext) -> VmState:
+        try:
+            return self.collector.identify(bearer_token(context), context.peer() or "")
+        except Refusal as r:
+            self.collector.metrics.rejects.labels("", r.tag).inc()
+            log.warning("refused call from %s: %s", context.peer(), r.message, extra={"reason": r.tag})
+            await _abort(context, r)
+
+    async def Attach(  # noqa: N802 (gRPC method name)
+        self, request: hints_pb2.AttachRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[hints_pb2.CollectorMessage]:
+        vm = await self._identify(context)
+        att = self.collector.attach(vm, sanitize_facts(request.facts), context.peer() or "")
+        try:
+            await context.send_initial_metadata((("fphint-vm", vm.name),))
+            while True:
+                msg = await att.queue.get()
+                if msg is None:
+                    if vm.attachment is not att and vm.attachment is not None:
+                        await context.abort(grpc.StatusCode.ABORTED, "replaced by a newer Attach from the same VM")
+                    return
+                yield msg
+        finally:
+            self.collector.detach(att)
+
+    async def Report(  # noqa: N802
+        self, request_iterator: AsyncIterator[hints_pb2.ReportChunk], context: grpc.aio.ServicerContext
+    ) -> hints_pb2.ReportAck:
+        vm = await self._identify(context)
+        limits = self.collector.limits
+        if vm.active_reports >= limits.max_reports_per_vm:
+            r = Refusal("RESOURCE_EXHAUSTED", "too_many_reports",
+                        f"more than {limits.max_reports_per_vm} Report calls at once")
+            self.collector.violation(vm, None, r)
+            await _abort(context, r)
+        vm.active_reports += 1
+        try:
+            return await self._report(vm, context)
+        finally:
+            vm.active_reports -= 1
+
+    async def _report(self, vm: VmState, context: grpc.aio.ServicerContext) -> hints_pb2.ReportAck:
+        col = self.collector
+        limits = col.limits
+        ep: Epoch | None = None
+        decoder: ReportDecoder | None = None
+        kind = hints_pb2.REPORT_KIND_UNSPECIFIED
+        ack = hints_pb2.ReportAck()
+        stats: hints_pb2.AgentStats | None = None
+        try:
+            while True:
+                chunk = await self._next_chunk(context, ep, limits.report_idle_timeout_s)
+                if chunk is None:
+                    break
+                if chunk.seq != ack.chunks:
+                    raise Refusal("INVALID_ARGUMENT", "sequence",
+                                  f"chunk seq {chunk.seq}, expected {ack.chunks}")
+                if ep is None:
+                    ep = col.report_epoch(vm, chunk.epoch)
+                    ack.epoch = ep.id
+                    kind = chunk.kind
+                    if kind not in (hints_pb2.REPORT_KIND_SNAPSHOT, hints_pb2.REPORT_KIND_LIVE):
+                        raise Refusal("INVALID_ARGUMENT", "kind", "report kind must be SNAPSHOT or LIVE")
+                    if kind == hints_pb2.REPORT_KIND_LIVE and not ep.live_hints:
+                        raise Refusal("INVALID_ARGUMENT", "kind", f"epoch {ep.id} did not ask for live hints")
+                    decoder = ReportDecoder(ep.index)
+                elif chunk.epoch != ep.id or chunk.kind != kind:
+                    raise Refusal("INVALID_ARGUMENT", "mixed", "all chunks of a Report must share epoch and kind")
+                assert decoder is not None
+                n = len(chunk.ranges) // 2
+                if n > limits.max_ranges_per_chunk:
+                    raise Refusal("RESOURCE_EXHAUSTED", "chunk_too_big",
+                                  f"{n} ranges in one chunk, limit {limits.max_ranges_per_chunk}")
+                pieces = decoder.decode(chunk.ranges)
+                ack.accepted_pages += col.accept(ep, pieces, n, kind, chunk.end)
+                ack.chunks += 1
+                ack.accepted_ranges += pieces.accepted
+                ack.rejected_ranges += pieces.rejected
+                if chunk.HasField("stats"):
+                    stats = chunk.stats
+                if chunk.end:
+                    break
+        except Refusal as r:
+            col.violation(vm, ep, r)
+            await _abort(context, r)
+        if ep is None:
+            empty = Refusal("INVALID_ARGUMENT", "empty", "Report call carried no chunk")
+            col.violation(vm, None, empty)
+            await _abort(context, empty)
+        src = vm.attachment.facts.chosen_source if vm.attachment else ""
+        col.report_finished(ep, stats, src)
+        return ack
+
+    async def _next_chunk(
+        self, context: grpc.aio.ServicerContext, ep: Epoch | None, idle_s: float
+    ) -> hints_pb2.ReportChunk | None:
+        """The next chunk, None at the end of the call; bounded by the idle
+        timeout and, once the epoch is known, by its closing."""
+        timeout = idle_s
+        if ep is not None:
+            timeout = min(timeout, max(0.0, ep.deadline - time.monotonic()))
+        read: asyncio.Future[Any] = asyncio.ensure_future(context.read())
+        waits: set[asyncio.Future[Any]] = {read}
+        closed: asyncio.Future[Any] | None = None
+        if ep is not None:
+            closed = asyncio.ensure_future(ep.wait_closed())
+            waits.add(closed)
+        try:
+            done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if closed is not None:
+                closed.cancel()
+        if read in done:
+            chunk = read.result()
+            if chunk is grpc.aio.EOF:
+                return None
+            assert isinstance(chunk, hints_pb2.ReportChunk)
+            return chunk
+        read.cancel()
+        if ep is not None and (not ep.is_open or time.monotonic() >= ep.deadline):
+            reason = ep.close_reason or "deadline"
+            raise Refusal("DEADLINE_EXCEEDED", "epoch_closed", f"epoch {ep.id} closed ({reason})")
+        raise Refusal("DEADLINE_EXCEEDED", "idle", f"no chunk for {idle_s:.1f}s")
