@@ -36,7 +36,6 @@ from __future__ import annotations
 from ..base import SourceUnavailable
 from . import program, system
 from .btf import Btf, BtfError
-from .checks import safety_refusal
 from .layout import LayoutError, page_layout
 from .live import EbpfLiveFrees
 from .scanner import ScanPart
@@ -48,7 +47,6 @@ __all__ = [
     "Options",
     "ScanPart",
     "bpf_program_text",
-    "safety_refusal",
 ]
 
 

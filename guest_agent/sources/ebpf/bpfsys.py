@@ -14,7 +14,9 @@ import mmap
 import os
 import platform
 
+BPF_MAP_CREATE = 0
 BPF_PROG_TEST_RUN = 10
+BPF_MAP_TYPE_ARRAY = 2
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351, "riscv64": 280}
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -81,6 +83,23 @@ class TestRunner:
             err = ctypes.get_errno()
             raise OSError(err, f"BPF_PROG_TEST_RUN: {os.strerror(err)}")
         return int(self._attr.retval)
+
+
+def bpf_refusal() -> str:
+    """Try the cheapest bpf(2) call, creating a one-entry array map; return
+    why it failed, or "" (seccomp, LSMs and sysctls can refuse what the
+    capabilities allow)."""
+    attr = (ctypes.c_uint32 * 30)(BPF_MAP_TYPE_ARRAY, 4, 8, 1)
+    try:
+        nr = sys_bpf_number()
+    except OSError as e:
+        return str(e)
+    fd = _libc.syscall(nr, BPF_MAP_CREATE, ctypes.byref(attr), ctypes.sizeof(attr))
+    if fd < 0:
+        err = ctypes.get_errno()
+        return f"bpf(BPF_MAP_CREATE) failed: {os.strerror(err)}"
+    os.close(fd)
+    return ""
 
 
 def map_array(map_fd: int, value_size: int, max_entries: int) -> mmap.mmap:

@@ -4,26 +4,36 @@ Each failure is one line saying what is wrong and, where there is one, what
 to do. Nothing is loaded into the kernel; tracefs is mounted if absent (the
 agent needs it anyway) and securityfs only for the lockdown read.
 
-:func:`safety_refusal` is not about eBPF at all: page poisoning and memory
-encryption make hinting unsafe whatever the source, so the agent should ask
-it before using any source.
+Page poisoning and memory encryption make hinting unsafe whatever the source;
+the agent refuses on them before trying any source (guest_agent.facts). The
+probe asks the same module again so the source is safe used on its own.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from . import headers, program, system
+from ... import facts
+from . import bpfsys, headers, program, system
 from .btf import Btf, BtfError
 from .layout import LayoutError, PageLayout, page_layout
 from .system import KernelPaths
 
 
-def safety_refusal(paths: KernelPaths | None = None) -> str:
-    """Why no source may hint on this guest, or ""."""
-    paths = paths or KernelPaths()
-    return system.encryption_refusal(paths) or system.poisoning_refusal(paths)
+def safety_refusal(paths: KernelPaths) -> str:
+    """Why no source may hint on this guest, or "" (guest_agent.facts decides)."""
+    safety = facts.detect_safety(
+        facts.Paths(
+            cmdline=Path(paths.cmdline),
+            config_gz=Path(paths.config_gz),
+            cpuinfo=Path(paths.cpuinfo),
+            meminfo=Path(paths.meminfo),
+            dev=Path(paths.dev),
+        )
+    )
+    return "; ".join(safety.refusals)
 
 
 @dataclass
@@ -66,6 +76,10 @@ def run(paths: KernelPaths, release: str | None = None) -> Findings:
 
     if not system.bpf_capable(paths.status):
         found.reason = "BPF not permitted: needs CAP_SYS_ADMIN, or CAP_BPF and CAP_PERFMON (run as root)"
+        return found
+    refused = bpfsys.bpf_refusal()
+    if refused:
+        found.reason = f"BPF not permitted: {refused}"
         return found
 
     mode = system.lockdown_mode(paths.securityfs)

@@ -28,7 +28,7 @@ def _complete(tree: str) -> bool:
 def kernel_source(
     release: str | None = None,
     modules: str = "/lib/modules",
-    cache_tree: str = CACHE_TREE,
+    cache_tree: str | None = None,
     environ: dict[str, str] | None = None,
 ) -> str | None:
     """The directory to put in BCC_KERNEL_SOURCE, or None when bcc finds
@@ -46,6 +46,7 @@ def kernel_source(
     for sub in ("build", "source"):
         if _complete(os.path.join(modules, release, sub)):
             return None
+    cache_tree = cache_tree or CACHE_TREE
     if _complete(cache_tree):
         return os.path.realpath(cache_tree)
     if os.path.exists(KHEADERS):

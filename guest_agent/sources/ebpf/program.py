@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .bpfsys import TestRunner, map_array
+from .bpfsys import TestRunner, bpf_refusal, map_array
 from .btf import Btf, BtfError, Kind
 from .layout import PageLayout
 from .system import PAGE_SHIFT
@@ -274,8 +274,12 @@ class LoadedProgram:
     def _compile_and_load(self, cfg: ProgramConfig, kernel_source: str | None) -> None:
         with _kernel_source_env(kernel_source):
             try:
-                self.bpf = self._BPF(text=program_source(), cflags=cfg.cflags())
+                self.bpf = self._BPF(text=program_source().encode(), cflags=cfg.cflags())
             except Exception as e:
+                # bcc creates the maps while compiling; say so if that was it.
+                refused = bpf_refusal()
+                if refused:
+                    raise LoadError(f"BPF not permitted: {refused}") from e
                 raise LoadError(f"bcc could not compile {SOURCE_FILE}: {e}") from e
         try:
             self.scan = TestRunner(self._load("scan"))

@@ -29,6 +29,7 @@ class KernelPaths:
     cpuinfo: str = "/proc/cpuinfo"
     status: str = "/proc/self/status"
     dev: str = "/dev"
+    meminfo: str = "/proc/meminfo"
 
 
 PfnRanges = list[tuple[int, int]]
@@ -205,72 +206,6 @@ def bpf_capable(status: str = "/proc/self/status") -> bool:
     read kernel memory need."""
     caps = effective_caps(status)
     return bool(caps >> CAP_SYS_ADMIN & 1) or bool(caps >> CAP_BPF & 1 and caps >> CAP_PERFMON & 1)
-
-
-def cmdline_params(cmdline: str = "/proc/cmdline") -> dict[str, str]:
-    """Kernel parameters up to ``--`` (later words belong to init)."""
-    params: dict[str, str] = {}
-    for word in _read(cmdline).split():
-        if word == "--":
-            break
-        key, _, value = word.partition("=")
-        params[key] = value
-    return params
-
-
-def kernel_config(config_gz: str = "/proc/config.gz") -> dict[str, str] | None:
-    import gzip
-
-    try:
-        with gzip.open(config_gz, "rt") as f:
-            text = f.read()
-    except OSError:
-        return None
-    return dict(re.findall(r"^(CONFIG_\w+)=(.*)$", text, re.M))
-
-
-def _on(value: str | None) -> bool:
-    """A kstrtobool() true value."""
-    return value is not None and value.lower() in ("1", "y", "yes", "on")
-
-
-def poisoning_refusal(paths: KernelPaths) -> str:
-    """Why free pages are not garbage here, or "".
-
-    page_poison=1 fills free pages with 0xaa and checks the pattern on
-    allocation; init_on_free=1 makes the kernel rely on free pages being zero
-    (shared/reference/ebpf.md §6). Either way a zero record is not harmless.
-    """
-    params = cmdline_params(paths.cmdline)
-    config = kernel_config(paths.config_gz) or {}
-    if _on(params.get("page_poison")):
-        return "page poisoning is on (page_poison=1): free pages must keep 0xaa"
-    init_on_free = params.get("init_on_free")
-    if init_on_free is None and config.get("CONFIG_INIT_ON_FREE_DEFAULT_ON") == "y":
-        return "init_on_free is on by default (CONFIG_INIT_ON_FREE_DEFAULT_ON=y)"
-    if init_on_free is not None and _on(init_on_free):
-        return "init_on_free=1: the kernel relies on free pages staying zero"
-    return ""
-
-
-ENCRYPTION_FLAGS = ("sev", "sev_es", "sev_snp", "tdx_guest")
-ENCRYPTION_DEVICES = ("sev-guest", "tdx_guest", "tdx-guest")
-
-
-def encryption_refusal(paths: KernelPaths) -> str:
-    """Why guest memory is private to the guest, or ""."""
-    flags: set[str] = set()
-    for line in _read(paths.cpuinfo).splitlines():
-        if line.startswith("flags"):
-            flags.update(line.partition(":")[2].split())
-            break
-    hit = sorted(flags.intersection(ENCRYPTION_FLAGS))
-    if hit:
-        return f"memory encryption is active (cpu flags: {' '.join(hit)})"
-    for dev in ENCRYPTION_DEVICES:
-        if os.path.exists(os.path.join(paths.dev, dev)):
-            return f"memory encryption is active (/dev/{dev} exists)"
-    return ""
 
 
 def kernel_release() -> str:
