@@ -265,9 +265,11 @@ def test_checker_catches_scans_without_the_crosscheck(storm: list[subprocess.Pop
 
 
 def test_without_the_recheck(storm: list[subprocess.Popen[bytes]], tracer: AllocTracer) -> None:
-    """Removing the page_type re-read: recorded, not asserted (see the note
-    in docs/ebpf-source.md: with the cross-check on, a torn read is also an
-    allocation during the scan, so it is dropped either way)."""
+    """Removing the page_type re-read is not observable with the cross-check
+    on: a block torn by an allocation while it was read is also touched by
+    that allocation's event during the scan, so it is dropped either way
+    (docs/ebpf-source.md). The run documents that; the re-read stays as the
+    defence for exits without a tracepoint."""
     src = _opened(Options(recheck=False))
     try:
         v = check_rounds(src, tracer, 2)

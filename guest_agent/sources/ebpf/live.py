@@ -37,6 +37,8 @@ class EbpfLiveFrees(LiveFrees):
         self._pending: list[tuple[int, int]] = []
         #: Events dropped here because the pending list was full.
         self.overflow = 0
+        #: Events of an earlier generation, dropped when read.
+        self.stale = 0
         self._ring = prog.table("live")
         self._ring.open_ring_buffer(self._on_event)
 
@@ -45,6 +47,7 @@ class EbpfLiveFrees(LiveFrees):
             return
         pfn_order, gen = _EVENT.unpack(ctypes.string_at(data, _EVENT.size))
         if gen != self._gen or not self._gen:
+            self.stale += 1
             return
         if len(self._pending) >= self._max_pending:
             self.overflow += 1
