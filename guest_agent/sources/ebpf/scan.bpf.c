@@ -410,10 +410,16 @@ int on_isolate(struct bpf_raw_tracepoint_args *ctx)
 	return track_range(ctx->args[0], ctx->args[1], ctx->args[3]);
 }
 
-/* mm_compaction_fast_isolate_freepages: same arguments */
+/* mm_compaction_fast_isolate_freepages(min_pfn, free_pfn, nr_scanned, nr_taken):
+ * the block taken from a free list lies anywhere at or above a point between
+ * the two (mm/compaction.c fast_isolate_freepages), so everything from
+ * min_pfn up counts as touched. */
 int on_fast_isolate(struct bpf_raw_tracepoint_args *ctx)
 {
-	return track_range(ctx->args[0], ctx->args[1], ctx->args[3]);
+	struct fph_ctl *c = gate_open();
+	if (c && ctx->args[3])
+		mark_wide(c, ctx->args[0], ~0ULL);
+	return 0;
 }
 
 /* test_pages_isolated(start_pfn, end_pfn, fin_pfn): a range about to leave */
