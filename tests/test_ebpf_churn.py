@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from guest_agent.sources.ebpf import EbpfSource, Options, headers, system
-from guest_agent.sources.ebpf.selftest import buddy_flags, reporting_block
+from guest_agent.sources.ebpf.selftest import buddy_flags, reporting_block, runs_of
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.slow]
 
@@ -190,14 +190,13 @@ def check_rounds(src: EbpfSource, tracer: AllocTracer, rounds: int, until_violat
                             if not (p < tracer.nr_pfns and tracer.last[p] >= after_ns)
                             and not any(s <= p < e for s, e in wide)]
                     v.covered += count - len(left)
-                    if not left:
-                        continue
-                    if left == list(range(pfn0, pfn0 + count)) and pfn0 % block == 0 and count % block == 0:
-                        v.reporting += count
-                    else:
-                        v.violations += len(left)
-                        if len(v.samples) < 10:
-                            v.samples.append((left[0], len(left)))
+                    for first, n in runs_of(left):
+                        if first % block == 0 and n % block == 0:
+                            v.reporting += n
+                        else:
+                            v.violations += n
+                            if len(v.samples) < 10:
+                                v.samples.append((first, n))
             v.scan_s += time.monotonic() - t0
             v.rounds += 1
             v.dropped += int(src.scanner.last.dropped)

@@ -13,11 +13,12 @@ import struct
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from guest_agent.sources.base import SourceUnavailable
-from guest_agent.sources.ebpf import EbpfSource, bpf_program_text, layout, selftest, system
+from guest_agent.sources.ebpf import EbpfSource, bpf_program_text, layout, selftest, system, vmemmap
 from guest_agent.sources.ebpf.program import Ctl
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
@@ -125,6 +126,23 @@ def test_vmemmap_base_points_at_our_own_page(src: EbpfSource) -> None:
     buf.close()
     assert mapcount == 0, "an anonymous page mapped once has _mapcount 0"
     assert 1 <= refcount < 1000
+
+
+def test_kallsyms_route_reads_and_checks_the_word(src: EbpfSource, tmp_path: Path) -> None:
+    """vmemmap_base from kallsyms (Debian kernels list it): the word is read
+    with the BPF peek and must look like a vmemmap address. Here the symbol
+    is not listed, so point it at kernel text: readable, not plausible."""
+    text = system.kallsyms_address("_text")
+    assert text is not None
+    fake = tmp_path / "kallsyms"
+    fake.write_text(f"{text:016x} D vmemmap_base\n")
+    with pytest.raises(vmemmap.VmemmapError, match="not a kernel address|holds"):
+        vmemmap.from_kallsyms(src.scanner.prog, str(fake))
+    fake.write_text("0000000000000010 D vmemmap_base\n")
+    with pytest.raises(vmemmap.VmemmapError, match="cannot read vmemmap_base at 0x10"):
+        vmemmap.from_kallsyms(src.scanner.prog, str(fake))
+    fake.write_text("ffffffff81000000 T _text\n")
+    assert vmemmap.from_kallsyms(src.scanner.prog, str(fake)) is None
 
 
 def test_self_test_catches_a_wrong_vmemmap_base(src: EbpfSource) -> None:

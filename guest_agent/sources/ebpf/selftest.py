@@ -157,12 +157,22 @@ def compare_part(part: ScanPart, kpf_fd: int, dirty: memoryview, block: int | No
             if not (pfn < nbits and dirty[pfn >> 3] >> (pfn & 7) & 1)
         ]
         out.explained += count - len(left)
-        if not left:
-            continue
-        if block and len(left) == count and first % block == 0 and count % block == 0:
-            out.reporting += count
-        elif len(out.samples) < 8:
-            out.samples.append((left[0], len(left)))
+        for pfn, n in runs_of(left):
+            if block and pfn % block == 0 and n % block == 0:
+                out.reporting += n
+            elif len(out.samples) < 8:
+                out.samples.append((pfn, n))
+    return out
+
+
+def runs_of(pfns: list[int]) -> list[tuple[int, int]]:
+    """(first, count) runs of a sorted list of PFNs."""
+    out: list[tuple[int, int]] = []
+    for pfn in pfns:
+        if out and out[-1][0] + out[-1][1] == pfn:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((pfn, 1))
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ class EbpfSource(FreePageSource):
         self._scanner: Scanner | None = None
         self._live: EbpfLiveFrees | None = None
         self._facts: dict[str, str] = {}
+        self._lock = threading.Lock()
 
     # -- setup -----------------------------------------------------------------
 
@@ -169,9 +171,10 @@ class EbpfSource(FreePageSource):
         Each part is sound on its own; send it before asking for the next to
         keep the time from request to first chunk short.
         """
-        for part in self.scanner.parts(deadline):
-            if part.ranges:
-                yield part
+        with self._lock:  # one scan at a time: they share the BPF arrays
+            for part in self.scanner.parts(deadline):
+                if part.ranges:
+                    yield part
 
     def snapshot(self, deadline: float | None = None) -> Snapshot:
         started = now()
