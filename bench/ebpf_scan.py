@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import mmap
 import os
@@ -86,8 +87,8 @@ async def _agent_latency(source: FreePageSource, epochs: int) -> list[float]:
         rr.append(RamRange(s * 4096, (e - s) * 4096, "pc.ram", offset))
         offset += (e - s) * 4096
     cfg = make_config(["bench"])
-    vm = cfg.vms[0]
-    cfg = type(cfg)(**{**cfg.__dict__, "vms": (type(vm)(vm.name, vm.token, layout=RamLayout.from_ranges(rr)),)})
+    vm = dataclasses.replace(cfg.vms[0], layout=RamLayout.from_ranges(rr))
+    cfg = dataclasses.replace(cfg, vms=(vm,))
     out = []
     async with running_collector(cfg) as srv:
         async with running_agent(srv, "bench", source):

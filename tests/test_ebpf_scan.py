@@ -237,3 +237,34 @@ def test_close_unloads_everything() -> None:
         time.sleep(0.05)
     assert _our_programs() == base
     assert os.path.isdir("/sys/kernel/tracing/events"), "tracefs may stay mounted"
+
+
+def test_loops_are_halved_when_the_verifier_refuses(src: EbpfSource, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An older verifier may refuse the loop sizes; the loader halves them and
+    tries again. (A real refusal costs this kernel's verifier ~30 s, so the
+    first attempt is refused by hand; the second is real.)"""
+    from dataclasses import replace
+
+    from guest_agent.sources.ebpf import headers, program
+
+    real = program.LoadedProgram._compile_and_load
+    tried: list[int] = []
+
+    def refuse_first(self: program.LoadedProgram, cfg: program.ProgramConfig, ks: str | None) -> None:
+        tried.append(cfg.scan_windows)
+        if len(tried) == 1:
+            raise program.ProgramRefused("The sequence of 8193 jumps is too complex.")
+        real(self, cfg, ks)
+
+    monkeypatch.setattr(program.LoadedProgram, "_compile_and_load", refuse_first)
+    assert src.loaded_config is not None
+    prog = program.LoadedProgram(replace(src.loaded_config, scan_windows=128, filter_loop=128), headers.kernel_source())
+    try:
+        assert tried == [128, 64]
+        assert (prog.config.scan_windows, prog.config.filter_loop) == (64, 64)
+        prog.ctl[program.Ctl.VMEMMAP] = src.scanner.prog.ctl[program.Ctl.VMEMMAP]
+        prog.ctl[program.Ctl.NREC] = 0
+        prog.scan.run(0x100000, 0x100000 + 64 * 64 * 4)
+        assert prog.ctl[program.Ctl.CURSOR] > 0x100000
+    finally:
+        prog.close()

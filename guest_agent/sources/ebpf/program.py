@@ -8,6 +8,7 @@ tracepoint programs, and maps the shared arrays into this process.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import importlib.resources
 import logging
@@ -133,7 +134,9 @@ class ProgramConfig:
     #: Records per portion; a portion never spans more PFNs than this.
     nr_recs: int = 1 << 17
     #: Per scan run: 64-PFN windows, and buddy candidates handled per window.
-    scan_windows: int = 256
+    #: 256 windows verify here too, but a refused program costs the verifier
+    #: ~30 s before it gives up, and 128 scan as fast: leave older verifiers room.
+    scan_windows: int = 128
     candidates: int = 8
     filter_loop: int = 128
     #: Live frees: events per ~1.07 s slot (the rate bound) and ring pages.
@@ -245,12 +248,10 @@ class LoadedProgram:
         self._views: list[memoryview] = []
         last_error = ""
         for attempt in range(LOOP_RETRIES + 1):
-            cfg = ProgramConfig(
-                **{
-                    **config.__dict__,
-                    "scan_windows": max(1, config.scan_windows >> attempt),
-                    "filter_loop": max(1, config.filter_loop >> attempt),
-                }
+            cfg = dataclasses.replace(
+                config,
+                scan_windows=max(1, config.scan_windows >> attempt),
+                filter_loop=max(1, config.filter_loop >> attempt),
             )
             try:
                 self._compile_and_load(cfg, kernel_source)
