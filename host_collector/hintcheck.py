@@ -34,8 +34,8 @@ class Pieces:
     block_idx: npt.NDArray[np.intp]
     first: Array  # first page inside the block
     count: Array  # pages
-    accepted: int  # ranges that covered at least one whole page
-    rejected: int  # ranges empty once trimmed to whole pages
+    accepted: int  # ranges that hint at least one whole page
+    rejected: int  # ranges with no whole page, or only pages in excluded spans
 
     @property
     def pages(self) -> int:
@@ -43,22 +43,28 @@ class Pieces:
 
 
 class LayoutIndex:
-    """Page-granular arrays of a layout, built once per layout."""
+    """Page-granular arrays of a layout, built once per layout.
+
+    Entries are the mapped ranges plus the excluded spans (block index -1):
+    a hint must lie inside their union, and only its mapped part is kept.
+    """
 
     def __init__(self, layout: RamLayout) -> None:
         self.layout = layout
-        self.shift = layout.page_size.bit_length() - 1
-        rs = layout.ranges
+        self.shift = sh = layout.page_size.bit_length() - 1
         self.blocks = sorted(layout.blocks)
         bidx = {b: i for i, b in enumerate(self.blocks)}
-        self.r_start = np.array([r.gpa >> self.shift for r in rs], dtype=U64)
-        self.r_end = np.array([r.end >> self.shift for r in rs], dtype=U64)
-        self.r_off = np.array([r.offset >> self.shift for r in rs], dtype=U64)
-        self.r_block = np.array([bidx[r.block] for r in rs], dtype=np.intp)
-        # Coverage: ranges that touch end to end merged, for the containment test.
+        entries = sorted(
+            [(r.gpa >> sh, r.end >> sh, bidx[r.block], r.offset >> sh) for r in layout.ranges]
+            + [(g >> sh, (g + n) >> sh, -1, 0) for g, n in layout.excluded]
+        )
+        self.r_start = np.array([e[0] for e in entries], dtype=U64)
+        self.r_end = np.array([e[1] for e in entries], dtype=U64)
+        self.r_block = np.array([e[2] for e in entries], dtype=np.intp)
+        self.r_off = np.array([e[3] for e in entries], dtype=U64)
+        # Coverage: entries that touch end to end merged, for the containment test.
         cov: list[list[int]] = []
-        for r in rs:
-            s, e = r.gpa >> self.shift, r.end >> self.shift
+        for s, e, _, _ in entries:
             if cov and cov[-1][1] == s:
                 cov[-1][1] = e
             else:
@@ -129,33 +135,40 @@ class ReportDecoder:
                     "outside_ram",
                     f"range {i} [{int(starts[i]):#x}, +{int(lens[i]):#x}) is not inside guest RAM",
                 )
-        pieces = self._map(s_page, e_page)
+        pieces, hinted = self._map(s_page, e_page)
         # Commit the state only now that the whole chunk is good.
         self.prev_start = int(starts[-1])
         self.prev_end = self.prev_start + int(lens[-1])
-        pieces.accepted = int(keep.sum())
+        pieces.accepted = int(hinted.sum())
         pieces.rejected = n - pieces.accepted
         return pieces
 
-    def _map(self, s_page: Array, e_page: Array) -> Pieces:
+    def _map(self, s_page: Array, e_page: Array) -> tuple[Pieces, npt.NDArray[np.bool_]]:
+        """Pieces inside blocks, and for each range whether any of it is hinted."""
         ix = self.index
         ri = np.searchsorted(ix.r_start, s_page, side="right").astype(np.intp) - 1
         single = e_page <= ix.r_end[ri]
-        block_idx = ix.r_block[ri[single]]
-        first = ix.r_off[ri[single]] + (s_page[single] - ix.r_start[ri[single]])
-        count = e_page[single] - s_page[single]
+        bi = ix.r_block[ri]
+        use = single & (bi >= 0)
+        block_idx = bi[use]
+        first = ix.r_off[ri[use]] + (s_page[use] - ix.r_start[ri[use]])
+        count = e_page[use] - s_page[use]
+        hinted = use.copy()
         if not single.all():
-            # Spans over ranges that touch end to end (rare): split exactly.
-            bidx = {b: i for i, b in enumerate(ix.blocks)}
+            # Spans over entries that touch end to end (rare): walk them.
             extra_b, extra_f, extra_c = [], [], []
-            for s, e in zip(s_page[~single].tolist(), e_page[~single].tolist()):
-                parts = ix.layout.split(s << ix.shift, e << ix.shift)
-                assert parts is not None  # containment was checked above
-                for block, f, c in parts:
-                    extra_b.append(bidx[block])
-                    extra_f.append(f)
-                    extra_c.append(c)
+            for k in np.flatnonzero(~single).tolist():
+                pos, end, i = int(s_page[k]), int(e_page[k]), int(ri[k])
+                while pos < end:
+                    stop = min(end, int(ix.r_end[i]))
+                    b = int(ix.r_block[i])
+                    if b >= 0:
+                        extra_b.append(b)
+                        extra_f.append(int(ix.r_off[i]) + pos - int(ix.r_start[i]))
+                        extra_c.append(stop - pos)
+                        hinted[k] = True
+                    pos, i = stop, i + 1
             block_idx = np.concatenate((block_idx, np.array(extra_b, dtype=np.intp)))
             first = np.concatenate((first, np.array(extra_f, dtype=U64)))
             count = np.concatenate((count, np.array(extra_c, dtype=U64)))
-        return Pieces(ix.blocks, block_idx, first, count, 0, 0)
+        return Pieces(ix.blocks, block_idx, first, count, 0, 0), hinted

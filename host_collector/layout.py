@@ -47,6 +47,10 @@ class RamLayout:
     ranges: tuple[RamRange, ...]
     blocks: Mapping[str, int]
     page_size: int = TARGET_PAGE_SIZE
+    #: (gpa, size) spans the guest may own and report free but that are never
+    #: hinted (firmware/SMM windows the host cannot rule out). Hints there are
+    #: clipped away, not refused: an honest agent does not know of them.
+    excluded: tuple[tuple[int, int], ...] = ()
     _starts: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -71,6 +75,17 @@ class RamLayout:
             if r.offset + r.size > used:
                 raise LayoutError(f"{where}: beyond the end of {r.block!r} ({used:#x} bytes)")
             prev_end = r.end
+        spans = sorted(self.excluded)
+        for gpa, size in spans:
+            where = f"excluded span {gpa:#x}+{size:#x}"
+            if size <= 0 or (gpa | size) % ps or gpa + size > _U64_END:
+                raise LayoutError(f"{where}: empty, unaligned or beyond 2**64")
+            if any(gpa < r.end and r.gpa < gpa + size for r in ordered):
+                raise LayoutError(f"{where}: overlaps a mapped range")
+        for (a, n), (b, _) in zip(spans, spans[1:]):
+            if b < a + n:
+                raise LayoutError(f"excluded spans {a:#x}+{n:#x} and {b:#x} overlap")
+        object.__setattr__(self, "excluded", tuple(spans))
         for name, used in self.blocks.items():
             if used <= 0 or used % ps:
                 raise LayoutError(f"RAMBlock {name!r}: size {used:#x} not a positive multiple of {ps}")
@@ -78,13 +93,16 @@ class RamLayout:
         object.__setattr__(self, "_starts", tuple(r.gpa for r in ordered))
 
     @classmethod
-    def from_ranges(cls, ranges: Iterable[RamRange], page_size: int = TARGET_PAGE_SIZE) -> RamLayout:
+    def from_ranges(
+        cls, ranges: Iterable[RamRange], page_size: int = TARGET_PAGE_SIZE,
+        excluded: Iterable[tuple[int, int]] = (),
+    ) -> RamLayout:
         """A layout whose blocks are exactly as large as the ranges that map them."""
         rs = tuple(ranges)
         blocks: dict[str, int] = {}
         for r in rs:
             blocks[r.block] = max(blocks.get(r.block, 0), r.offset + r.size)
-        return cls(rs, blocks, page_size)
+        return cls(rs, blocks, page_size, tuple(excluded))
 
     @property
     def ram_bytes(self) -> int:

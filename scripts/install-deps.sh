@@ -4,6 +4,7 @@
 set -eu
 cd "$(dirname "$0")/.."
 
+# QEMU 10.0 (needed to migrate running TCG guests) comes from scripts/install-qemu10.sh.
 APT_PACKAGES="qemu-system-x86 qemu-utils debootstrap e2fsprogs python3-venv python3-pip
 python3-bpfcc bpfcc-tools bpftool linux-headers-amd64 zstd cpio"
 
@@ -17,6 +18,8 @@ if [ -n "$missing" ]; then
     $SUDO apt-get update -q
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends $missing
 fi
+
+scripts/install-qemu10.sh
 
 # The venv uses Debian's python3 with system site packages: bcc (python3-bpfcc)
 # is importable only from there.

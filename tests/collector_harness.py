@@ -147,3 +147,47 @@ class RawGuest:
 def chunk(epoch: int, rs: Sequence[tuple[int, int]], seq: int = 0, end: bool = True,
           kind: int = hints_pb2.REPORT_KIND_SNAPSHOT) -> hints_pb2.ReportChunk:
     return hints_pb2.ReportChunk(epoch=epoch, seq=seq, kind=kind, ranges=ranges.encode(rs), end=end)  # type: ignore[arg-type]
+
+
+class CollectorThread:
+    """A real CollectorServer on its own asyncio loop in a background thread,
+    for tests that drive QEMU and guests synchronously."""
+
+    def __init__(self, cfg: CollectorConfig) -> None:
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="collector", daemon=True)
+        self._thread.start()
+        self.server: CollectorServer = self.call(self._start(cfg))
+
+    async def _start(self, cfg: CollectorConfig) -> CollectorServer:
+        srv = CollectorServer(cfg)
+        await srv.start()
+        return srv
+
+    @property
+    def collector(self) -> Any:
+        return self.server.collector
+
+    @property
+    def port(self) -> int:
+        return self.server.bound[0].port
+
+    def call(self, coro: Any, timeout: float = 60.0) -> Any:
+        """Run a coroutine on the collector's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def wait_attached(self, vm: str, timeout: float = 120.0) -> None:
+        end = time.monotonic() + timeout
+        while self.collector.vms[vm].attachment is None:
+            if time.monotonic() > end:
+                raise AssertionError(f"agent of {vm} did not attach within {timeout:.0f}s")
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        try:
+            self.call(self.server.stop(0.5), timeout=15)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)

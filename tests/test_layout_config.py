@@ -110,3 +110,17 @@ def test_addresses(spec: str, target: str) -> None:
 def test_bad_addresses(spec: str) -> None:
     with pytest.raises(addresses.AddressError):
         addresses.parse(spec)
+
+
+def test_excluded_spans_are_checked_and_carved_from_windows() -> None:
+    from host_collector.qmp.ram_layout import Excluded, _spans
+
+    rs = [RamRange(0, 0x30000, "pc.ram", 0), RamRange(0xC0000, 0x3000, "pc.ram", 0xC0000),
+          RamRange(0x100000, 0x100000, "pc.ram", 0x100000)]
+    with pytest.raises(LayoutError, match="overlaps a mapped range"):
+        RamLayout.from_ranges(rs, excluded=[(0xA0000, 0x60000)])
+    with pytest.raises(LayoutError, match="unaligned"):
+        RamLayout.from_ranges(rs, excluded=[(0xA0000, 0x100)])
+    spans = _spans([Excluded(0xA0000, 0x60000, "pam"), Excluded(0x30000, 0x20000, "smbase")], rs)
+    assert spans == ((0x30000, 0x20000), (0xA0000, 0x20000), (0xC3000, 0x3D000))
+    assert RamLayout.from_ranges(rs, excluded=spans).excluded == spans

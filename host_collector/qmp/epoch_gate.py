@@ -1,0 +1,192 @@
+"""The proxy's RewriteGate, driven by the source QEMU's QMP monitor.
+
+``MIGRATION_PASS`` events open hint epochs; ``query-migrate`` polls confirm,
+window by window, which sync count was current after the proxy received a
+record (rules in :mod:`host_collector.qmp.epoch_ledger`).
+
+Polls are rate-limited (one in flight, at most one per ``poll_interval_s``)
+and only issued when the proxy has reported new bytes. Nothing here waits on
+the guest, and nothing the proxy calls blocks: :meth:`received` only stores
+a number and nudges the poller. A QMP error, a timeout or a reply that makes
+no sense stops all further rewriting (the gate then decides everything at
+once, unchanged); it never produces a verdict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from host_collector.migration.gate import PageOracle
+from host_collector.qmp.epoch_ledger import CollectorLike, EpochLedger, LedgerStats
+from host_collector.qmp.session import EventQueue, QmpError, QmpSession
+
+#: query-migrate states that still carry a current ``ram.dirty-sync-count``.
+_COUNTING = frozenset({"active", "pre-switchover", "device", "completed", "cancelling"})
+#: States before the first page record (setup runs sync 1; wait-unplug follows it).
+_BEFORE_PAGES = frozenset({"setup", "wait-unplug"})
+
+
+class EpochGate:
+    """A :class:`host_collector.migration.gate.RewriteGate` for one migration stream."""
+
+    def __init__(
+        self,
+        source: QmpSession,
+        collector: CollectorLike,
+        vm: str,
+        *,
+        poll_interval_s: float = 0.03,
+        poll_timeout_s: float = 1.0,
+        hint_deadline_s: float = 5.0,
+    ) -> None:
+        if poll_interval_s <= 0 or poll_timeout_s <= 0:
+            raise ValueError("poll interval and timeout must be positive")
+        self.ledger = EpochLedger(collector, vm, hint_deadline_s=hint_deadline_s)
+        self._source = source
+        self._interval = poll_interval_s
+        self._timeout = poll_timeout_s
+        self._listeners: list[Callable[[], None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._wake = asyncio.Event()
+        self._wake_pending = False
+        self._events: EventQueue | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.polls_issued = 0
+
+    # ---- lifecycle ----------------------------------------------------------
+
+    async def start(self) -> None:
+        """Listen for MIGRATION_PASS and start polling. Call before ``migrate`` is issued."""
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._events = self._source.listen("MIGRATION_PASS")
+        self._tasks = [
+            asyncio.create_task(self._event_loop(), name="fph-gate-events"),
+            asyncio.create_task(self._poll_loop(), name="fph-gate-polls"),
+        ]
+
+    async def stop(self) -> None:
+        """Stop polling and release every epoch (the stream is over)."""
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks = []
+        if self._events is not None:
+            self._source.unlisten(self._events)
+            self._events = None
+        self.ledger.release_all()
+
+    # ---- RewriteGate ------------------------------------------------------
+
+    def received(self, total: int) -> None:
+        self.ledger.received(total)
+        if self._wake_pending or self._loop is None:
+            return
+        self._wake_pending = True
+        if threading.get_ident() == self._loop_thread:
+            self._wake.set()
+        else:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    def decided_through(self) -> int:
+        return self.ledger.decided_through()
+
+    def oracle_for(self, end: int) -> PageOracle | None:
+        return self.ledger.oracle_for(end)
+
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        self._listeners.append(callback)
+
+    # ---- reporting --------------------------------------------------------
+
+    @property
+    def failure(self) -> str | None:
+        return self.ledger.failure
+
+    def stats(self) -> LedgerStats:
+        return self.ledger.snapshot()
+
+    # ---- internals --------------------------------------------------------
+
+    def _notify(self) -> None:
+        for cb in list(self._listeners):
+            try:
+                cb()
+            except Exception:  # a listener's bug must not stop the poller
+                pass
+
+    def _fail(self, reason: str) -> None:
+        self.ledger.fail(reason)
+        self._notify()
+
+    def _take_events(self) -> None:
+        """Apply every MIGRATION_PASS already received, in arrival order."""
+        if self._events is None:
+            return
+        for ev in self._events.clear():
+            self._apply_event(ev)
+
+    def _apply_event(self, ev: Mapping[str, Any]) -> None:
+        data = ev.get("data")
+        count = data.get("pass") if isinstance(data, Mapping) else None
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            self._fail(f"malformed MIGRATION_PASS event: {dict(ev)!r}")
+            return
+        self.ledger.on_pass(count)
+        if self.ledger.failure:
+            self._notify()
+
+    async def _event_loop(self) -> None:
+        assert self._events is not None
+        while True:
+            ev = await self._events.get()
+            self._apply_event(ev)
+
+    async def _poll_loop(self) -> None:
+        last_issue = -float("inf")
+        while not self.ledger.failure:
+            if self.ledger.received_total <= self.ledger.confirmed_through:
+                self._wake.clear()
+                self._wake_pending = False
+                if self.ledger.received_total <= self.ledger.confirmed_through:
+                    await self._wake.wait()
+                continue
+            delay = last_issue + self._interval - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            x = self.ledger.received_total
+            passes_before = self.ledger.last_pass
+            last_issue = time.monotonic()
+            self.polls_issued += 1
+            try:
+                reply = await self._source.execute("query-migrate", timeout_s=self._timeout)
+            except QmpError as err:
+                self._fail(f"query-migrate: {err}")
+                return
+            # Events queued before this reply are applied before it (QEMU emits
+            # MIGRATION_PASS s before it can answer s; the client keeps wire order).
+            self._take_events()
+            self._apply_reply(x, reply, passes_before)
+            self._notify()
+
+    def _apply_reply(self, x: int, reply: Any, passes_before: int) -> None:
+        if not isinstance(reply, Mapping):
+            self._fail(f"query-migrate returned {reply!r}")
+            return
+        status = reply.get("status")
+        if status in _BEFORE_PAGES:
+            return  # no ram counters yet, and no page record can have been sent: ask again
+        ram = reply.get("ram")
+        count = ram.get("dirty-sync-count") if isinstance(ram, Mapping) else None
+        if status not in _COUNTING or not isinstance(count, int) or isinstance(count, bool):
+            self._fail(f"query-migrate status {status!r} without a dirty-sync-count")
+            return
+        self.ledger.on_poll(x, count, passes_before)

@@ -1,0 +1,305 @@
+"""The timing half of the safety rule, as plain bookkeeping (no I/O).
+
+Inputs, all in main-channel byte offsets (bytes the proxy reported received):
+
+* ``MIGRATION_PASS c`` arrived (sync c has *finished*): epoch c opens through
+  the collector and its hint request goes out now, at request offset O_c.
+* a ``query-migrate`` issued after the proxy reported X bytes answered
+  ``dirty-sync-count`` s: sync s+1 had not *started* when QEMU computed the
+  reply, which was after every record ending at or before X was received.
+
+A record ending at ``end`` is judged by the earliest answered poll with
+X >= end (answer s). Epoch e's hints may zero it when
+
+* e == s: rule (b). The hints were taken after sync s ended and no sync
+  started between them and the record's pick;
+* e > s: rule (a). Sync e started after that poll's reply, so after the
+  record was read; every hint of epoch e is later still;
+* O_e >= end: rule (a). The record was received before epoch e's request
+  went out, so it was read before any hint of e was taken.
+
+Any other epoch (older than s, requested after the record was read) is
+stale: a sync may have collected a write between hint and pick. Those
+records go out unchanged. If a poll fails, nothing past the last answered
+poll is ever rewritten.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from host_collector.migration.gate import PageOracle
+
+NEVER_DECIDED_LIMIT = 1 << 63
+
+
+class EpochLike(Protocol):
+    """What the ledger needs of ``host_collector.epochs.Epoch``."""
+
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def is_open(self) -> bool: ...
+
+    def is_free(self, block: str, page: int) -> bool: ...
+
+
+class CollectorLike(Protocol):
+    """What the ledger needs of ``host_collector.epochs.Collector``."""
+
+    def open_epoch(self, vm: str, deadline_s: float, live_hints: bool = True) -> EpochLike: ...
+
+    def close_epoch(self, vm: str, epoch_id: int, reason: str = "on demand") -> None: ...
+
+    def release_epoch(self, vm: str, epoch_id: int) -> None: ...
+
+
+@dataclass
+class EpochEntry:
+    sync: int
+    epoch: EpochLike
+    request_offset: int
+    closed: bool = False
+    released: bool = False
+    unusable_after_poll: int | None = None  # index of the poll that made it stale for all later records
+
+
+class EpochOracle:
+    """Free if any usable epoch says so; a released epoch says nothing."""
+
+    __slots__ = ("entries",)
+
+    def __init__(self, entries: Sequence[EpochEntry]) -> None:
+        self.entries = tuple(entries)
+
+    def is_free(self, block: str, page: int) -> bool:
+        for e in self.entries:
+            if not e.released and e.epoch.is_free(block, page):
+                return True
+        return False
+
+    @property
+    def syncs(self) -> tuple[int, ...]:
+        return tuple(e.sync for e in self.entries)
+
+
+@dataclass
+class LedgerStats:
+    received: int = 0
+    decided_through: int = 0
+    passes: int = 0
+    last_pass: int = 0
+    polls_answered: int = 0
+    last_poll_sync: int = 0
+    syncs_seen_by_poll_first: int = 0  # a poll answered s before MIGRATION_PASS s arrived
+    epochs_opened: int = 0
+    epochs_released: int = 0
+    failure: str | None = None
+
+
+class EpochLedger:
+    """Epochs, polls and verdicts for one migration stream.
+
+    Thread-safe: the proxy may call :meth:`received` and :meth:`oracle_for`
+    from its own thread while QMP events and poll answers arrive on the
+    asyncio loop.
+    """
+
+    def __init__(
+        self,
+        collector: CollectorLike,
+        vm: str,
+        *,
+        hint_deadline_s: float = 5.0,
+        max_polls: int = 4096,
+        release_lag_polls: int = 2,
+    ) -> None:
+        self._collector = collector
+        self._vm = vm
+        self._deadline_s = hint_deadline_s
+        self._max_polls = max_polls
+        self._release_lag = release_lag_polls
+        self._lock = threading.Lock()
+        self._received = 0
+        self._poll_x: list[int] = []  # offsets, ascending
+        self._poll_s: list[int] = []  # answers, non-decreasing
+        self._poll_base = 0  # global index of _poll_x[0]
+        self._epochs: dict[int, EpochEntry] = {}
+        self._last_pass = 0
+        self._failed: str | None = None
+        self._last_oracle: EpochOracle | None = None
+        self.stats = LedgerStats()
+
+    # ---- inputs -----------------------------------------------------------
+
+    def received(self, total: int) -> None:
+        if total > self._received:
+            self._received = total
+
+    @property
+    def received_total(self) -> int:
+        return self._received
+
+    @property
+    def confirmed_through(self) -> int:
+        """X of the last answered poll (0 before any)."""
+        return self._poll_x[-1] if self._poll_x else 0
+
+    @property
+    def failure(self) -> str | None:
+        return self._failed
+
+    @property
+    def last_pass(self) -> int:
+        return self._last_pass
+
+    def on_pass(self, count: int) -> EpochEntry | None:
+        """``MIGRATION_PASS count``: open epoch ``count`` and send its hint request."""
+        with self._lock:
+            if self._failed:
+                return None
+            if count <= self._last_pass:
+                self._fail_locked(f"MIGRATION_PASS went from {self._last_pass} to {count}")
+                return None
+            self._last_pass = count
+            self.stats.passes += 1
+            self.stats.last_pass = count
+            for older in self._epochs.values():
+                self._close_locked(older, f"sync {count} finished")
+            try:
+                epoch = self._collector.open_epoch(self._vm, self._deadline_s)
+            except Exception as err:  # the collector refusing must stop rewrites, not the migration
+                self._fail_locked(f"collector could not open epoch for sync {count}: {err}")
+                return None
+            entry = EpochEntry(count, epoch, self._received)
+            self._epochs[count] = entry
+            self.stats.epochs_opened += 1
+            return entry
+
+    def on_poll(self, x: int, sync_count: int, passes_before: int = 0) -> None:
+        """A ``query-migrate`` issued when ``x`` bytes had been reported answered ``sync_count``.
+
+        ``passes_before``: the last MIGRATION_PASS applied when the poll was
+        issued; an answer below it means the two sources disagree.
+        """
+        with self._lock:
+            if self._failed:
+                return
+            if sync_count < passes_before:
+                self._fail_locked(
+                    f"query-migrate answered sync {sync_count} after MIGRATION_PASS {passes_before} had arrived"
+                )
+                return
+            if self._poll_x and (x < self._poll_x[-1] or sync_count < self._poll_s[-1]):
+                self._fail_locked(
+                    f"poll (offset {x}, sync {sync_count}) goes back from "
+                    f"(offset {self._poll_x[-1]}, sync {self._poll_s[-1]})"
+                )
+                return
+            if sync_count > self._last_pass:
+                self.stats.syncs_seen_by_poll_first += 1
+            self._poll_x.append(x)
+            self._poll_s.append(sync_count)
+            index = self._poll_base + len(self._poll_x) - 1
+            if len(self._poll_x) > self._max_polls:
+                drop = len(self._poll_x) - self._max_polls
+                del self._poll_x[:drop], self._poll_s[:drop]
+                self._poll_base += drop
+            self.stats.polls_answered += 1
+            self.stats.last_poll_sync = sync_count
+            for e in self._epochs.values():
+                if e.sync < sync_count and e.request_offset <= x:
+                    self._close_locked(e, f"sync {sync_count} started")
+                    if e.unusable_after_poll is None:
+                        e.unusable_after_poll = index
+            for e in list(self._epochs.values()):
+                if e.unusable_after_poll is not None and index - e.unusable_after_poll >= self._release_lag:
+                    self._release_locked(e)
+
+    def fail(self, reason: str) -> None:
+        """No more rewrites past the last answered poll; epochs stop collecting hints."""
+        with self._lock:
+            self._fail_locked(reason)
+
+    def release_all(self) -> None:
+        with self._lock:
+            for e in list(self._epochs.values()):
+                self._close_locked(e, "migration stream ended")
+                self._release_locked(e)
+
+    # ---- verdicts ---------------------------------------------------------
+
+    def decided_through(self) -> int:
+        if self._failed:
+            return NEVER_DECIDED_LIMIT
+        return self._poll_x[-1] if self._poll_x else 0
+
+    def oracle_for(self, end: int) -> PageOracle | None:
+        with self._lock:
+            i = bisect.bisect_left(self._poll_x, end)
+            if i >= len(self._poll_x):
+                return None  # not confirmed (after a failure, never will be)
+            # If the earliest poll after `end` was dropped, _poll_x[i] is a later
+            # one: its answer is no smaller, so the usable set only shrinks.
+            s = self._poll_s[i]
+            usable = tuple(
+                e for e in self._epochs.values() if not e.released and (e.sync >= s or e.request_offset >= end)
+            )
+            if not usable:
+                return None
+            last = self._last_oracle
+            if last is not None and last.entries == usable:
+                return last
+            oracle = self._last_oracle = EpochOracle(usable)
+            return oracle
+
+    def polls(self) -> list[tuple[int, int]]:
+        """(offset, sync count) of every answered poll still kept, oldest first."""
+        with self._lock:
+            return list(zip(self._poll_x, self._poll_s))
+
+    def entries(self) -> list[EpochEntry]:
+        """Epochs not yet released, oldest first."""
+        with self._lock:
+            return list(self._epochs.values())
+
+    def snapshot(self) -> LedgerStats:
+        st = self.stats
+        st.received = self._received
+        st.decided_through = self.decided_through()
+        st.failure = self._failed
+        return LedgerStats(**vars(st))
+
+    # ---- internals --------------------------------------------------------
+
+    def _fail_locked(self, reason: str) -> None:
+        if self._failed:
+            return
+        self._failed = reason
+        for e in self._epochs.values():
+            self._close_locked(e, f"no more rewrites: {reason}")
+
+    def _close_locked(self, e: EpochEntry, reason: str) -> None:
+        if e.closed:
+            return
+        e.closed = True
+        try:
+            self._collector.close_epoch(self._vm, e.epoch.id, reason)
+        except Exception:  # a collector that already dropped it is fine
+            pass
+
+    def _release_locked(self, e: EpochEntry) -> None:
+        if e.released:
+            return
+        e.released = True
+        del self._epochs[e.sync]
+        self.stats.epochs_released += 1
+        try:
+            self._collector.release_epoch(self._vm, e.epoch.id)
+        except Exception:
+            pass

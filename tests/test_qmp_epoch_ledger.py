@@ -1,0 +1,399 @@
+"""The epoch ledger against the safety rule: scripted cases and a timeline simulator.
+
+The simulator plays QEMU (syncs whose count rises at their start and whose
+MIGRATION_PASS goes out at their end, page picks, one FIFO QMP channel), the
+proxy (bytes received after a network delay, records judged once decided) and
+the agent (hints taken at random times after each request). Every verdict is
+checked against the rule stated directly in time: a hint taken at T may zero
+a record picked at Q iff Q < T, or no sync started in (T, Q) and none was
+running at T. Planted faults (a stale poll, an ignored sync count, a request
+offset taken too late) must be caught by the same check.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import pytest
+
+from host_collector.qmp.epoch_ledger import NEVER_DECIDED_LIMIT, EpochEntry, EpochLedger, EpochOracle
+
+from .qmp_fake_collector import FakeCollector, FakeEpoch
+
+VM = "vm1"
+BLOCK = "pc.ram"
+
+
+def ledger(**kw: object) -> tuple[EpochLedger, FakeCollector]:
+    c = FakeCollector()
+    return EpochLedger(c, VM, **kw), c  # type: ignore[arg-type]
+
+
+def epoch(c: FakeCollector, entry: EpochEntry | None) -> FakeEpoch:
+    assert entry is not None
+    return c.epochs[entry.epoch.id]
+
+
+def syncs(oracle: object) -> tuple[int, ...]:
+    if oracle is None:
+        return ()
+    assert isinstance(oracle, EpochOracle)
+    return oracle.syncs
+
+
+# ---- scripted sequences -------------------------------------------------------
+
+
+def test_nothing_is_decided_before_a_poll_answers() -> None:
+    led, c = ledger()
+    led.received(5000)
+    led.on_pass(1)
+    assert led.decided_through() == 0
+    assert led.oracle_for(100) is None
+
+
+def test_same_sync_count_confirms_the_window() -> None:
+    """Rule (b): epoch 1 opened at 100; a poll after 1000 still says 1."""
+    led, c = ledger()
+    led.received(100)
+    e1 = epoch(c, led.on_pass(1))
+    e1.add_free(BLOCK, 7)
+    led.received(1000)
+    led.on_poll(1000, 1)
+    assert led.decided_through() == 1000
+    o = led.oracle_for(900)
+    assert o is not None and o.is_free(BLOCK, 7) and not o.is_free(BLOCK, 8)
+    assert syncs(o) == (1,)
+    assert led.oracle_for(1001) is None  # not confirmed yet
+
+
+def test_larger_sync_count_sends_the_window_unchanged_and_closes_the_epoch() -> None:
+    led, c = ledger()
+    led.received(100)
+    e1 = epoch(c, led.on_pass(1))
+    e1.add_free(BLOCK, 7)
+    led.received(1000)
+    led.on_poll(1000, 2)  # sync 2 started before the reply; its event is not here yet
+    assert led.decided_through() == 1000
+    assert led.oracle_for(500) is None
+    assert led.oracle_for(100) is not None  # received before epoch 1's request: rule (a)
+    assert not e1.is_open and e1.close_reason == "sync 2 started"
+    assert led.stats.syncs_seen_by_poll_first == 1
+
+
+def test_records_received_before_the_request_use_it() -> None:
+    """Rule (a): epoch 2's request went out at 1500; a record ending at 1200 may use it."""
+    led, c = ledger()
+    led.received(100)
+    led.on_pass(1)
+    led.received(1500)
+    e2 = epoch(c, led.on_pass(2))
+    e2.add_free(BLOCK, 3)
+    led.received(2000)
+    led.on_poll(2000, 3)
+    assert syncs(led.oracle_for(1200)) == (2,)
+    assert led.oracle_for(1200).is_free(BLOCK, 3)  # type: ignore[union-attr]
+    assert led.oracle_for(1501) is None
+
+
+def test_earliest_poll_after_the_record_decides() -> None:
+    led, c = ledger()
+    led.received(10)
+    led.on_pass(1)
+    led.received(1000)
+    led.on_poll(1000, 1)
+    led.received(2000)
+    led.on_poll(2000, 2)
+    assert syncs(led.oracle_for(1000)) == (1,)
+    assert led.oracle_for(1001) is None
+    led.received(2100)
+    led.on_pass(2)
+    led.received(3000)
+    led.on_poll(3000, 2)
+    # a record at 1500 is judged by the poll at 2000 (answer 2); epoch 2 was requested at 2100 >= 1500
+    assert syncs(led.oracle_for(1500)) == (2,)
+    assert syncs(led.oracle_for(2500)) == (2,)
+
+
+def test_newer_epochs_apply_to_older_confirmed_records() -> None:
+    led, c = ledger()
+    led.received(10)
+    led.on_pass(1)
+    led.received(1000)
+    led.on_poll(1000, 1)
+    led.on_pass(2)  # sync 2 ran after the poll's reply, so after record <= 1000 was read
+    assert syncs(led.oracle_for(900)) == (1, 2)
+
+
+def test_pass_going_backwards_stops_rewriting() -> None:
+    led, c = ledger()
+    led.received(10)
+    led.on_pass(1)
+    led.received(1000)
+    led.on_poll(1000, 1)
+    led.on_pass(1)
+    assert led.failure and "went from 1 to 1" in led.failure
+    assert led.decided_through() == NEVER_DECIDED_LIMIT
+    assert syncs(led.oracle_for(1000)) == (1,)  # confirmed before the failure: still valid
+    led.received(5000)
+    assert led.oracle_for(1001) is None
+    assert all(not e.is_open for e in c.epochs.values())
+
+
+def test_poll_answer_below_a_seen_pass_stops_rewriting() -> None:
+    led, c = ledger()
+    led.on_pass(1)
+    led.on_pass(2)
+    led.received(1000)
+    led.on_poll(1000, 1, passes_before=2)
+    assert led.failure and "after MIGRATION_PASS 2" in led.failure
+    assert led.oracle_for(10) is None
+
+
+def test_polls_going_backwards_stop_rewriting() -> None:
+    led, c = ledger()
+    led.on_pass(1)
+    led.received(1000)
+    led.on_poll(1000, 2)
+    led.on_poll(1200, 1)
+    assert led.failure is not None
+
+
+def test_collector_refusing_an_epoch_stops_rewriting() -> None:
+    led, c = ledger()
+    c.fail_open = True
+    assert led.on_pass(1) is None
+    assert led.failure and "unknown VM" in led.failure
+
+
+def test_stale_epochs_are_released_and_never_consulted() -> None:
+    led, c = ledger(release_lag_polls=2)
+    led.received(10)
+    e1 = epoch(c, led.on_pass(1))
+    e1.add_free(BLOCK, 1)
+    led.received(100)
+    led.on_poll(100, 1)
+    o_old = led.oracle_for(50)
+    led.on_pass(2)
+    led.received(200)
+    led.on_poll(200, 2)  # epoch 1 unusable for everything after 200
+    assert not e1.released
+    led.received(300)
+    led.on_poll(300, 2)
+    led.received(400)
+    led.on_poll(400, 2)
+    assert e1.released
+    assert o_old is not None and not o_old.is_free(BLOCK, 1)  # an old oracle says nothing, safely
+    led.release_all()
+    assert all(e.released for e in c.epochs.values())
+
+
+def test_poll_history_is_bounded() -> None:
+    led, c = ledger(max_polls=8)
+    led.on_pass(1)
+    for x in range(100, 10_000, 100):
+        led.received(x)
+        led.on_poll(x, 1)
+    assert len(led._poll_x) == 8
+    assert syncs(led.oracle_for(50)) == (1,)  # judged by a later poll with the same answer
+
+
+# ---- the timeline simulator ---------------------------------------------------
+
+
+@dataclass
+class Record:
+    page: int
+    q: int  # pick time
+    end: int = 0  # stream offset of its last byte
+
+
+@dataclass
+class Hint:
+    page: int
+    t: int
+
+
+@dataclass
+class World:
+    sync_start: list[int] = field(default_factory=list)  # index c-1
+    sync_end: list[int] = field(default_factory=list)
+    hints: dict[int, list[Hint]] = field(default_factory=dict)  # collector epoch id -> accepted hints
+
+    def safe(self, h: Hint, r: Record) -> bool:
+        if r.q < h.t:
+            return True
+        for s, e in zip(self.sync_start, self.sync_end):
+            if s <= h.t < e:  # taken while a sync was collecting the log
+                return False
+            if h.t < s <= r.q:  # a sync started between hint and pick
+                return False
+        return True
+
+
+@dataclass
+class SimResult:
+    violations: list[str]
+    judged: int
+    rewritten: int
+
+
+def simulate(seed: int, make: type[EpochLedger] = EpochLedger) -> SimResult:
+    rnd = random.Random(seed)
+    pages = rnd.choice([4, 8, 16])
+    net = rnd.randint(0, 4)
+    qmp_delay = rnd.randint(0, 3)
+    reply_delay = rnd.randint(1, 3)
+    interval = rnd.randint(1, 4)
+    horizon = 400
+    coll = FakeCollector()
+    led = make(coll, VM, release_lag_polls=rnd.randint(1, 3))  # type: ignore[arg-type]
+    world = World()
+
+    # QEMU's sync schedule: sync 1 at t=0 (setup), later ones at random gaps.
+    t = 0
+    while t < horizon:
+        dur = rnd.randint(1, 6)
+        world.sync_start.append(t)
+        world.sync_end.append(t + dur)
+        t += dur + rnd.randint(3, 40)
+
+    qmp_fifo: list[tuple[int, str, int, int, int]] = []  # (deliver_at, kind, a, b, c)
+    last_delivery = 0
+
+    def emit(at: int, kind: str, a: int, b: int = 0, c: int = 0) -> None:
+        nonlocal last_delivery
+        last_delivery = max(last_delivery, at + qmp_delay)
+        qmp_fifo.append((last_delivery, kind, a, b, c))
+
+    in_flight: list[Record] = []  # picked, not yet received
+    held: list[Record] = []
+    total = 0
+    pending_hints: list[tuple[int, FakeEpoch, Hint]] = []
+    poll: tuple[int, int, int] | None = None  # (compute_at, x, passes_before)
+    poll_busy = False
+    last_issue = -(10**9)
+    judged: list[tuple[Record, tuple[EpochEntry, ...], bool]] = []
+    deliveries = 0
+
+    for t in range(horizon + 60):
+        # QEMU: syncs begin and end; MIGRATION_PASS at the end.
+        for c, (s, e) in enumerate(zip(world.sync_start, world.sync_end), 1):
+            if e == t:
+                emit(t, "pass", c)
+        syncing = any(s <= t < e for s, e in zip(world.sync_start, world.sync_end))
+        count = sum(1 for s in world.sync_start if s <= t)
+        if poll is not None and poll[0] == t:
+            emit(t, "reply", poll[1], count, poll[2])
+            poll = None
+        # QEMU's migration thread picks a page when not syncing.
+        if t < horizon and not syncing and rnd.random() < 0.7:
+            in_flight.append(Record(rnd.randrange(pages), t))
+        # The proxy receives what was picked `net` ticks ago.
+        while in_flight and in_flight[0].q + net <= t:
+            r = in_flight.pop(0)
+            total += 10
+            r.end = total
+            held.append(r)
+            led.received(total)
+        # The agent's hints land.
+        for item in [p for p in pending_hints if p[0] == t]:
+            pending_hints.remove(item)
+            _, ep, h = item
+            if ep.add_free(BLOCK, h.page):
+                world.hints.setdefault(ep.id, []).append(h)
+        # QMP deliveries, in wire order.
+        while deliveries < len(qmp_fifo) and qmp_fifo[deliveries][0] <= t:
+            _, kind, a, b, c = qmp_fifo[deliveries]
+            deliveries += 1
+            if kind == "pass":
+                entry = led.on_pass(a)
+                if entry is not None:
+                    ep = coll.epochs[entry.epoch.id]
+                    for _ in range(rnd.randint(0, pages)):
+                        at = t + rnd.randint(1, 12)
+                        pending_hints.append((at, ep, Hint(rnd.randrange(pages), at)))
+            else:
+                led.on_poll(a, b, c)
+                poll_busy = False
+        # The poller: one in flight, rate-limited, only for new bytes.
+        if not poll_busy and led.received_total > led.confirmed_through and t - last_issue >= interval:
+            poll_busy = True
+            last_issue = t
+            poll = (t + reply_delay, led.received_total, led.last_pass)
+        # The proxy judges what is decided.
+        limit = led.decided_through()
+        keep = []
+        for r in held:
+            if r.end <= limit:
+                o = led.oracle_for(r.end)
+                entries = o.entries if isinstance(o, EpochOracle) else ()
+                judged.append((r, entries, bool(o and o.is_free(BLOCK, r.page))))
+            else:
+                keep.append(r)
+        held = keep
+
+    violations = []
+    for r, entries, _ in judged:
+        for e in entries:
+            for h in world.hints.get(e.epoch.id, []):
+                if h.page == r.page and not world.safe(h, r):
+                    violations.append(f"seed {seed}: record page {r.page} picked {r.q} (end {r.end}) "
+                                      f"zeroable by epoch {e.sync} hint at {h.t}; syncs {world.sync_start}")
+    return SimResult(violations, len(judged), sum(1 for *_, z in judged if z))
+
+
+SEEDS = range(300)
+
+
+def test_simulated_verdicts_follow_the_rule() -> None:
+    judged = rewritten = 0
+    for seed in SEEDS:
+        res = simulate(seed)
+        assert not res.violations, res.violations[:3]
+        judged += res.judged
+        rewritten += res.rewritten
+    assert judged > 10_000
+    assert rewritten > judged // 20  # the rule still lets plenty through
+
+
+class StalePollLedger(EpochLedger):
+    """Planted fault: judges a record by the last poll issued *before* it was received."""
+
+    def oracle_for(self, end: int):  # type: ignore[no-untyped-def]
+        import bisect
+
+        i = bisect.bisect_left(self._poll_x, end)
+        if i >= len(self._poll_x):
+            return None
+        i = max(0, i - 1)
+        s = self._poll_s[i]
+        usable = [e for e in self._epochs.values() if not e.released and (e.sync >= s or e.request_offset >= end)]
+        return EpochOracle(usable) if usable else None
+
+
+class IgnoresLargerSyncLedger(EpochLedger):
+    """Planted fault: any unreleased epoch may zero any confirmed record."""
+
+    def oracle_for(self, end: int):  # type: ignore[no-untyped-def]
+        if end > self.decided_through():
+            return None
+        usable = [e for e in self._epochs.values() if not e.released]
+        return EpochOracle(usable) if usable else None
+
+
+class LateOffsetLedger(EpochLedger):
+    """Planted fault: takes the request offset a little after the request was sent."""
+
+    def on_pass(self, count: int) -> EpochEntry | None:
+        entry = super().on_pass(count)
+        if entry is not None:
+            entry.request_offset += 50
+        return entry
+
+
+@pytest.mark.parametrize("fault", [StalePollLedger, IgnoresLargerSyncLedger, LateOffsetLedger])
+def test_simulator_catches_planted_faults(fault: type[EpochLedger]) -> None:
+    caught = sum(1 for seed in SEEDS if simulate(seed, fault).violations)
+    assert caught > 0, f"{fault.__name__} was never caught"

@@ -1,0 +1,117 @@
+"""The real agent inside a real guest, answering a real collector on the host:
+the token comes by fw_cfg, the collector is reached through slirp, the RAM
+layout is learnt over QMP, and every hinted page is checked against the
+guest's RAM file: the garbage a process left behind is hinted, the pages a
+live process holds never are."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mempattern
+import pytest
+
+from fphint import addresses
+from host_collector.config import CollectorConfig, VmEntry
+from host_collector.qmp.ram_layout import read_layout
+from host_collector.qmp.session import QmpSession
+from vmimage.qemu import collector_address
+
+from ..collector_harness import CollectorThread
+from .harness import VM, VMFactory
+
+pytestmark = [pytest.mark.vm, pytest.mark.qemu, pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(1500)]
+
+TOKEN = "agent-in-guest-test-token-0123"
+PAGE = 4096
+
+
+@pytest.fixture
+def collector() -> Iterator[CollectorThread]:
+    cfg = CollectorConfig(listen=(addresses.parse("tcp:127.0.0.1:0"),), vms=(VmEntry("guest", TOKEN),))
+    col = CollectorThread(cfg)
+    yield col
+    col.close()
+
+
+async def learn_layout(path: Path) -> object:
+    qmp = await QmpSession.connect(str(path), label="fphint")
+    try:
+        return await read_layout(qmp)
+    finally:
+        await qmp.close()
+
+
+def page_hashes(content: bytes) -> set[bytes]:  # noqa: D103
+    return {hashlib.sha1(content[i : i + PAGE]).digest() for i in range(0, len(content), PAGE)}
+
+
+def live_pages_hinted(mask: Any, layout: Any, spans: list[list[int]]) -> list[int]:
+    """Guest-physical addresses in ``spans`` whose block page is marked free."""
+    out = set()
+    for phys, length in spans:
+        for gpa in range(phys, phys + length, PAGE):
+            r = layout.find(gpa)
+            if r is not None and mask[(r.offset + gpa - r.gpa) // PAGE]:
+                out.add(gpa)
+    return sorted(out)
+
+
+def test_agent_in_guest_hints_only_free_pages(vm_factory: VMFactory, collector: CollectorThread,
+                                               tmp_path: Path) -> None:
+    qmp_path = tmp_path / "fphint.qmp"
+    vm: VM = vm_factory.boot(token=TOKEN, collector=collector_address(collector.port),
+                             extra_args=["-qmp", f"unix:{qmp_path},server=on,wait=off"])
+    layout = collector.call(learn_layout(qmp_path))
+    collector.collector.set_layout("guest", layout)
+    collector.wait_attached("guest")
+    facts = collector.collector.vms["guest"].attachment.facts
+    assert facts.chosen_source in ("ebpf", "kpageflags"), facts
+    assert facts.kernel_release == vm.output("uname -r")
+
+    # Garbage in free memory, and a live region that must never be hinted.
+    vm.workload("fill.py", "192", "--seed", "garbage")
+    vm.workload("churn.py", "start", "--workers", "1", "--loop-mib", "4", "--keep-mib", "32")
+    keep = vm.workload("churn.py", "info")["workers"][0]
+
+    async def one_epoch() -> tuple[int, dict[str, object]]:
+        ep = collector.collector.open_epoch("guest", 20.0)
+        await asyncio.wait_for(ep.snapshot_done.wait(), 20.0)
+        masks = {b: ep.free_mask(b).copy() for b in ep.blocks()}
+        return ep.free_pages(), masks
+
+    # Every page the worker process has in RAM (its keep region, code, heap):
+    # named by physical address, since content can be copied into free memory.
+    held = vm.workload("pagemap.py", str(keep["pid"]))
+    free_pages, masks = collector.call(one_epoch())
+    held_after = vm.workload("pagemap.py", str(keep["pid"]), "--addr", str(keep["keep_addr"]),
+                             "--len", str(keep["keep_len"]))
+    vm.cmd("stop")  # freeze RAM for the comparison
+    assert free_pages > 150 * 256, free_pages  # most of the 1 GiB guest is free
+
+    (block,) = masks  # one RAMBlock: the memory backend
+    mask = masks[block]
+    spans = held["ranges"] + held_after["ranges"]
+    assert held["pages"] > keep["keep_len"] // PAGE
+    hinted_live = live_pages_hinted(mask, layout, spans)
+    assert not hinted_live, f"{len(hinted_live)} pages a live process holds were hinted free: {hinted_live[:8]}"
+    planted = mask.copy()  # the checker catches a lie: one held page marked free
+    victim = held_after["ranges"][0][0]
+    r = layout.find(victim)
+    planted[(r.offset + victim - r.gpa) // PAGE] = True
+    assert live_pages_hinted(planted, layout, spans) == [victim]
+
+    # The filler's pages went back to the buddy allocator: nearly all must be
+    # hinted (its pattern found in hinted pages of the RAM file proves the
+    # guest-physical -> RAMBlock mapping, since the agent only knows GPAs).
+    garbage = page_hashes(mempattern.expected("garbage", 192 << 20))
+    hinted_garbage = 0
+    with open(vm.ram_path, "rb") as f:
+        for page in mask.nonzero()[0].tolist():
+            f.seek(page * PAGE)
+            hinted_garbage += hashlib.sha1(f.read(PAGE)).digest() in garbage
+    assert hinted_garbage > 0.9 * (192 << 20) // PAGE, hinted_garbage

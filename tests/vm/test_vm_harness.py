@@ -1,0 +1,105 @@
+"""The harness's own behaviour that needs no booted guest: the QEMU command
+line, launch failures, stale RAM file cleanup, and a failed migration (with
+real QEMU processes whose CPUs never start)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from vmimage.builder import Image
+from vmimage.qemu import FW_CFG_TOKEN, Endpoints, GuestConfig, qemu_argv
+
+from .harness import VM, MigrationError, VMFactory, VMLaunchError, migrate, remove_stale_ram_files
+
+
+def _endpoints(tmp: Path, incoming: bool = False, paused: bool = False) -> Endpoints:
+    return Endpoints(
+        name="x",
+        mem_path=tmp / "x.ram",
+        qmp=tmp / "x.qmp",
+        shell=tmp / "x.shell",
+        shell_log=tmp / "x.shell.log",
+        console_log=tmp / "x.console.log",
+        incoming=incoming,
+        paused=paused,
+    )
+
+
+def _guest(tmp: Path, **kw: object) -> GuestConfig:
+    return GuestConfig(kernel=tmp / "vmlinuz", initrd=tmp / "initrd", disk=tmp / "d.qcow2", **kw)  # type: ignore[arg-type]
+
+
+def test_argv_shape(tmp_path: Path) -> None:
+    argv = qemu_argv(_guest(tmp_path, token="a,b", mem_mib=512, append=("init_on_free=1",)), _endpoints(tmp_path))
+    joined = " ".join(argv)
+    assert argv[argv.index("-accel") + 1] == "tcg"
+    assert f"mem-path={tmp_path}/x.ram,share=on" in joined and "-m 512M" in joined
+    assert f"name={FW_CFG_TOKEN},string=a,,b" in argv, "a comma in a fw_cfg string must be doubled"
+    assert argv[argv.index("-append") + 1].endswith("panic=-1 init_on_free=1")
+    assert "-incoming" not in argv and "-S" not in argv
+    assert "-no-reboot" in argv
+    dst = qemu_argv(_guest(tmp_path), _endpoints(tmp_path, incoming=True, paused=True))
+    assert dst[-3:] == ["-S", "-incoming", "defer"]
+    assert not any("fw_cfg" in a for a in dst)
+
+
+@pytest.mark.parametrize(
+    ("balloon", "needle"),
+    [("plain", "virtio-balloon-pci,id=balloon0"), ("hint", "free-page-hint=on,iothread="), ("report", "free-page-reporting=on")],
+)
+def test_balloon_variants(tmp_path: Path, balloon: str, needle: str) -> None:
+    argv = qemu_argv(_guest(tmp_path, balloon=balloon), _endpoints(tmp_path))
+    assert any(needle in a for a in argv)
+    if balloon == "hint":
+        assert any(a.startswith("iothread,id=") for a in argv), "QEMU refuses free-page-hint without an iothread"
+
+
+def test_fw_cfg_refuses_nul(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="NUL"):
+        qemu_argv(_guest(tmp_path, token="a\0b"), _endpoints(tmp_path))
+
+
+def test_launch_failure_shows_command_and_output(tmp_path: Path) -> None:
+    script = tmp_path / "fake-qemu"
+    script.write_text("#!/bin/sh\necho 'qemu-system-x86_64: -drive nonsense: bad option' >&2\nexit 1\n")
+    script.chmod(0o755)
+    vm = VM("broken", _guest(tmp_path), tmp_path, shm_dir=tmp_path, binary=str(script))
+    with pytest.raises(VMLaunchError) as info:
+        vm.launch(timeout=20)
+    text = str(info.value)
+    assert info.value.exitcode == 1 and "bad option" in text and "fake-qemu" in text
+    assert not vm.is_running()
+    vm.shutdown()  # harmless after a failed launch
+
+
+def test_stale_ram_files_are_removed(tmp_path: Path) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f"fphvm-{dead.pid}-abcd1234-src.ram"
+    mine = tmp_path / f"fphvm-{os.getpid()}-abcd1234-src.ram"
+    other = tmp_path / "something-else.ram"
+    for p in (stale, mine, other):
+        p.write_bytes(b"x")
+    assert remove_stale_ram_files(tmp_path) == [stale]
+    assert mine.exists() and other.exists() and not stale.exists()
+
+
+@pytest.mark.vm
+@pytest.mark.qemu
+@pytest.mark.root
+@pytest.mark.timeout(1500)
+def test_failed_migration_is_reported_and_source_survives(vm_factory: VMFactory, vm_image: Image) -> None:
+    """Nothing listens on the target: MigrationError, and QEMU still answers."""
+    src = vm_factory.vm("src", vm_factory.guest(mem_mib=256), paused=True)
+    src.launch()
+    with pytest.raises(MigrationError, match="failed") as info:
+        migrate(src, "tcp:127.0.0.1:1", timeout=60)
+    assert info.value.info["status"] == "failed"
+    assert src.is_running() and src.status() in ("prelaunch", "paused")
+    ram = src.ram_path
+    src.shutdown()
+    assert not ram.exists(), "shutdown removes the RAM file"
