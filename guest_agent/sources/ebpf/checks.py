@@ -45,6 +45,8 @@ class Findings:
     btf: Btf | None = None
     kernel_source: str | None = None
     vmemmap_symbol: bool = False
+    #: Optional tracepoints this kernel does not have (not attached).
+    absent_tracepoints: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
@@ -72,6 +74,7 @@ def run(paths: KernelPaths, release: str | None = None) -> Findings:
         )
         return found
     if missing:
+        found.absent_tracepoints = [m.split(":")[0] for m in missing]
         found.notes.append("optional tracepoints absent: " + ", ".join(missing))
 
     if not system.bpf_capable(paths.status):

@@ -167,18 +167,18 @@ int scan(struct bpf_raw_tracepoint_args *ctx)
 			u64 bad = not_buddy(t2) | ref | (order >> 4) |
 				  ((order + 15 - FPH_MAX_ORDER) >> 4) |
 				  (p & ((1ULL << (order & 15)) - 1));
-			u64 span = 1;
-			if (bad) {
-				rejects++;
-			} else {
-				/* update, not lookup: no NULL branch for the verifier;
-				 * n < FPH_NR_RECS since a portion has that many PFNs */
-				u32 k = n;
-				u64 rec = (p << 8) | order;
-				recs.update(&k, &rec);
-				n++;
-				span = 1ULL << (order & 15);
-			}
+			/* ok = !bad, without a branch (older verifiers explore every
+			 * path through the candidates otherwise) */
+			u64 ok = 1 - ((opaque(bad) | (0 - bad)) >> 63);
+			/* Written whether ok or not: a rejected record is overwritten
+			 * by the next one. update, not lookup: no NULL branch; n <
+			 * FPH_NR_RECS since a portion has that many PFNs. */
+			u32 k = n;
+			u64 rec = (p << 8) | (order & 15);
+			recs.update(&k, &rec);
+			n += ok;
+			rejects += 1 - ok;
+			u64 span = 1 + ((0 - ok) & ((1ULL << (order & 15)) - 1));
 			/* Drop candidates inside what was just handled. */
 			u64 cover = j + span;
 			mask &= (~0ULL << (cover & 63)) & (lt(63, cover) - 1);

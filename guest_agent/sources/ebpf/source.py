@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from ..base import FreePageSource, Probe, Snapshot, SourceUnavailable, now
 from . import checks, headers, selftest, system, vmemmap
 from .live import EbpfLiveFrees
-from .layout import PageLayout
+from .layout import LayoutError, PageLayout, release_version
 from .program import TRACKERS, Ctl, LoadedProgram, LoadError, ProgramConfig, tracepoint_fields
 from .scanner import RamMap, ScanPart, Scanner
 from .system import KernelPaths
@@ -98,6 +98,8 @@ class EbpfSource(FreePageSource):
         prog.ctl[Ctl.NOCHECK] = 0 if opts.crosscheck else 1
         attached = []
         for tp, (fn, _args, required) in TRACKERS.items():
+            if tp in found.absent_tracepoints:
+                continue
             try:
                 prog.attach_raw(tp, fn)
                 attached.append(tp)
@@ -220,6 +222,20 @@ class EbpfSource(FreePageSource):
         return self._live
 
 
+#: Scan windows per BPF run the verifier accepts, by kernel: 6.1's verifier
+#: walks the candidate loop far more often (1M-instruction limit past 32
+#: windows, Debian 12's 6.1.0), 6.18's accepts 256. A refusal costs seconds
+#: before the loader halves and retries, so start where it will pass.
+OLD_VERIFIER = (6, 4)
+
+
+def scan_windows_for(release: str) -> int:
+    try:
+        return 128 if release_version(release) >= OLD_VERIFIER else 32
+    except LayoutError:
+        return 32
+
+
 def program_config(layout: PageLayout, paths: KernelPaths, options: Options) -> ProgramConfig:
     """The program's numbers for this kernel and RAM size."""
     if options.portion_pfns <= 0 or options.portion_pfns & (options.portion_pfns - 1):
@@ -234,6 +250,7 @@ def program_config(layout: PageLayout, paths: KernelPaths, options: Options) -> 
     return ProgramConfig(
         layout=layout,
         bitmap_pfns=ram[-1][1] if ram else 64,
+        scan_windows=scan_windows_for(system.kernel_release()),
         nr_recs=options.portion_pfns,
         live_per_slot=options.live_per_s,
         live_pages=options.live_ring_pages,
