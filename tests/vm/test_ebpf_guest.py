@@ -45,7 +45,6 @@ print(json.dumps(out))
 #: compiles against. (ProtectKernelLogs=yes also drops CAP_SYSLOG, which hides
 #: kallsyms addresses; the source then finds vmemmap_base by tracepoint
 #: pairing, which works in the unit.)
-UNIT_FIX = "[Service]\nProtectKernelModules=no\n"
 
 
 @pytest.fixture(scope="module")
@@ -84,20 +83,9 @@ def test_ebpf_source_works_on_debian_6_1(guest: VM) -> None:
     assert not guest.kernel_trouble()
 
 
-@pytest.mark.xfail(strict=True, reason="fph-agent.service sets ProtectKernelModules=yes, which hides the "
-                   "kernel headers from bcc; remove this mark once the unit drops it")
 def test_installed_unit_picks_ebpf(guest: VM) -> None:
+    """The unit as installed lets bcc see the kernel headers (no ProtectKernelModules)."""
     assert agent_choice(guest) == "using free-page source ebpf"
-
-
-def test_unit_without_protect_kernel_modules_picks_ebpf(guest: VM) -> None:
-    guest.run("mkdir -p /run/systemd/system/fph-agent.service.d")
-    guest.run(f"printf '{UNIT_FIX}' > /run/systemd/system/fph-agent.service.d/ebpf.conf")
-    guest.run("systemctl daemon-reload")
-    since = guest.output("date '+%Y-%m-%d %H:%M:%S'")
-    time.sleep(1)
-    guest.run("systemctl restart fph-agent")
-    assert agent_choice(guest, since) == "using free-page source ebpf"
     rss_kib = int(guest.output("awk '/VmHWM/ {print $2}' /proc/$(systemctl show -p MainPID --value fph-agent)/status"))
     print(f"agent peak RSS in the guest: {rss_kib / 1024:.0f} MiB")
     assert rss_kib < 256 * 1024, "the unit caps memory at 256M"
