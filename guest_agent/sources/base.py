@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
@@ -128,6 +128,20 @@ class FreePageSource(abc.ABC):
 
     def close(self) -> None:
         """Release kernel resources; the source may not be used afterwards."""
+
+
+def join_parts(parts: Iterable[Part]) -> tuple[list[tuple[int, int]], int]:
+    """All ranges of a scan's parts, runs touching across a part boundary merged; and the pages."""
+    out: list[tuple[int, int]] = []
+    pages = 0
+    for part in parts:
+        pages += part.pages
+        for start, length in part.ranges:
+            if out and out[-1][0] + out[-1][1] == start:
+                out[-1] = (out[-1][0], out[-1][1] + length)
+            else:
+                out.append((start, length))
+    return out, pages
 
 
 def now() -> float:

@@ -19,7 +19,7 @@ import re
 import resource
 from collections.abc import Iterator
 
-from .base import FreePageSource, Probe, Snapshot, SourceUnavailable, WholeScan, now
+from .base import FreePageSource, Probe, Snapshot, SourceUnavailable, WholeScan, join_parts, now
 
 KPAGEFLAGS = "/proc/kpageflags"
 #: Bit numbers from include/uapi/linux/kernel-page-flags.h.
@@ -105,18 +105,10 @@ class KpageflagsSource(FreePageSource):
 
     def snapshot(self, deadline: float | None = None) -> Snapshot:
         started = now()
-        ranges: list[tuple[int, int]] = []
-        pages = blocks = 0
         self._pfns = 0
-        for part in self.parts(deadline):
-            blocks += 1
-            pages += part.pages
-            for start, length in part.ranges:
-                if ranges and ranges[-1][0] + ranges[-1][1] == start:
-                    # A run that continues across a block boundary.
-                    ranges[-1] = (ranges[-1][0], ranges[-1][1] + length)
-                else:
-                    ranges.append((start, length))
+        parts = list(self.parts(deadline))
+        ranges, pages = join_parts(parts)
+        blocks = len(parts)
         return Snapshot(
             source=self.name,
             ranges=ranges,

@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ..base import FreePageSource, Probe, Snapshot, SourceUnavailable, now
+from ..base import FreePageSource, Probe, Snapshot, SourceUnavailable, join_parts, now
 from . import checks, headers, selftest, system, vmemmap
 from .live import EbpfLiveFrees
 from .layout import LayoutError, PageLayout, release_version
@@ -180,16 +180,7 @@ class EbpfSource(FreePageSource):
 
     def snapshot(self, deadline: float | None = None) -> Snapshot:
         started = now()
-        ranges: list[tuple[int, int]] = []
-        pages = 0
-        for part in self.parts(deadline):
-            first = part.ranges[0]
-            if ranges and ranges[-1][0] + ranges[-1][1] == first[0]:
-                ranges[-1] = (ranges[-1][0], ranges[-1][1] + first[1])
-                ranges.extend(part.ranges[1:])
-            else:
-                ranges.extend(part.ranges)
-            pages += part.pages
+        ranges, pages = join_parts(self.parts(deadline))
         stats = self.scanner.last
         return Snapshot(
             source=self.name,
