@@ -60,7 +60,7 @@ class StallingSource(FreePageSource):
 class Daemon:
     """``fph-collector serve`` with a registry of VMs whose QMP sockets live in ``self.dir``."""
 
-    def __init__(self, vms: Sequence[str], *, no_qmp: Sequence[str] = ()) -> None:
+    def __init__(self, vms: Sequence[str], *, no_qmp: Sequence[str] = (), log_dir: Path | None = None) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="fph-migrate-", dir="/tmp"))  # short: unix socket paths
         self.port = free_port()
         self.admin = f"unix:{self.dir}/admin.sock"
@@ -73,7 +73,7 @@ class Daemon:
             lines.append("")
         self.config = self.dir / "collector.toml"
         self.config.write_text("\n".join(lines))
-        self.log = self.dir / "collector.log"
+        self.log = (log_dir or self.dir) / "collector.log"  # log_dir: kept after the test
         self.proc: subprocess.Popen[bytes] | None = None
 
     def qmp(self, vm: str) -> Path:

@@ -9,8 +9,10 @@ pages that had content, and their number must be the report's
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -48,7 +50,7 @@ class Setup:
     def __init__(self, tmp: Path, shm: Path) -> None:
         self.tmp = tmp
         self.shm = shm
-        self.daemon = Daemon([VM])
+        self.daemon = Daemon([VM], log_dir=tmp)
         self.vms: list[Vm] = []
         self.agents: list[AgentThread] = []
 
@@ -138,6 +140,13 @@ def test_paused_source_hinted_pages_arrive_zero(setup: Setup) -> None:
     assert r["proxy_outcome"] == "finished" and r["source_bytes"] > r["destination_bytes"]
     assert r["source_bytes"] - r["destination_bytes"] == 4095 * r["pages_rewritten"]  # PAGE 4096 -> ZERO 1 byte
     assert r["downtime_ms"] >= 0 and r["wall_s"] > 0
+    # The checker catches a destination page zeroed without a hint, and one with wrong content.
+    for fault, where in ((b"\0" * 4096, 20 * MiB), (b"\1" * 4096, 120 * MiB)):
+        with open(dst.files["mem"], "r+b") as f:
+            f.seek(where)
+            f.write(fault)
+        with pytest.raises(AssertionError):
+            assert_hinted_pages_zeroed(src, dst, r)
 
 
 def test_unsafe_capability_means_plain_relay_with_the_reason(setup: Setup) -> None:
@@ -211,15 +220,17 @@ def _slow_migration(s: Setup) -> tuple[Vm, Vm, Any]:
     return src, dst, cli
 
 
-def test_daemon_killed_mid_migration_source_keeps_running(setup: Setup) -> None:
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_daemon_killed_mid_migration_source_keeps_running(setup: Setup, how: str) -> None:
     s = setup
     s.start_daemon()
     src, dst, cli = _slow_migration(s)
-    assert src.cmd("query-migrate-capabilities") and any(
-        c["capability"] == "return-path" and c["state"] for c in src.cmd("query-migrate-capabilities"))
-    s.daemon.kill()
+    assert any(c["capability"] == "return-path" and c["state"] for c in src.cmd("query-migrate-capabilities"))
+    assert s.daemon.proc is not None
+    s.daemon.proc.send_signal(getattr(signal, how))
     info = src.wait_migration(("failed", "cancelled", "completed"), 30)
-    assert info["status"] == "failed", info
+    # Killed: the proxy's sockets die with it. Stopped: it cancels the migration first.
+    assert info["status"] == ("failed" if how == "SIGKILL" else "cancelled"), info
     assert src.status() == "running"
     wait_loop_running(src)
     out, err = cli.communicate(timeout=30)
@@ -233,14 +244,48 @@ def test_ctrl_c_cancels_the_migration_and_the_vm_keeps_running(setup: Setup) -> 
     cli.send_signal(signal.SIGINT)
     out, err = cli.communicate(timeout=60)
     assert cli.returncode == 1, (out, err)
-    r = report_of(__import__("subprocess").CompletedProcess([], cli.returncode, out, err))
+    r = report_of(subprocess.CompletedProcess([], cli.returncode, out, err))
     assert r["outcome"] == "cancelled" and r["source_status"] == "cancelled", r
     assert "cancelled by the operator" in r["message"]
     assert r["source_runstate"] == "running" and src.status() == "running"
     wait_loop_running(src)
 
 
-def test_standing_proxy_serves_the_orchestrators_migrate(setup: Setup) -> None:
+def _ready_address(cli: subprocess.Popen[str], migration: int) -> str:
+    assert cli.stderr is not None
+    line = cli.stderr.readline()
+    assert f"(migration {migration})" in line and "proxy listening on tcp:127.0.0.1:" in line, line
+    return line.split("proxy listening on ")[1].split()[0]
+
+
+def test_standing_proxy_serves_the_orchestrators_migrations(setup: Setup) -> None:
+    s = setup
+    s.start_daemon()
+    src, dst = s.pair()
+    s.agent(fixed_agent(s.daemon, VM, HINTED))
+    port = free_port()  # the destination listens there only from the second migration on
+    cli = s.daemon.popen("proxy", VM, "--listen", "tcp:127.0.0.1:0", "--to", f"tcp:127.0.0.1:{port}",
+                         "--count", "2", "--json")
+    address = _ready_address(cli, 1)
+    # The orchestrator (this test) issues migrate itself, twice.
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 2 << 30, "downtime-limit": 0})
+    src.cmd("migrate", uri=address)
+    assert src.wait_migration(("completed", "failed"), 30)["status"] == "failed"
+    assert _ready_address(cli, 2) == address  # the same port again
+    dst.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+    src.cmd("migrate", uri=address)
+    out, err = cli.communicate(timeout=120)
+    assert cli.returncode == 1, (out, err)  # one of the two failed
+    r1, r2 = (json.loads(line) for line in out.strip().splitlines())
+    assert r1["outcome"] == "failed" and f"cannot connect to the destination tcp:127.0.0.1:{port}" in r1["message"]
+    assert r1["source_runstate"] == "paused" or r1["source_runstate"] == "prelaunch", r1
+    assert r2["outcome"] == "completed" and not r2["issued_migrate"] and r2["migration"] == 2, r2
+    assert r2["rewriting"], r2["plain_relay_reason"]
+    zeroed = assert_hinted_pages_zeroed(src, dst, r2)
+    assert len(zeroed) >= len(pages_in(HINTED) & pages_in(FILLED)) // 2, r2
+
+
+def test_standing_proxy_checks_the_settings_again_once_the_migration_starts(setup: Setup) -> None:
     s = setup
     s.start_daemon()
     src, dst = s.pair()
@@ -248,22 +293,18 @@ def test_standing_proxy_serves_the_orchestrators_migrate(setup: Setup) -> None:
     port = dst.listen_incoming()
     cli = s.daemon.popen("proxy", VM, "--listen", "tcp:127.0.0.1:0", "--to", f"tcp:127.0.0.1:{port}",
                          "--count", "1", "--json")
-    assert cli.stderr is not None
-    line = cli.stderr.readline()
-    assert "proxy listening on tcp:127.0.0.1:" in line, line
-    address = line.split("proxy listening on ")[1].split()[0]
-    # The orchestrator (this test) issues migrate itself.
+    address = _ready_address(cli, 1)  # armed: pre-flight found nothing wrong
+    src.set_caps(xbzrle=True)  # the orchestrator changes a setting just before migrate
     src.cmd("migrate-set-parameters", **{"max-bandwidth": 2 << 30, "downtime-limit": 0})
     src.cmd("migrate", uri=address)
     out, err = cli.communicate(timeout=120)
-    assert cli.returncode == 0, (out, line + err)
-    import json
-
+    assert cli.returncode == 0, (out, err)
     r = json.loads(out.strip().splitlines()[-1])
-    assert r["outcome"] == "completed" and not r["issued_migrate"] and r["migration"] == 1
-    assert r["rewriting"], r["plain_relay_reason"]
-    zeroed = assert_hinted_pages_zeroed(src, dst, r)
-    assert len(zeroed) >= len(pages_in(HINTED) & pages_in(FILLED)) // 2, r
+    assert r["outcome"] == "completed" and not r["rewriting"] and r["pages_rewritten"] == 0, r
+    assert "capability xbzrle" in r["plain_relay_reason"] and "once the migration started" in r["plain_relay_reason"]
+    assert not r["preflight"]["safe"]
+    diff = compare_ram(src, dst)
+    assert not diff.zeroed and not diff.other
 
 
 @pytest.mark.skipif(not has_qemu10(), reason=f"QEMU 10.0 not at {QEMU10} (scripts/install-qemu10.sh)")

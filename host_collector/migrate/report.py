@@ -60,3 +60,9 @@ def progress_message(
     if layout is not None:
         msg.ram_pages = layout.ram_bytes // layout.page_size
     return msg
+
+
+def progress_text(p: admin_pb2.MigrateProgress) -> str:
+    """One log line's worth of a progress message."""
+    return (f"{p.elapsed_s:.1f}s in={p.source_bytes} out={p.destination_bytes} rewritten={p.pages_rewritten} "
+            f"held={p.held_bytes} sync={p.dirty_sync_count} remaining={p.remaining_bytes} phase={p.phase}")

@@ -35,7 +35,7 @@ from host_collector.qmp.ram_layout import read_layout
 from host_collector.qmp.session import QmpError, QmpSession
 
 from .gates import EpochRecorder, HeldGate
-from .report import preflight_message, progress_message
+from .report import preflight_message, progress_message, progress_text
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,8 @@ DEFAULT_LISTEN = "tcp:127.0.0.1:0"
 STUCK_S = 30.0
 #: How long the proxy may take to finish once the source is terminal.
 PROXY_DRAIN_S = 30.0
+#: A migration whose stream has not moved for this long is cancelled as stalled.
+STALL_S = 60.0
 #: Status polls while following a migration (progress is sent less often).
 STATUS_POLL_S = 0.1
 QMP_TIMEOUT_S = 5.0
@@ -340,6 +342,8 @@ class MigrationRun:
         next_progress = 0.0
         cancel_sent: float | None = None
         proxy_ended: float | None = None
+        moved: tuple[int, int, int] = (-1, -1, -1)
+        moved_at = time.monotonic()
         while True:
             now = time.monotonic()
             try:
@@ -352,9 +356,20 @@ class MigrationRun:
             status = info.get("status")
             if now >= next_progress or status in TERMINAL:
                 next_progress = now + plan.progress_interval_s
-                self.emit(admin_pb2.MigrateEvent(progress=self._progress(info, proxy)))
+                progress = self._progress(info, proxy)
+                log.debug("migration %s: %s", status, progress_text(progress), extra={"vm": plan.vm})
+                self.emit(admin_pb2.MigrateEvent(progress=progress))
             if status in TERMINAL:
                 return info
+            st = proxy.stats()
+            ram = info.get("ram")
+            mark = (st.source_bytes, st.destination_bytes,
+                    int(ram.get("transferred", 0)) if isinstance(ram, Mapping) else 0)
+            if mark != moved:
+                moved, moved_at = mark, now
+            elif now - moved_at > STALL_S:
+                self.request_cancel(f"the migration stream did not move for {STALL_S:g} s "
+                                    f"(source {status}, proxy {st.phase.value})")
             if plan.timeout_s is not None and now - self._t0 > plan.timeout_s:
                 self.request_cancel(f"timed out after {plan.timeout_s:g} s")
             if self._cancel.is_set() and cancel_sent is None:
@@ -394,7 +409,11 @@ class MigrationRun:
             why = "the source's migration ended but its stream did not"
             self._notes.append(why)
             proxy.abort(why)
-            return await proxy.wait_async()
+        try:
+            return await asyncio.wait_for(proxy.wait_async(), 10)
+        except asyncio.TimeoutError:
+            self._notes.append("the proxy did not stop after an abort")
+            return ProxyResult(Outcome.ABORTED, proxy.stats())
 
     async def _abandon(self) -> None:
         """The run itself is cancelled (daemon shutting down): stop the migration safely."""
