@@ -111,9 +111,11 @@ def migrate(s: Setup, dst: Vm, *extra: str, timeout: float = 120) -> tuple[int, 
 def assert_hinted_pages_zeroed(src: Vm, dst: Vm, report: dict[str, Any]) -> set[int]:
     diff = compare_ram(src, dst)
     assert not diff.other, f"pages differ with content on the destination: {sorted(diff.other.get('mem', []))[:10]}"
+    # A zeroed page had content on the source (a difference): it must be a hinted one. (A running
+    # guest's firmware may have written some hinted pages outside FILLED before the migration.)
     zeroed = diff.zeroed.get("mem", set())
-    filled = pages_in(FILLED)
-    assert zeroed <= pages_in(HINTED) & filled, sorted(zeroed - pages_in(HINTED))[:10]
+    wrong = zeroed - pages_in(HINTED)
+    assert not wrong, f"zeroed but not hinted: {len(wrong)} pages, first {sorted(wrong)[:10]}"
     assert len(zeroed) == report["pages_rewritten"]
     return zeroed
 
@@ -161,6 +163,8 @@ def test_unsafe_capability_means_plain_relay_with_the_reason(setup: Setup) -> No
     assert "source: capability xbzrle: XBZRLE deltas" in r["plain_relay_reason"], r["plain_relay_reason"]
     assert [p["setting"] for p in r["preflight"]["problems"]] == ["capability xbzrle"]
     assert not r["epochs"]  # no epoch was even opened
+    # The destination's return-path capability was never set, yet it answers on the return path.
+    assert r["return_bytes"] > 0 and not r["preflight"]["destination_checked"]
     diff = compare_ram(src, dst)
     assert not diff.zeroed and not diff.other
 
@@ -251,6 +255,19 @@ def test_ctrl_c_cancels_the_migration_and_the_vm_keeps_running(setup: Setup) -> 
     wait_loop_running(src)
 
 
+def test_a_command_that_dies_cancels_its_migration(setup: Setup) -> None:
+    s = setup
+    s.start_daemon()
+    src, dst, cli = _slow_migration(s)
+    cli.kill()  # no goodbye: the daemon only sees the call end
+    cli.communicate(timeout=30)
+    info = src.wait_migration(("failed", "cancelled", "completed"), 30)
+    assert info["status"] == "cancelled", info
+    assert src.status() == "running"
+    wait_loop_running(src)
+    assert "the admin call ended before the migration did" in s.daemon.log_text()
+
+
 def _ready_address(cli: subprocess.Popen[str], migration: int) -> str:
     assert cli.stderr is not None
     line = cli.stderr.readline()
@@ -313,9 +330,12 @@ def test_running_source_on_qemu10_rewrites_and_stays_exact(setup: Setup) -> None
     s.start_daemon()
     src, dst = s.pair(running=True, qemu=QEMU10)
     s.agent(fixed_agent(s.daemon, VM, HINTED))
-    rc, r, err = migrate(s, dst)
+    # QEMU stops the guest once what is left is below bandwidth x downtime-limit and sends
+    # that in the END section, which is never rewritten: keep the limit small.
+    rc, r, err = migrate(s, dst, "--downtime-limit", "10")
     assert rc == 0, (err, r)
     assert r["outcome"] == "completed" and r["rewriting"], r
     assert r["preflight"]["source_version"].startswith("10.0")
     zeroed = assert_hinted_pages_zeroed(src, dst, r)
-    assert zeroed, r
+    assert zeroed, json.dumps(r, indent=1)
+    assert r["return_bytes"] > 0  # return path used although only the source's capability is on

@@ -157,8 +157,8 @@ class Migrations:
                 if report is None:
                     break  # cancelled while waiting for a source
                 job.emit(admin_pb2.MigrateEvent(report=report))
-                if report.outcome == "error" and not run.connected:
-                    break  # could not even listen: trying again would only repeat it
+                if (report.outcome == "error" and not run.connected) or run.source_lost:
+                    break  # could not listen, or no monitor: trying again would only repeat it
                 if run.listen_address:
                     # Keep the resolved port (and path) for the orchestrator's next migration.
                     plan = _with_listen(plan, run.listen_address)

@@ -192,6 +192,11 @@ class MigrationRun:
         self._t0 = time.monotonic()
         self._notes: list[str] = []
 
+    @property
+    def source_lost(self) -> bool:
+        """The source's QMP monitor stopped answering during the run."""
+        return self._source_lost is not None
+
     def request_cancel(self, reason: str) -> None:
         """Cancel the migration (migrate_cancel on the source); the report says ``reason``."""
         if self.cancel_reason is None:
@@ -230,6 +235,10 @@ class MigrationRun:
             if self._epoch_gate is not None:
                 await self._epoch_gate.start()
             if self.issue_migrate:
+                if self._cancel.is_set():  # cancelled while preparing: nothing to undo on the source
+                    proxy.close()
+                    r.outcome, r.message = "cancelled", f"cancelled before migrate was issued: {self.cancel_reason}"
+                    return r
                 self._t0 = time.monotonic()
                 self._migrate_sent = True
                 try:
