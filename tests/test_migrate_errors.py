@@ -102,3 +102,19 @@ def test_held_gate_refused_never_rewrites_and_stops_the_epochs() -> None:
     assert inner.failure is not None and "xbzrle" in inner.failure
     held.clear()  # no effect once refused
     assert held.state == "refused"
+
+
+@pytest.mark.parametrize("spec", ["unix:/run/qemu/vm1.qmp", "/run/qemu/vm1.qmp", "tcp:127.0.0.1:4444"])
+def test_registry_takes_a_qmp_monitor(spec: str) -> None:
+    from host_collector.config import parse
+
+    cfg = parse({"vm": [{"name": "vm1", "token": "t" * 20, "qmp": spec}]}, "c.toml")
+    assert cfg.vms[0].qmp == spec
+
+
+@pytest.mark.parametrize("spec", ["vsock:3:4444", "127.0.0.1:4444", "unix:", 7])
+def test_registry_refuses_a_bad_qmp_monitor(spec: object) -> None:
+    from host_collector.config import ConfigError, parse
+
+    with pytest.raises(ConfigError, match=r"c\.toml: vm 'vm1'.*qmp"):
+        parse({"vm": [{"name": "vm1", "token": "t" * 20, "qmp": spec}]}, "c.toml")
