@@ -33,6 +33,7 @@ from .migrate_harness import (
     report_of,
     source_vm,
 )
+from .qmp_launcher import TCG_FIXED, qemu_version
 from .qemu_pair import MiB, Machine, Vm, boot_image, compare_ram, free_port, pattern, wait_loop_running, write_gpa
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
@@ -110,7 +111,7 @@ def migrate(s: Setup, dst: Vm, *extra: str, timeout: float = 120) -> tuple[int, 
 
 def assert_hinted_pages_zeroed(src: Vm, dst: Vm, report: dict[str, Any]) -> set[int]:
     diff = compare_ram(src, dst)
-    assert not diff.other, f"pages differ with content on the destination: {sorted(diff.other.get('mem', []))[:10]}"
+    assert not diff.other and (qemu_version() >= TCG_FIXED or not diff.zeroed), f"pages differ with content on the destination: {sorted(diff.other.get('mem', []))[:10]}"
     # A zeroed page had content on the source (a difference): it must be a hinted one. (A running
     # guest's firmware may have written some hinted pages outside FILLED before the migration.)
     zeroed = diff.zeroed.get("mem", set())
@@ -208,9 +209,12 @@ def test_destination_not_listening_fails_cleanly_and_the_vm_migrates_later(setup
     assert proc.returncode == 1 and "migration FAILED: cannot connect to the destination" in proc.stdout
     rc, r, err = migrate(s, dst)  # and the same VM migrates for real afterwards
     assert rc == 0 and r["outcome"] == "completed", (err, r)
-    assert "running TCG guest" in r["plain_relay_reason"] or "accelerator TCG" in r["plain_relay_reason"]
+    if qemu_version() < TCG_FIXED:  # a running TCG guest is never rewritten there
+        assert "accelerator TCG" in r["plain_relay_reason"], r["plain_relay_reason"]
+    else:
+        assert r["plain_relay_reason"] == ""
     diff = compare_ram(src, dst)
-    assert not diff.zeroed and not diff.other
+    assert not diff.other
 
 
 def _slow_migration(s: Setup) -> tuple[Vm, Vm, Any]:
@@ -265,7 +269,10 @@ def test_a_command_that_dies_cancels_its_migration(setup: Setup) -> None:
     assert info["status"] == "cancelled", info
     assert src.status() == "running"
     wait_loop_running(src)
-    assert "the admin call ended before the migration did" in s.daemon.log_text()
+    end = time.monotonic() + 10  # the daemon logs it as it winds the job up
+    while "the admin call ended before the migration did" not in s.daemon.log_text():
+        assert time.monotonic() < end, "the daemon never said why it cancelled"
+        time.sleep(0.1)
 
 
 def _ready_address(cli: subprocess.Popen[str], migration: int) -> str:
