@@ -111,7 +111,7 @@ def migrate(s: Setup, dst: Vm, *extra: str, timeout: float = 120) -> tuple[int, 
 
 def assert_hinted_pages_zeroed(src: Vm, dst: Vm, report: dict[str, Any]) -> set[int]:
     diff = compare_ram(src, dst)
-    assert not diff.other and (qemu_version() >= TCG_FIXED or not diff.zeroed), f"pages differ with content on the destination: {sorted(diff.other.get('mem', []))[:10]}"
+    assert not diff.other, f"pages differ with content on the destination: {sorted(diff.other.get('mem', []))[:10]}"
     # A zeroed page had content on the source (a difference): it must be a hinted one. (A running
     # guest's firmware may have written some hinted pages outside FILLED before the migration.)
     zeroed = diff.zeroed.get("mem", set())
@@ -214,7 +214,7 @@ def test_destination_not_listening_fails_cleanly_and_the_vm_migrates_later(setup
     else:
         assert r["plain_relay_reason"] == ""
     diff = compare_ram(src, dst)
-    assert not diff.other
+    assert not diff.other and (qemu_version() >= TCG_FIXED or not diff.zeroed)
 
 
 def _slow_migration(s: Setup) -> tuple[Vm, Vm, Any]:
