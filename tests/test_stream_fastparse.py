@@ -22,11 +22,12 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
 from host_collector.migration import parser as parser_mod
-from host_collector.migration.parser import NO_C_ENV, StreamParser
+from host_collector.migration.parser import NO_C_ENV, PageRecord, StreamParser
 from host_collector.migration.stream import Phase
 from tests.stream_helpers import PAGE, StreamBuilder, be32, be64, typical_stream
 from tests.test_stream_fuzz import captured  # noqa: F401  (the fixture: a real QEMU stream)
@@ -41,8 +42,17 @@ needs_c = pytest.mark.skipif(_fastparse is None, reason="the C extension is not 
 
 ROOT = Path(__file__).resolve().parent.parent
 
-#: Everything observable after one ``feed`` call (positions are stream offsets).
-Step = tuple[object, ...]
+class Step(NamedTuple):
+    """Everything observable after one ``feed`` call (positions are stream offsets)."""
+
+    pos: int
+    pages: list[PageRecord]
+    transitions: list[tuple[Phase, int]]
+    fallback: tuple[str, int, Phase] | None
+    phase: Phase
+    zero_records: int
+    page_records: int
+    blocks: dict[str, int]
 
 
 def trace(data: bytes, cuts: Sequence[int], accelerate: bool, *, ahead: int = 2 * PAGE + 64) -> list[Step]:
@@ -63,7 +73,7 @@ def trace(data: bytes, cuts: Sequence[int], accelerate: bool, *, ahead: int = 2 
         pos = p.feed(buf, parsed, cut - base, base)
         fb = p.fallback
         steps.append(
-            (
+            Step(
                 base + pos,
                 [(base + a, base + b, blk, pg) for a, b, blk, pg in p.pages],
                 list(p.transitions),
@@ -89,10 +99,15 @@ def same(data: bytes, cuts: Sequence[int]) -> list[Step]:
     """Both loops' traces, required identical; returns it."""
     c = trace(data, cuts, True)
     py = trace(data, cuts, False)
-    assert len(c) == len(py)
     for i, (a, b) in enumerate(zip(c, py)):
-        assert a == b, f"feed #{i} differs: C {a[:1] + a[3:7]} vs Python {b[:1] + b[3:7]}"
+        assert a == b, f"feed #{i} differs:\n C      {_brief(a)}\n Python {_brief(b)}"
+    assert len(c) == len(py)
     return c
+
+
+def _brief(st: Step) -> str:
+    last = st.pages[-1] if st.pages else None
+    return f"pos={st.pos} fallback={st.fallback} phase={st.phase.value} zeros={st.zero_records} last page={last}"
 
 
 def boundary_cuts(data: bytes, starts: Sequence[int]) -> list[int]:
@@ -274,9 +289,9 @@ def test_typical_stream_cut_around_every_record() -> None:
     cuts = boundary_cuts(data, [a for a, _, _, _ in b.pages] + [e for _, e, _, _ in b.pages])
     for k in range(0, len(cuts), 3):
         steps = same(data, cuts[k : k + 3])
-        assert steps[-1][4] is Phase.DEVICE_STATE
+        assert steps[-1].phase is Phase.DEVICE_STATE
     steps = same(data, cuts)
-    assert sum(len(s[1]) for s in steps) == len(b.pages)  # type: ignore[arg-type]
+    assert sum(len(s.pages) for s in steps) == len(b.pages)
 
 
 @needs_c
@@ -284,8 +299,9 @@ def test_typical_stream_cut_around_every_record() -> None:
 def test_every_give_up_case_gives_up_the_same_way(name: str) -> None:
     data, at, _, _ = FALLBACKS[name]
     whole = same(data, [])
-    if whole[-1][3] is not None:
-        assert whole[-1][3][1] == at  # type: ignore[index]
+    fb = whole[-1].fallback
+    if fb is not None:
+        assert fb[1] == at
     same(data, list(range(max(1, at - 12), min(len(data), at + 24))))
     same(data, list(range(1, len(data), 97)))
 
@@ -353,9 +369,9 @@ def test_random_streams_on_the_bounds(seed: int) -> None:
         steps = same(data, cuts)
         same(data, [])
         last = steps[-1]
-        outcomes["gave up"] += last[3] is not None
-        outcomes["complete"] += last[4] is Phase.DEVICE_STATE
-        outcomes["pages"] += sum(len(s[1]) for s in steps)  # type: ignore[arg-type]
+        outcomes["gave up"] += last.fallback is not None
+        outcomes["complete"] += last.phase is Phase.DEVICE_STATE
+        outcomes["pages"] += sum(len(s.pages) for s in steps)
     # the generator reaches both endings and real records, or the comparison proves little
     assert outcomes["gave up"] > 5 and outcomes["complete"] > 5 and outcomes["pages"] > 500, outcomes
 
@@ -365,8 +381,8 @@ def test_random_streams_on_the_bounds(seed: int) -> None:
 def test_a_real_stream_truncated_and_flipped(captured: bytes) -> None:  # noqa: F811
     rng = random.Random(7)
     whole = same(captured, [])
-    assert whole[-1][4] is Phase.DEVICE_STATE and len(whole[-1][1]) > 256  # type: ignore[arg-type]
-    records = [r[0] for r in whole[-1][1]] + [r[1] for r in whole[-1][1]]  # type: ignore[union-attr]
+    assert whole[-1].phase is Phase.DEVICE_STATE and len(whole[-1].pages) > 256
+    records = [r[0] for r in whole[-1].pages] + [r[1] for r in whole[-1].pages]
     for i in range(40):
         data = bytearray(captured if i % 4 else captured[: rng.randrange(1, len(captured))])
         if i % 3:
