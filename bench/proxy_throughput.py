@@ -27,8 +27,9 @@ this 2-core machine loopback TCP caps even a direct sender->sink copy near
 2.2 GB/s, so the unix figures show what the relay code itself can do.
 
 Also reported: CPU seconds (user, sys) this process spent per GB of stream,
-median over rounds (the relay or proxy thread is the only busy one): unlike
-GB/s this hardly depends on what else runs on the machine. ``loadavg`` is
+median over rounds (the relay or proxy thread is the only busy one), and its
+inverse ``core_GBps``, what one core would carry doing only this: unlike
+GB/s these hardly depend on what else runs on the machine. ``loadavg`` is
 the 1-minute load average before and after the run.
 
 Last line: one JSON object. Usage:
@@ -415,6 +416,9 @@ def main() -> None:
         out[f"{kind}_{m}_best_GBps"] = round(max(gbps[kind, m]), 3)
         for cpu in ("user", "sys"):
             out[f"{kind}_{m}_{cpu}_s_per_GB"] = round(statistics.median(r[cpu] for r in rs) / (size / 1e9), 4)
+        # What one core would carry if this were all it did: GB per CPU second.
+        cpu_s = statistics.median(r["user"] + r["sys"] for r in rs)
+        out[f"{kind}_{m}_core_GBps"] = round(size / 1e9 / cpu_s, 2) if cpu_s > 0 else None
         print(f"{kind:4s} {m:15s} GB/s per round: {' '.join(f'{g:.2f}' for g in gbps[kind, m])}", file=sys.stderr)
     for kind in args.transport:
         for m in modes[1:]:
