@@ -4,7 +4,7 @@
  * A precopy ram section is almost only CONTINUE PAGE records (8-byte header,
  * 4096 data bytes) and CONTINUE ZERO records (8-byte header, fill byte) of
  * the block the last named record chose. Interpreting them one by one in
- * Python costs about as much CPU as relaying their bytes does, so this module
+ * Python costs about half as much CPU as relaying their bytes, so this module
  * consumes runs of exactly those two records, with the same checks as the
  * Python loop, and stops at the first byte of anything else: a record naming
  * a block, EOS, any other flag combination, an offset beyond the block, a
@@ -35,10 +35,9 @@
 static uint64_t
 be64(const unsigned char *p)
 {
-    uint64_t w = 0;
-    for (int i = 0; i < 8; i++)
-        w = (w << 8) | p[i];
-    return w; /* gcc -O2 turns this into one load and a bswap */
+    /* gcc -O2 turns this into one load and a bswap */
+    return (uint64_t)p[0] << 56 | (uint64_t)p[1] << 48 | (uint64_t)p[2] << 40 | (uint64_t)p[3] << 32 |
+           (uint64_t)p[4] << 24 | (uint64_t)p[5] << 16 | (uint64_t)p[6] << 8 | (uint64_t)p[7];
 }
 
 /* Append (start, stop, block, page) to `pages`, as the Python loop does. */

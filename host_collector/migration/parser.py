@@ -113,9 +113,9 @@ class StreamParser:
     ``feed`` appends to :attr:`pages` and :attr:`transitions`; the caller
     empties them after each call.
 
-    ``accelerate``: None (default) runs the runs of CONTINUE records through
-    the C extension when it is built and :data:`NO_C_ENV` is not set; False
-    never does; True requires it. Results are the same either way.
+    ``accelerate``: None (default) parses runs of CONTINUE records with the C
+    extension when it is built and :data:`NO_C_ENV` is not set; False never
+    does; True requires it. Results are the same either way.
     """
 
     def __init__(self, *, accelerate: bool | None = None) -> None:
