@@ -11,17 +11,30 @@ the median over rounds of proxy/relay measured back to back.
 
 Relays: ``relay`` (recv_into + sendall, what the proxy does in pass-through),
 ``proxy`` (NoHints gate: parse only), ``proxy_hints`` (a gate that frees about
-half of the non-zero pages and decides at once), ``proxy_held`` (the same
-hints, but the gate confirms every 2 ms what it had received 2 ms earlier, so
-records wait in the hold queue as with the real epoch gate).
+half of the non-zero pages and decides at once, one oracle for the whole
+stream), ``proxy_held`` (the same hints, but the gate confirms every 2 ms what
+it had received 2 ms earlier, so records wait in the hold queue as with the
+real epoch gate; one oracle window per confirmation).
+
+Parsers: each proxy mode runs with the C record loop (``_fastparse``) and,
+with ``--parser both`` (the default when the extension is built), also with
+the pure-Python loop (``FPH_NO_C_PARSER=1``; keys ending in ``_py``), in the
+same rounds. ``parser`` in the JSON says which loop the unsuffixed modes used.
 
 Transports: ``tcp`` (127.0.0.1, the issue's "over loopback") and ``unix``
 (what a proxy on the source host can offer QEMU: ``migrate unix:PATH``); on
 this 2-core machine loopback TCP caps even a direct sender->sink copy near
 2.2 GB/s, so the unix figures show what the relay code itself can do.
 
+Also reported: CPU seconds (user, sys) this process spent per GB of stream,
+median over rounds (the relay or proxy thread is the only busy one), and its
+inverse ``core_GBps``, what one core would carry doing only this: unlike
+GB/s these hardly depend on what else runs on the machine. ``loadavg`` is
+the 1-minute load average before and after the run.
+
 Last line: one JSON object. Usage:
     .venv/bin/python bench/proxy_throughput.py [--ram-mib 1024] [--rounds 5] [--transport tcp unix]
+        [--parser c python both]
 """
 
 from __future__ import annotations
@@ -30,6 +43,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -43,6 +57,7 @@ from typing import Any
 
 import numpy as np
 
+from host_collector.migration import parser as stream_parser
 from host_collector.migration.gate import NoHints, PageOracle, RewriteGate
 from host_collector.migration.proxy import MigrationProxy
 
@@ -130,6 +145,10 @@ class ImmediateGate(NoHints):
     def oracle_for(self, end: int) -> PageOracle | None:
         return self.oracle
 
+    def oracle_until(self, end: int) -> tuple[PageOracle | None, int]:
+        # NoHints' own says "no hints, ever": without this the mode rewrites nothing.
+        return self.oracle, 1 << 63
+
 
 class LaggingGate:
     """Confirms, every ``tick`` seconds, what had been received one tick earlier."""
@@ -158,6 +177,10 @@ class LaggingGate:
 
     def oracle_for(self, end: int) -> PageOracle | None:
         return self.oracle
+
+    def oracle_until(self, end: int) -> tuple[PageOracle | None, int]:
+        # One window per confirmation, as the epoch ledger gives one per poll.
+        return self.oracle, self.decided
 
     def add_listener(self, callback: Callable[[], None]) -> None:
         self.listeners.append(callback)
@@ -257,38 +280,80 @@ def peer(stream: str, conn: Any, tmp: Path) -> None:
         conn.send({"seconds": result["end"] - start, "sent": size, "received": result["got"]})
 
 
-def run_one(
-    mode: str, conn: Any, tr: Transport, sink: str, free: dict[str, bytearray]
-) -> dict[str, float]:
+class Peer:
+    """The helper process (:func:`peer`): sends the stream to a relay and sinks what comes out."""
+
+    def __init__(self, stream: Path, tmp: Path) -> None:
+        self.conn, child = mp.Pipe()
+        self.proc = mp.get_context("fork").Process(target=peer, args=(str(stream), child, tmp), daemon=True)
+        self.proc.start()
+        #: transport kind -> where the helper sinks
+        self.sinks: dict[str, str] = self.conn.recv()
+
+    def replay(self, kind: str, addr: str) -> None:
+        self.conn.send((kind, addr))
+
+    def result(self, timeout: float = 120.0) -> dict[str, float]:
+        """The helper's figures for the last replay; fails instead of hanging if it died."""
+        deadline = time.monotonic() + timeout
+        while not self.conn.poll(1.0):
+            if not self.proc.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the sender/sink process did not report (exit code {self.proc.exitcode})")
+        r: dict[str, float] = self.conn.recv()
+        return r
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.proc.join(10)
+
+
+def run_one(mode: str, helper: Peer, tr: Transport, free: dict[str, bytearray]) -> dict[str, float]:
+    """One replay through ``mode``; the helper's timing plus this process's CPU seconds."""
+    sink = helper.sinks[tr.kind]
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     if mode == "relay":
         ls, addr = tr.listen()
         ready = threading.Event()
-        t = threading.Thread(target=plain_relay, args=(ls, sink, ready))
+        t = threading.Thread(target=plain_relay, args=(ls, sink, ready), daemon=True)
         t.start()
         ready.wait()
-        conn.send((tr.kind, addr))
-        r: dict[str, float] = conn.recv()
+        helper.replay(tr.kind, addr)
+        r = helper.result()
         t.join()
         ls.close()
-        return r
+    else:
+        r = run_proxy(mode, helper, tr, sink, free)
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    r.update(user=cpu1.ru_utime - cpu0.ru_utime, sys=cpu1.ru_stime - cpu0.ru_stime)
+    return r
+
+
+def run_proxy(mode: str, helper: Peer, tr: Transport, sink: str, free: dict[str, bytearray]) -> dict[str, float]:
     gate: RewriteGate
-    if mode == "proxy":
+    base = mode.removesuffix("_py")
+    if base == "proxy":
         gate = NoHints()
-    elif mode == "proxy_hints":
+    elif base == "proxy_hints":
         gate = ImmediateGate(BitmapOracle(free))
     else:
         gate = LaggingGate(BitmapOracle(free))
+    # The proxy's parser reads the switch when it is created (on accept).
+    os.environ[stream_parser.NO_C_ENV] = "1" if mode.endswith("_py") else ""
     px = MigrationProxy(tr.spare_address(), sink, gate, hold_bytes=256 * MiB)
     px.start()
-    conn.send((tr.kind, px.listen_address))
-    r = conn.recv()
-    res = px.wait(60)
-    if isinstance(gate, LaggingGate):
-        gate.stop.set()
+    helper.replay(tr.kind, px.listen_address)
+    try:
+        r = helper.result()
+    finally:
+        res = px.wait(60)
+        if isinstance(gate, LaggingGate):
+            gate.stop.set()
+        px.close()
     assert res is not None, "proxy did not finish"
     st = res.stats
     r.update(rewritten=st.pages_rewritten, held=st.pages_held, unjudged=st.pages_released_unjudged)
     assert st.fallback_reason is None and res.outcome.value == "finished", res
+    assert base == "proxy" or st.pages_rewritten > 0, f"{mode}: the hints rewrote nothing"
     return r
 
 
@@ -298,7 +363,19 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--transport", nargs="+", choices=("tcp", "unix"), default=["tcp", "unix"])
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "fph-bench-stream")
+    ap.add_argument(
+        "--parser", choices=("c", "python", "both"), default=None,
+        help="record loop of the proxy runs (default: both if the C extension is built, else python)",
+    )  # fmt: skip
     args = ap.parse_args()
+    status = stream_parser.accelerator()  # "c", or why not (FPH_NO_C_PARSER is honoured)
+    choice = args.parser or ("both" if status == "c" else "python")
+    if choice != "python" and status != "c":
+        ap.error(f"--parser {choice}: {status}")
+    proxies = ["proxy", "proxy_hints", "proxy_held"]
+    py_modes = [m + "_py" for m in proxies]
+    modes = ["relay"] + {"c": proxies, "python": py_modes, "both": [x for p in zip(proxies, py_modes) for x in p]}[choice]
+    load_before = os.getloadavg()[0]
     args.cache.mkdir(exist_ok=True)
     stream, mask = capture(args.cache, args.ram_mib)
     nonzero = sum(mask) / len(mask)
@@ -309,37 +386,53 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="fph-bench-sock-") as td:
         tmp = Path(td)
-        parent, child = mp.Pipe()
-        proc = mp.get_context("fork").Process(target=peer, args=(str(stream), child, tmp), daemon=True)
-        proc.start()
-        sinks = parent.recv()
-        modes = ["relay", "proxy", "proxy_hints", "proxy_held"]
+        helper = Peer(stream, tmp)
         runs = [(kind, m) for kind in args.transport for m in modes]
         results: dict[tuple[str, str], list[dict[str, float]]] = {r: [] for r in runs}
         transports = {kind: Transport(kind, tmp) for kind in args.transport}
         for _ in range(args.rounds):
             for kind, m in runs:
-                results[kind, m].append(run_one(m, parent, transports[kind], sinks[kind], {"mem": free}))
-        parent.send(None)
-        proc.join(10)
+                results[kind, m].append(run_one(m, helper, transports[kind], {"mem": free}))
+        helper.close()
 
     size = os.path.getsize(stream)
-    out: dict[str, Any] = {"stream_bytes": size, "ram_mib": args.ram_mib, "nonzero_fraction": round(nonzero, 3)}
+    out: dict[str, Any] = {
+        "stream_bytes": size,
+        "ram_mib": args.ram_mib,
+        "nonzero_fraction": round(nonzero, 3),
+        "rounds": args.rounds,
+        "parser": {
+            "c": "c",
+            "both": "c (python in the *_py keys)",
+            "python": status if status != "c" else "python: --parser python",
+        }[choice],
+        "loadavg": [load_before, os.getloadavg()[0]],
+    }
     gbps: dict[tuple[str, str], list[float]] = {}
     for kind, m in runs:
-        gbps[kind, m] = [size / r["seconds"] / 1e9 for r in results[kind, m]]
+        rs = results[kind, m]
+        gbps[kind, m] = [size / r["seconds"] / 1e9 for r in rs]
         out[f"{kind}_{m}_GBps"] = round(statistics.median(gbps[kind, m]), 3)
         out[f"{kind}_{m}_best_GBps"] = round(max(gbps[kind, m]), 3)
-        print(f"{kind:4s} {m:12s} GB/s per round: {' '.join(f'{g:.2f}' for g in gbps[kind, m])}", file=sys.stderr)
+        for cpu in ("user", "sys"):
+            out[f"{kind}_{m}_{cpu}_s_per_GB"] = round(statistics.median(r[cpu] for r in rs) / (size / 1e9), 4)
+        # What one core would carry if this were all it did: GB per CPU second.
+        cpu_s = statistics.median(r["user"] + r["sys"] for r in rs)
+        out[f"{kind}_{m}_core_GBps"] = round(size / 1e9 / cpu_s, 2) if cpu_s > 0 else None
+        print(f"{kind:4s} {m:15s} GB/s per round: {' '.join(f'{g:.2f}' for g in gbps[kind, m])}", file=sys.stderr)
     for kind in args.transport:
-        for m in ("proxy", "proxy_hints", "proxy_held"):
+        for m in modes[1:]:
             # The machine is shared: compare each round's proxy run with the
-            # relay run right before it, then take the median of those ratios.
+            # relay run of the same round, then take the median of those ratios.
             ratios = [p / r for p, r in zip(gbps[kind, m], gbps[kind, "relay"])]
             out[f"{kind}_{m}_vs_relay"] = round(statistics.median(ratios), 3)
-        out[f"{kind}_rewritten_pages"] = results[kind, "proxy_hints"][-1].get("rewritten")
-        out[f"{kind}_held_pages_lagging_gate"] = results[kind, "proxy_held"][-1].get("held")
-        out[f"{kind}_unjudged_pages_lagging_gate"] = results[kind, "proxy_held"][-1].get("unjudged")
+        for m in modes[1:]:
+            if m.startswith("proxy_hints"):
+                out[f"{kind}_{m}_rewritten_pages"] = results[kind, m][-1].get("rewritten")
+            if m.startswith("proxy_held"):
+                out[f"{kind}_{m}_rewritten_pages"] = results[kind, m][-1].get("rewritten")
+                out[f"{kind}_{m}_held_pages"] = results[kind, m][-1].get("held")
+                out[f"{kind}_{m}_unjudged_pages"] = results[kind, m][-1].get("unjudged")
     print(json.dumps(out))
 
 

@@ -13,6 +13,8 @@ inside an item. No item it accepts is longer than :data:`MAX_ITEM` bytes.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from host_collector.migration import stream as s
@@ -37,6 +39,35 @@ _PAGE_CONT = s.FLAG_PAGE | s.FLAG_CONTINUE
 _ZERO_CONT = s.FLAG_ZERO | s.FLAG_CONTINUE
 _FLAGS = s.FLAGS_MASK
 _ADDR = ~s.FLAGS_MASK
+
+#: Set (to anything but "" or "0") to parse with the pure-Python loop even
+#: when the C accelerator is built.
+NO_C_ENV = "FPH_NO_C_PARSER"
+
+#: ``continue_records(buf, pos, end, block, block_len, pages) -> (pos, zeros)``
+#: of the optional ``_fastparse`` extension: the CONTINUE PAGE/ZERO part of
+#: :meth:`StreamParser._ram_records`, in C.
+ContinueRecords = Callable[[bytearray, int, int, str, int, list[PageRecord]], tuple[int, int]]
+
+
+def _load_accelerator() -> tuple[ContinueRecords | None, str]:
+    try:
+        from host_collector.migration._fastparse import continue_records
+    except ImportError as e:  # not built (no compiler or headers at install time)
+        return None, f"C extension not available ({e})"
+    return continue_records, ""
+
+
+_C_CONTINUE, _C_MISSING = _load_accelerator()
+
+
+def accelerator() -> str:
+    """Which record loop a default :class:`StreamParser` uses, and if Python, why."""
+    if _C_CONTINUE is None:
+        return f"python: {_C_MISSING}"
+    if os.environ.get(NO_C_ENV, "") not in ("", "0"):
+        return f"python: {NO_C_ENV} is set"
+    return "c"
 
 # Where the parser stands between items.
 _HEADER = 0  # before "QEVM"
@@ -81,9 +112,19 @@ class StreamParser:
 
     ``feed`` appends to :attr:`pages` and :attr:`transitions`; the caller
     empties them after each call.
+
+    ``accelerate``: None (default) parses runs of CONTINUE records with the C
+    extension when it is built and :data:`NO_C_ENV` is not set; False never
+    does; True requires it. Results are the same either way.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, accelerate: bool | None = None) -> None:
+        if accelerate is None:
+            accelerate = accelerator() == "c"
+        elif accelerate and _C_CONTINUE is None:
+            raise RuntimeError(_C_MISSING)
+        #: The C loop for runs of CONTINUE records, if used.
+        self._c_continue = _C_CONTINUE if accelerate else None
         self.phase = Phase.HEADER
         self.fallback: Fallback | None = None
         #: PAGE records completed by the last ``feed`` calls.
@@ -103,6 +144,11 @@ class StreamParser:
         self._ignore_shared = False
         self._block: str | None = None  # the block CONTINUE refers to
         self._block_len = 0
+
+    @property
+    def accelerated(self) -> bool:
+        """Whether runs of CONTINUE records are parsed by the C extension."""
+        return self._c_continue is not None
 
     @property
     def parsing(self) -> bool:
@@ -299,16 +345,23 @@ class StreamParser:
 
         Returns the position after the last complete record; leaves
         ``_state`` at ``_RAM`` if the payload continues beyond ``end``.
+        The C loop, if used, takes runs of CONTINUE PAGE/ZERO records and
+        stops at the first record it does not take, with every check of the
+        two branches below; that record then goes through this loop.
         """
         if self._ram_kind == s.SECTION_START:
             return self._setup_records(buf, pos, end)
         pages = self.pages
         block = self._block
         block_len = self._block_len
+        c_continue = self._c_continue
         zeros = 0
         npages = len(pages)
         try:
             while True:
+                if c_continue is not None and block is not None:
+                    pos, n = c_continue(buf, pos, end, block, block_len, pages)
+                    zeros += n
                 if end - pos < 8:
                     return pos
                 w = _U64(buf, pos)[0]
