@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 # QEMU 10.0 (needed to migrate running TCG guests) comes from scripts/install-qemu10.sh.
 APT_PACKAGES="qemu-system-x86 qemu-utils debootstrap e2fsprogs python3-venv python3-pip
-python3-bpfcc bpfcc-tools bpftool linux-headers-amd64 zstd cpio"
+python3-bpfcc bpfcc-tools bpftool linux-headers-amd64 zstd cpio gcc python3-dev"
 
 missing=""
 for p in $APT_PACKAGES; do
@@ -28,7 +28,7 @@ scripts/bcc-headers.sh
 # is importable only from there.
 VENV=${VENV:-.venv}
 stamp="$VENV/.fphint-installed"
-want=$(cat pyproject.toml scripts/install-deps.sh | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml scripts/install-deps.sh host_collector/migration/_fastparse.c | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     exit 0
 fi
