@@ -87,6 +87,17 @@ class Epoch:
     def is_open(self) -> bool:
         return self._open
 
+    @property
+    def hints_pending(self) -> bool:
+        """A request went out and its snapshot is still arriving, before the deadline.
+
+        The proxy may hold records a little longer then: a record judged before
+        its page's hint arrived is sent whole (any thread may ask).
+        """
+        return (
+            self.request_sent and self._open and not self.snapshot_done.is_set() and time.monotonic() < self.deadline
+        )
+
     def is_free(self, block: str, page: int) -> bool:
         m = self._masks.get(block)
         return m is not None and 0 <= page < m.shape[0] and bool(m[page])

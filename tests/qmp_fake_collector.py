@@ -26,6 +26,9 @@ class FakeEpoch:
     def is_open(self) -> bool:
         return self._open
 
+    #: Tests set this to model a snapshot still on its way.
+    hints_pending = False
+
     def is_free(self, block: str, page: int) -> bool:
         assert not self.released, f"is_free on released epoch {self.id}"
         return (block, page) in self.free

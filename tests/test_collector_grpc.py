@@ -77,10 +77,12 @@ def test_stalled_agent_does_not_hold_the_epoch_or_others() -> None:
                 await wait_attached(srv, "slow", "fast")
                 t0 = time.monotonic()
                 slow = srv.collector.open_epoch("slow", 0.5)
+                assert slow.hints_pending
                 fast = srv.collector.open_epoch("fast", 0.5)
                 await asyncio.wait_for(slow.wait_closed(), 2.0)
                 took = time.monotonic() - t0
                 assert slow.close_reason == "deadline" and 0.45 < took < 1.5
+                assert not slow.hints_pending
                 assert slow.free_pages() == 0
                 assert fast.free_pages() == pages_of(GOOD)
                 again = srv.collector.open_epoch("fast", 1.0)
@@ -361,11 +363,22 @@ def test_agent_streams_scan_parts_as_they_come() -> None:
                 ep = srv.collector.open_epoch("a", 5.0)
                 await asyncio.sleep(0.5)
                 assert ep.free_pages() == pages_of(GOOD[:2])  # the first part is in, the scan is not over
+                assert ep.hints_pending
                 await asyncio.wait_for(ep.snapshot_done.wait(), 5.0)
+                assert not ep.hints_pending
                 st = ep.stats()
                 assert ep.free_pages() == pages_of(GOOD) and st.reports == 1
                 assert st.request_to_first_chunk_s is not None and st.request_to_first_chunk_s < 0.5
                 assert st.request_to_last_chunk_s is not None and st.request_to_last_chunk_s >= 1.0
                 assert st.agent["snapshot_pages"] == pages_of(GOOD)
+
+    run(go())
+
+
+def test_no_hints_pending_without_an_agent() -> None:
+    async def go() -> None:
+        async with running_collector(make_config(["a"])) as srv:
+            ep = srv.collector.open_epoch("a", 5.0)
+            assert not ep.request_sent and not ep.hints_pending
 
     run(go())

@@ -473,3 +473,32 @@ def test_simulator_catches_planted_window_faults(fault: type[EpochLedger]) -> No
     results = [simulate(seed, fault, span=True) for seed in range(600)]
     assert sum(1 for r in results if r.mismatches) > 0, f"{fault.__name__} never disagreed with oracle_for"
     assert sum(1 for r in results if r.violations) > 0, f"{fault.__name__} never broke the rule"
+
+
+def test_decisions_wait_while_the_open_epochs_snapshot_arrives() -> None:
+    """A record judged before its page's hint arrived goes out whole: while the
+    open epoch's snapshot is still coming, decided_through stays where it was
+    when the request went out; it moves on once the snapshot is in, or the epoch
+    closes (the proxy's own hold bounds cap the wait)."""
+    led, c = ledger()
+    led.received(100)
+    led.on_poll(100, 0)
+    e1 = epoch(c, led.on_pass(1))
+    e1.hints_pending = True
+    led.received(5000)
+    led.on_poll(5000, 1)
+    assert led.decided_through() == 100  # held: the hints are on their way
+    e1.add_free(BLOCK, 7)
+    e1.hints_pending = False
+    assert led.decided_through() == 5000
+    o = led.oracle_for(4000)
+    assert o is not None and o.is_free(BLOCK, 7)
+    # Pending hints of an epoch a newer pass closed hold nothing.
+    e2 = epoch(c, led.on_pass(2))
+    e2.hints_pending = True
+    assert led.decided_through() == 5000  # e2 opened with 5000 decided
+    led.received(9000)
+    led.on_poll(9000, 2)
+    assert led.decided_through() == 5000
+    led.on_pass(3)  # closes e2
+    assert led.decided_through() == 9000

@@ -48,6 +48,9 @@ class EpochLike(Protocol):
 
     def is_free(self, block: str, page: int) -> bool: ...
 
+    @property
+    def hints_pending(self) -> bool: ...
+
 
 class CollectorLike(Protocol):
     """What the ledger needs of ``host_collector.epochs.Collector``."""
@@ -64,6 +67,8 @@ class EpochEntry:
     sync: int
     epoch: EpochLike
     request_offset: int
+    #: decided_through() when the epoch opened: held there while its snapshot arrives.
+    decided_at_open: int = 0
     closed: bool = False
     released: bool = False
     unusable_after_poll: int | None = None  # index of the poll that made it stale for all later records
@@ -176,7 +181,7 @@ class EpochLedger:
             except Exception as err:  # the collector refusing must stop rewrites, not the migration
                 self._fail_locked(f"collector could not open epoch for sync {count}: {err}")
                 return None
-            entry = EpochEntry(count, epoch, self._received)
+            entry = EpochEntry(count, epoch, self._received, self._poll_x[-1] if self._poll_x else 0)
             self._epochs[count] = entry
             self.stats.epochs_opened += 1
             return entry
@@ -235,9 +240,17 @@ class EpochLedger:
     # ---- verdicts ---------------------------------------------------------
 
     def decided_through(self) -> int:
+        """The last answered poll's offset, held where it stood when the open
+        epoch's request went out while its snapshot is still arriving: a record
+        judged now would miss hints that are on their way (the proxy's hold
+        bounds still cap the wait, so no migration waits on a guest)."""
         if self._failed:
             return NEVER_DECIDED_LIMIT
-        return self._poll_x[-1] if self._poll_x else 0
+        x = self._poll_x[-1] if self._poll_x else 0
+        for e in list(self._epochs.values()):
+            if not e.closed and e.epoch.hints_pending:
+                x = min(x, e.decided_at_open)
+        return x
 
     def oracle_for(self, end: int) -> PageOracle | None:
         with self._lock:
