@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 #: Hint requests queued to one agent and not yet sent; beyond this a request
 #: is dropped (its epoch gets no hints) rather than waiting.
 ATTACH_QUEUE = 8
+#: How long an epoch's hints count as "on their way" (Epoch.hints_pending):
+#: the first chunk must come this soon after the request...
+WAIT_FIRST_CHUNK_S = 0.25
+#: ...and the whole snapshot this soon.
+WAIT_SNAPSHOT_S = 1.0
 
 
 @dataclass
@@ -89,14 +94,25 @@ class Epoch:
 
     @property
     def hints_pending(self) -> bool:
-        """A request went out and its snapshot is still arriving, before the deadline.
+        """The snapshot is on its way: worth holding records for, briefly.
 
-        The proxy may hold records a little longer then: a record judged before
-        its page's hint arrived is sent whole (any thread may ask).
+        A record judged before its page's hint arrived is sent whole, so the
+        proxy holds records while this is true (any thread may ask). It is
+        true only for a short while: until the first chunk for
+        :data:`WAIT_FIRST_CHUNK_S` (a silent agent costs no more), then until
+        the snapshot is complete, for at most :data:`WAIT_SNAPSHOT_S`.
         """
-        return (
-            self.request_sent and self._open and not self.snapshot_done.is_set() and time.monotonic() < self.deadline
-        )
+        if not (self.request_sent and self._open) or self.snapshot_done.is_set():
+            return False
+        age = time.monotonic() - self.opened_at
+        if age >= WAIT_SNAPSHOT_S or time.monotonic() >= self.deadline:
+            return False
+        return self._first_chunk_at is not None or age < WAIT_FIRST_CHUNK_S
+
+    @property
+    def answered(self) -> bool:
+        """The agent sent at least one chunk for this epoch."""
+        return self._first_chunk_at is not None
 
     def is_free(self, block: str, page: int) -> bool:
         m = self._masks.get(block)

@@ -26,8 +26,9 @@ class FakeEpoch:
     def is_open(self) -> bool:
         return self._open
 
-    #: Tests set this to model a snapshot still on its way.
+    #: Tests set these to model a snapshot still on its way, or a silent agent.
     hints_pending = False
+    answered = True
 
     def is_free(self, block: str, page: int) -> bool:
         assert not self.released, f"is_free on released epoch {self.id}"

@@ -78,6 +78,8 @@ def test_stalled_agent_does_not_hold_the_epoch_or_others() -> None:
                 t0 = time.monotonic()
                 slow = srv.collector.open_epoch("slow", 0.5)
                 assert slow.hints_pending
+                await asyncio.sleep(0.3)
+                assert not slow.hints_pending  # no first chunk in time: not worth holding records for
                 fast = srv.collector.open_epoch("fast", 0.5)
                 await asyncio.wait_for(slow.wait_closed(), 2.0)
                 took = time.monotonic() - t0

@@ -502,3 +502,20 @@ def test_decisions_wait_while_the_open_epochs_snapshot_arrives() -> None:
     assert led.decided_through() == 5000
     led.on_pass(3)  # closes e2
     assert led.decided_through() == 9000
+
+
+def test_a_silent_agent_is_not_waited_for_twice() -> None:
+    led, c = ledger()
+    led.received(100)
+    led.on_poll(100, 0)
+    e1 = epoch(c, led.on_pass(1))
+    e1.hints_pending, e1.answered = True, False
+    led.received(5000)
+    led.on_poll(5000, 1)
+    assert led.decided_through() == 100  # the first request: held briefly
+    e1.hints_pending = False  # its grace ran out without a chunk
+    e2 = epoch(c, led.on_pass(2))  # closes e1, unanswered
+    e2.hints_pending = True
+    led.received(9000)
+    led.on_poll(9000, 2)
+    assert led.decided_through() == 9000  # not held again

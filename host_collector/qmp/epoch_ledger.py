@@ -51,6 +51,9 @@ class EpochLike(Protocol):
     @property
     def hints_pending(self) -> bool: ...
 
+    @property
+    def answered(self) -> bool: ...
+
 
 class CollectorLike(Protocol):
     """What the ledger needs of ``host_collector.epochs.Collector``."""
@@ -138,6 +141,8 @@ class EpochLedger:
         self._last_pass = 0
         self._failed: str | None = None
         self._last_oracle: EpochOracle | None = None
+        #: An epoch closed without a single chunk from the agent.
+        self._agent_silent = False
         self.stats = LedgerStats()
 
     # ---- inputs -----------------------------------------------------------
@@ -247,6 +252,8 @@ class EpochLedger:
         if self._failed:
             return NEVER_DECIDED_LIMIT
         x = self._poll_x[-1] if self._poll_x else 0
+        if self._agent_silent:
+            return x  # it never answered an earlier epoch: don't hold for it again
         for e in list(self._epochs.values()):
             if not e.closed and e.epoch.hints_pending:
                 x = min(x, e.decided_at_open)
@@ -331,6 +338,8 @@ class EpochLedger:
         if e.closed:
             return
         e.closed = True
+        if not getattr(e.epoch, "answered", True):
+            self._agent_silent = True
         try:
             self._collector.close_epoch(self._vm, e.epoch.id, reason)
         except Exception:  # a collector that already dropped it is fine
