@@ -64,6 +64,10 @@ class Limits:
     max_connection_age_grace_s: float = 30.0
     #: Closed epochs kept per VM for the proxy before the oldest is released.
     retained_epochs: int = 4
+    #: Stream the migration proxy may hold back waiting for hints, per
+    #: migration, in bytes and seconds; beyond either it goes out unchanged.
+    proxy_hold_bytes: int = 128 << 20
+    proxy_hold_s: float = 2.0
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,8 @@ admin = "unix:/run/a.sock"
 metrics = "127.0.0.1:9464"
 max_ranges_per_epoch = 1000
 default_deadline_ms = 500
+proxy_hold_bytes = 0x4000000
+proxy_hold_s = 3
 
 [[vm]]
 name = "a"
@@ -66,6 +68,7 @@ vsock_cid = 5
 """))
     assert [a.kind for a in cfg.listen] == ["tcp", "unix", "vsock"]
     assert cfg.limits.max_ranges_per_epoch == 1000 and cfg.default_deadline_s == 0.5
+    assert cfg.limits.proxy_hold_bytes == 64 << 20 and cfg.limits.proxy_hold_s == 3.0
     assert cfg.vms[0].layout is not None and cfg.vms[0].layout.ram_bytes == 0x100000
     assert cfg.vms[1].token == GOOD_TOKEN + "-2" and cfg.vms[1].vsock_cid == 5 and cfg.vms[1].layout is None
 

@@ -223,7 +223,11 @@ class MigrationRun:
             gate = self._make_gate(preflight)
             if self.issue_migrate and not await self._set_parameters():
                 return self._finish(None, None)
-            proxy = self._proxy = MigrationProxy(self.plan.listen, self.plan.to, gate)
+            limits = self.collector.limits
+            proxy = self._proxy = MigrationProxy(
+                self.plan.listen, self.plan.to, gate,
+                hold_bytes=limits.proxy_hold_bytes, hold_seconds=limits.proxy_hold_s,
+            )
             try:
                 proxy.start()
             except (ProxyError, OSError) as e:
