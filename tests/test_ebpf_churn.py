@@ -9,8 +9,13 @@ allocation event covering it fired after the part's scan phase ended
 (tracefs tracepoints with their pfn fields, one timestamp per PFN in an
 array map: nothing is lost), independent of the source's cross-check.
 
-The same storm is then scanned with the cross-check switched off, and with
-the page_type re-read removed, to see whether the checker catches them.
+The storm alone races with a scan only by chance (on CI it once ran 15
+rounds without exposing a missing cross-check), so the tests also plant a
+race that cannot miss: right after each portion's last scan run, before the
+portion is filtered, the test itself takes and holds memory. Every page of
+it that came from a block the portion read as free is in use, allocated
+before the portion ended: the cross-check must drop it, and without the
+cross-check the checker must count it.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from guest_agent.sources.ebpf import EbpfSource, Options, headers, system
+from guest_agent.sources.ebpf.program import Ctl
 from guest_agent.sources.ebpf.selftest import buddy_flags, reporting_block, runs_of
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.slow]
@@ -111,6 +117,42 @@ TRACEPOINT_PROBE(compaction, mm_compaction_fast_isolate_freepages) {
 """
 
 NR_RANGES = 1 << 16
+
+#: Memory the planted race takes at the end of each portion's scan. Parts are
+#: 512 MiB here; wherever the allocator takes these pages from, the portion
+#: that holds them is scanned once per round, so a round cannot miss.
+RACE_BYTES = 64 << 20
+
+
+class PlantedRace:
+    """Stands in for the scan program's runner: after the last run of a
+    portion it allocates RACE_BYTES (small pages) and holds them through the
+    portion's filter and the checker's re-read; the next run frees them."""
+
+    def __init__(self, src: EbpfSource) -> None:
+        assert src.scanner is not None
+        self.prog = src.scanner.prog
+        self.inner = self.prog.scan
+        self.held: mmap.mmap | None = None
+        self.takes = 0
+        self.prog.scan = self  # type: ignore[assignment]
+
+    def run(self, a0: int = 0, a1: int = 0) -> int:
+        self.release()
+        ret = self.inner.run(a0, a1)
+        if self.prog.ctl[Ctl.CURSOR] >= a1:
+            m = mmap.mmap(-1, RACE_BYTES)
+            m.madvise(mmap.MADV_NOHUGEPAGE)
+            for off in range(0, RACE_BYTES, PAGE):
+                m[off] = 1
+            self.held = m
+            self.takes += 1
+        return ret
+
+    def release(self) -> None:
+        if self.held is not None:
+            self.held.close()
+            self.held = None
 
 
 class AllocTracer:
@@ -239,20 +281,35 @@ def test_scans_are_sound_under_churn(storm: list[subprocess.Popen[bytes]], trace
     assert all(p.poll() is None for p in storm), "the storm must still be running"
     print(f"\nchecked: {v}")
     assert v.reported > 0
-    assert v.dropped > 0, "the storm should race with the scans"
+    assert v.violations == 0, f"pages reported free, in use, and no allocation after the scan: {v}"
+
+
+def _raced(options: Options, tracer: AllocTracer, rounds: int, until_violation: bool = False) -> Verdict:
+    src = _opened(options)
+    race = PlantedRace(src)
+    try:
+        v = check_rounds(src, tracer, rounds, until_violation=until_violation)
+    finally:
+        race.release()
+        src.close()
+    assert race.takes >= v.rounds, "the race must run in every portion"
+    return v
+
+
+def test_planted_race_is_dropped(storm: list[subprocess.Popen[bytes]], tracer: AllocTracer) -> None:
+    """The cross-check drops what the planted race takes; nothing leaks."""
+    v = _raced(Options(), tracer, 2)
+    print(f"\nplanted race, cross-check on: {v}")
+    assert v.dropped > 0, "the planted race must touch blocks the scan read"
     assert v.violations == 0, f"pages reported free, in use, and no allocation after the scan: {v}"
 
 
 def test_checker_catches_scans_without_the_crosscheck(storm: list[subprocess.Popen[bytes]], tracer: AllocTracer) -> None:
-    """With the in-scan cross-check off, blocks allocated between their read
-    and the end of the scan are reported; the rule above must see them."""
-    src = _opened(Options(crosscheck=False))
-    try:
-        v = check_rounds(src, tracer, 3 * ROUNDS, until_violation=True)
-    finally:
-        src.close()
-    print(f"\nwithout cross-check: {v}")
-    assert v.violations > 0, f"churn did not expose the missing cross-check: {v}"
+    """With the in-scan cross-check off, the pages the planted race takes
+    from blocks already read are reported; the rule above must see them."""
+    v = _raced(Options(crosscheck=False), tracer, 3, until_violation=True)
+    print(f"\nplanted race, cross-check off: {v}")
+    assert v.violations > 0, f"the checker missed the planted race: {v}"
 
 
 def test_without_the_recheck(storm: list[subprocess.Popen[bytes]], tracer: AllocTracer) -> None:
