@@ -142,6 +142,7 @@ class VM:
             shell=rundir / f"{name}.shell",
             shell_log=rundir / f"{name}.shell.log",
             console_log=rundir / f"{name}.console.log",
+            aux_qmp=rundir / f"{name}.fphint.qmp",
             incoming=incoming,
             paused=paused,
             extra_args=extra_args,
@@ -162,6 +163,12 @@ class VM:
     def ram_path(self) -> Path:
         """The guest RAM file (RAMBlock ``mem``), valid until shutdown()."""
         return self.endpoints.mem_path
+
+    @property
+    def aux_qmp(self) -> Path:
+        """The second QMP monitor's socket (for fphint's collector)."""
+        assert self.endpoints.aux_qmp is not None
+        return self.endpoints.aux_qmp
 
     @property
     def pid(self) -> int | None:

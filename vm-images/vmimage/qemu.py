@@ -95,6 +95,9 @@ class Endpoints:
     #: Start with ``-S``: CPUs stay stopped until QMP ``cont``; for a
     #: destination, after the migration completes.
     paused: bool = False
+    #: A second QMP monitor, for fphint's collector (QEMU serves one client
+    #: per monitor, and the harness keeps the first).
+    aux_qmp: Path | None = None
     extra_args: tuple[str, ...] = field(default=())
 
 
@@ -166,6 +169,8 @@ def qemu_argv(guest: GuestConfig, ep: Endpoints, binary: str | None = None) -> l
         "-serial", "chardev:shell0",
         "-qmp", f"unix:{ep.qmp},server=on,wait=off",
     ]  # fmt: skip
+    if ep.aux_qmp is not None:
+        argv += ["-qmp", f"unix:{ep.aux_qmp},server=on,wait=off"]
     if guest.token is not None:
         argv += ["-fw_cfg", f"name={FW_CFG_TOKEN},string={fw_cfg_string(guest.token)}"]
     if guest.collector is not None:
