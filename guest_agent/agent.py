@@ -17,6 +17,7 @@ import asyncio
 import concurrent.futures
 import logging
 import random
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from fphint import addresses, ranges, vsock
 from fphint.v1 import hints_pb2, hints_pb2_grpc
 
 from .facts import self_usage
-from .sources.base import FreePageSource, LiveFrees
+from .sources.base import FreePageSource, LiveFrees, Part
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +78,6 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempt = 0
-
-
-def limit_ranges(rs: Sequence[tuple[int, int]], max_ranges: int) -> tuple[list[tuple[int, int]], int]:
-    """Keep at most ``max_ranges`` ranges, the largest ones, in address order."""
-    if max_ranges <= 0 or len(rs) <= max_ranges:
-        return list(rs), 0
-    keep = sorted(sorted(rs, key=lambda r: r[1], reverse=True)[:max_ranges])
-    return keep, len(rs) - max_ranges
 
 
 class Agent:
@@ -231,25 +224,104 @@ class Agent:
         if live is not None:
             live.start()  # frees from now on: after the request arrived
         try:
-            loop = asyncio.get_running_loop()
-            snap = await loop.run_in_executor(self._scanner, self.source.snapshot, deadline)
-            rs, truncated = limit_ranges(snap.ranges, req.max_ranges)
-            cpu, rss = self_usage()
-            stats = hints_pb2.AgentStats(
-                cpu_seconds=cpu,
-                rss_bytes=rss,
-                snapshot_us=min(int(snap.duration_s * 1e6), 2**32 - 1),
-                snapshot_pages=snap.pages,
-                truncated_ranges=truncated,
-            )
             per_chunk = max(1, min(self.settings.chunk_ranges, req.max_ranges_per_chunk or self.settings.chunk_ranges))
-            budget = req.max_ranges - len(rs) if req.max_ranges else 1 << 62
-            await self._send(stub, md, req.epoch, hints_pb2.REPORT_KIND_SNAPSHOT, rs, per_chunk, deadline, stats)
+            sent = await self._stream_snapshot(stub, md, req, per_chunk, deadline)
             if live is not None:
+                budget = req.max_ranges - sent if req.max_ranges else 1 << 62
                 await self._live(stub, md, req.epoch, live, per_chunk, deadline, budget)
         finally:
             if live is not None:
                 live.stop()
+
+    async def _stream_snapshot(
+        self,
+        stub: hints_pb2_grpc.FreePageHintsStub,
+        md: tuple[tuple[str, str], ...],
+        req: hints_pb2.HintRequest,
+        per_chunk: int,
+        deadline: float,
+    ) -> int:
+        """Scan in the scanner thread and send each part as it is ready, as
+        chunks of one Report call; returns the ranges sent."""
+        assert self.source is not None
+        source = self.source
+        loop = asyncio.get_running_loop()
+        parts: asyncio.Queue[Part | BaseException | None] = asyncio.Queue()
+        stop = threading.Event()
+        timing = {"start": 0.0, "end": 0.0}
+
+        def scan() -> None:
+            timing["start"] = time.monotonic()
+            try:
+                for part in source.parts(deadline):
+                    loop.call_soon_threadsafe(parts.put_nowait, part)
+                    if stop.is_set():
+                        break
+                loop.call_soon_threadsafe(parts.put_nowait, None)
+            except BaseException as e:  # handed to the loop, raised there
+                loop.call_soon_threadsafe(parts.put_nowait, e)
+            finally:
+                timing["end"] = time.monotonic()
+
+        max_ranges = req.max_ranges or (1 << 62)
+        counts = {"sent": 0, "truncated": 0, "pages": 0}
+
+        async def chunks() -> AsyncIterator[hints_pb2.ReportChunk]:
+            state = ranges.CodecState()
+            seq = 0
+            pending: list[tuple[int, int]] = []
+            done = ended = False
+            while not done:
+                item = await parts.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item is None:
+                    done = True
+                else:
+                    counts["pages"] += item.pages
+                    room = max_ranges - counts["sent"] - len(pending)
+                    pending.extend(item.ranges[:room])
+                    counts["truncated"] += max(0, len(item.ranges) - room)
+                # Send what is ready: full chunks now, the remainder when the
+                # scan ends or no more parts are waiting (first chunk early).
+                while pending and (len(pending) >= per_chunk or done or parts.empty()):
+                    if time.monotonic() >= deadline:
+                        return  # out of time: stop early; what was sent still counts
+                    batch, pending = pending[:per_chunk], pending[per_chunk:]
+                    last = done and not pending
+                    counts["sent"] += len(batch)
+                    yield self._chunk(req.epoch, seq, batch, state, last, timing, counts)
+                    seq, ended = seq + 1, last
+            if not ended:  # everything was sent early: close the call with an empty end chunk
+                yield self._chunk(req.epoch, seq, [], state, True, timing, counts)
+
+        worker = loop.run_in_executor(self._scanner, scan)
+        remaining = deadline - time.monotonic()
+        try:
+            if remaining > 0:
+                await stub.Report(chunks(), timeout=remaining, metadata=md)
+                self.reports_sent += 1
+        finally:
+            stop.set()
+            await asyncio.shield(worker)
+        return counts["sent"]
+
+    def _chunk(
+        self, epoch: int, seq: int, batch: Sequence[tuple[int, int]], state: ranges.CodecState, last: bool,
+        timing: dict[str, float], counts: dict[str, int],
+    ) -> hints_pb2.ReportChunk:
+        stats = None
+        if last:
+            cpu, rss = self_usage()
+            scan_s = max(0.0, (timing["end"] or time.monotonic()) - timing["start"])
+            stats = hints_pb2.AgentStats(
+                cpu_seconds=cpu, rss_bytes=rss, snapshot_us=min(int(scan_s * 1e6), 2**32 - 1),
+                snapshot_pages=counts["pages"], truncated_ranges=counts["truncated"],
+            )
+        return hints_pb2.ReportChunk(
+            epoch=epoch, seq=seq, kind=hints_pb2.REPORT_KIND_SNAPSHOT, ranges=ranges.encode(batch, state),
+            end=last, stats=stats,
+        )
 
     async def _send(
         self,

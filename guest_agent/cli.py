@@ -26,6 +26,7 @@ from . import discovery
 from .agent import Agent, Endpoint, Settings
 from .facts import build_facts, detect_safety
 from .selection import PREFERENCES, select_source
+from .sources.base import SourceUnavailable
 
 log = logging.getLogger("guest_agent")
 
@@ -51,10 +52,11 @@ def _parser() -> argparse.ArgumentParser:
 def _show_bpf() -> int:
     try:
         from .sources.ebpf import bpf_program_text
-    except ImportError as e:
+
+        print(bpf_program_text())
+    except (ImportError, SourceUnavailable) as e:
         print(f"fph-agent: the eBPF source is not available: {e}", file=sys.stderr)
         return 1
-    print(bpf_program_text())
     return 0
 
 
@@ -68,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     safety = detect_safety()
     sel = select_source(args.source, safety)
-    facts = build_facts(safety, sel.statuses, sel.name, sel.refusal)
+    details = getattr(sel.source, "facts", None)
+    facts = build_facts(safety, sel.statuses, sel.name, sel.refusal,
+                        details={str(k): str(v) for k, v in details.items()} if isinstance(details, dict) else None)
     if args.cmd == "probe":
         print(json.dumps(json_format.MessageToDict(facts, preserving_proto_field_name=True), indent=2))
         return 0

@@ -123,9 +123,11 @@ def total_ram_bytes(paths: Paths = Paths()) -> int:
 
 
 def build_facts(
-    safety: GuestSafety, sources: list[hints_pb2.SourceStatus], chosen: str, refusal: str, paths: Paths = Paths()
+    safety: GuestSafety, sources: list[hints_pb2.SourceStatus], chosen: str, refusal: str, paths: Paths = Paths(),
+    details: dict[str, str] | None = None,
 ) -> hints_pb2.AgentFacts:
     return hints_pb2.AgentFacts(
+        source_details=details or {},
         agent_version=fphint.__version__,
         kernel_release=platform.release(),
         page_size=resource.getpagesize(),

@@ -25,7 +25,7 @@ PREFERENCES = ("auto", "ebpf", "kpageflags", "none")
 def _ebpf() -> FreePageSource:
     from .sources.ebpf import EbpfSource  # bcc is only importable from Debian's python3
 
-    return EbpfSource()  # type: ignore[no-any-return]
+    return EbpfSource()
 
 
 FACTORIES: dict[str, Callable[[], FreePageSource]] = {"ebpf": _ebpf, "kpageflags": KpageflagsSource}

@@ -239,6 +239,7 @@ class Collector:
                 "kernel": facts.kernel_release,
                 "source": facts.chosen_source,
                 "refusal": facts.refusal,
+                "source_details": dict(facts.source_details),
             },
         )
         return att

@@ -44,6 +44,10 @@ def sanitize_facts(facts: hints_pb2.AgentFacts) -> hints_pb2.AgentFacts:
         clean = "".join(ch if ch.isprintable() else "?" for ch in value[:FACT_TEXT_MAX])
         setattr(out, name, clean)
     del out.sources[16:]
+    details = sorted(out.source_details.items())[:32]
+    out.ClearField("source_details")
+    for k, v in details:
+        out.source_details[k[:64]] = "".join(ch if ch.isprintable() else "?" for ch in v[:FACT_TEXT_MAX])
     for s in out.sources:
         s.name = s.name[:64]
         s.reason = s.reason[:FACT_TEXT_MAX]

@@ -20,6 +20,9 @@ if [ -n "$missing" ]; then
 fi
 
 scripts/install-qemu10.sh
+# bcc compiles against kernel headers; where the running kernel ships none
+# (as on this vendor kernel), assemble a tree from Debian's packages.
+scripts/bcc-headers.sh
 
 # The venv uses Debian's python3 with system site packages: bcc (python3-bpfcc)
 # is importable only from there.

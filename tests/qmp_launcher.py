@@ -27,6 +27,21 @@ QEMU = os.environ.get("FPH_QEMU", "qemu-system-x86_64")
 QEMU_DATA_DIRS = [d for d in os.environ.get("FPH_QEMU_DATA", "").split(":") if d]
 
 
+def qemu_version() -> tuple[int, int]:
+    """(major, minor) of the QEMU the tests run, from its --version line."""
+    import re
+
+    out = subprocess.run([qemu_binary(), "--version"], capture_output=True, text=True, timeout=30).stdout
+    m = re.search(r"version (\d+)\.(\d+)", out)
+    if m is None:
+        pytest.fail(f"cannot tell the version of {QEMU}: {out!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+#: First QEMU whose TCG keeps migration dirty tracking right (see preflight.py).
+TCG_FIXED = (9, 0)
+
+
 def qemu_binary() -> str:
     path = shutil.which(QEMU)
     if path is None:

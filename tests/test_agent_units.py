@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from guest_agent import discovery
-from guest_agent.agent import Backoff, limit_ranges
+from guest_agent.agent import Backoff
 from guest_agent.facts import GuestSafety, Paths, detect_safety
 from guest_agent.selection import select_source
 from guest_agent.sources.base import FreePageSource, Probe, Snapshot, SourceUnavailable
@@ -132,13 +132,6 @@ def test_backoff_grows_with_jitter_and_resets() -> None:
     assert len(set(delays)) == len(delays)  # jittered
     b.reset()
     assert b.next() <= 0.5
-
-
-def test_limit_ranges_keeps_the_largest_in_order() -> None:
-    rs = [(0, 4096), (8192, 40960), (65536, 8192), (131072, 4096)]
-    kept, dropped = limit_ranges(rs, 2)
-    assert kept == [(8192, 40960), (65536, 8192)] and dropped == 2
-    assert limit_ranges(rs, 10) == (rs, 0)
 
 
 def kpageflags_file(tmp: Path, buddy: set[int], n: int) -> Path:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import grpc
 import pytest
@@ -15,7 +15,7 @@ from prometheus_client import generate_latest
 
 from fphint.v1 import hints_pb2
 from guest_agent.agent import Settings
-from guest_agent.sources.base import LiveFrees
+from guest_agent.sources.base import LiveFrees, Part, WholeScan
 from host_collector.config import Limits
 from host_collector.server import CollectorServer
 
@@ -57,6 +57,8 @@ def test_request_answered_within_deadline() -> None:
                 # A fresh snapshot, taken after the request was queued.
                 assert len(src.calls) == 1 and src.calls[0] >= before
                 assert st.agent["rss_bytes"] > 0 and st.agent["cpu_seconds"] > 0
+                # (A newer request cancels an older one still waiting for its ack.)
+                await wait_for(lambda: agent.reports_sent == 1, 2, "first ack")
                 ep2 = srv.collector.open_epoch("a", 2.0)
                 await asyncio.wait_for(ep2.snapshot_done.wait(), 2.0)
                 assert len(src.calls) == 2 and not ep.is_open and ep.close_reason == "superseded"
@@ -338,5 +340,32 @@ def test_live_hints_follow_the_snapshot_rate_bounded() -> None:
                 await no_live.wait_closed()
                 assert no_live.free_pages() == pages_of(GOOD[:1])
                 assert not src.live.started
+
+    run(go())
+
+
+class SlowPartsSource(FixedSource):
+    """A scan whose second half takes a second: the first half must not wait for it."""
+
+    def parts(self, deadline: float | None = None) -> Iterator[Part]:
+        yield WholeScan(GOOD[:2], pages_of(GOOD[:2]))
+        time.sleep(1.0)
+        yield WholeScan(GOOD[2:], pages_of(GOOD[2:]))
+
+
+def test_agent_streams_scan_parts_as_they_come() -> None:
+    async def go() -> None:
+        async with running_collector(make_config(["a"])) as srv:
+            async with running_agent(srv, "a", SlowPartsSource(GOOD)):
+                await wait_attached(srv, "a")
+                ep = srv.collector.open_epoch("a", 5.0)
+                await asyncio.sleep(0.5)
+                assert ep.free_pages() == pages_of(GOOD[:2])  # the first part is in, the scan is not over
+                await asyncio.wait_for(ep.snapshot_done.wait(), 5.0)
+                st = ep.stats()
+                assert ep.free_pages() == pages_of(GOOD) and st.reports == 1
+                assert st.request_to_first_chunk_s is not None and st.request_to_first_chunk_s < 0.5
+                assert st.request_to_last_chunk_s is not None and st.request_to_last_chunk_s >= 1.0
+                assert st.agent["snapshot_pages"] == pages_of(GOOD)
 
     run(go())

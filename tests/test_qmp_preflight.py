@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from host_collector.qmp.preflight import UNSAFE_CAPABILITIES, SafetyReport, check_migration_safety
+from host_collector.qmp.preflight import UNSAFE_CAPABILITIES, SafetyReport, _capabilities, check_migration_safety
 from host_collector.qmp.session import QmpCommandError, QmpError, QmpSession
 
-from .qmp_launcher import Qemu, qemu
+from .qmp_launcher import TCG_FIXED, Qemu, qemu, qemu_version
 
 VM = ["-machine", "pc", "-m", "64M"]
 
@@ -40,8 +40,9 @@ def test_clean_pair_is_safe_and_gets_return_path_and_events() -> None:
         report = await check_migration_safety(src, dst)
         assert report.safe, report.summary()
         assert set(report.enabled) == {"source: return-path", "source: events", "destination: return-path"}
-        assert report.versions["source"][:2] == (7, 2)
-        assert any("TCG" in w for w in report.warnings)  # paused: a warning, not a refusal
+        assert report.versions["source"][:2] == qemu_version()
+        # Paused TCG guest: a warning, not a refusal, where TCG dirty tracking is broken.
+        assert any("TCG" in w for w in report.warnings) == (qemu_version() < TCG_FIXED)
         src_caps = {c["capability"]: c["state"] for c in await src.execute("query-migrate-capabilities")}
         dst_caps = {c["capability"]: c["state"] for c in await dst.execute("query-migrate-capabilities")}
         assert src_caps["return-path"] and src_caps["events"] and dst_caps["return-path"]
@@ -71,7 +72,10 @@ def test_each_unsafe_capability_is_named_on_the_side_it_is_on() -> None:
     async def body(q: Qemu, src: QmpSession, dst: QmpSession) -> None:
         assert (await check_migration_safety(src, dst)).safe
         for side, qmp in (("source", src), ("destination", dst)):
+            have = set(_capabilities(await qmp.execute("query-migrate-capabilities")))
             for cap, needs in UNSAFE_ON_72:
+                if cap not in have:  # removed in later QEMU (compress, block: 9.1)
+                    continue
                 first = [{"capability": k, "state": v} for k, v in needs.items()]
                 await qmp.execute("migrate-set-capabilities", {"capabilities": [*first, {"capability": cap, "state": True}]})
                 report = await check_migration_safety(src, dst)
@@ -98,11 +102,14 @@ def test_tls_creds_make_the_stream_unreadable() -> None:
 
 
 @pytest.mark.qemu
-def test_running_tcg_guest_on_72_is_refused() -> None:
+def test_running_tcg_guest_is_refused_only_before_9_0() -> None:
     async def body(q: Qemu, src: QmpSession, dst: QmpSession) -> None:
         report = await check_migration_safety(src, dst)
-        assert ("source", "accelerator TCG") in settings(report)
-        assert "lose guest writes" in report.summary()
+        if qemu_version() < TCG_FIXED:
+            assert ("source", "accelerator TCG") in settings(report)
+            assert "lose guest writes" in report.summary()
+        else:
+            assert report.safe, report.summary()
 
     asyncio.run(pair(body, src_args=VM))  # no -S: the (empty) guest runs
 

@@ -24,35 +24,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x66phint/v1/hints.proto\x12\tfphint.v1\"?\n\x0cSourceStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tavailable\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x94\x02\n\nAgentFacts\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x16\n\x0ekernel_release\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12(\n\x07sources\x18\x04 \x03(\x0b\x32\x17.fphint.v1.SourceStatus\x12\x15\n\rchosen_source\x18\x05 \x01(\t\x12\x0f\n\x07refusal\x18\x06 \x01(\t\x12\x16\n\x0epage_poisoning\x18\x07 \x01(\x08\x12\x19\n\x11memory_encryption\x18\x08 \x01(\t\x12\x14\n\x0cinit_on_free\x18\t \x01(\x08\x12\x17\n\x0ftotal_ram_bytes\x18\n \x01(\x04\x12\x10\n\x08hostname\x18\x0b \x01(\t\"5\n\rAttachRequest\x12$\n\x05\x66\x61\x63ts\x18\x01 \x01(\x0b\x32\x15.fphint.v1.AgentFacts\"w\n\x0bHintRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x02 \x01(\r\x12\x12\n\nmax_ranges\x18\x03 \x01(\r\x12\x1c\n\x14max_ranges_per_chunk\x18\x04 \x01(\r\x12\x12\n\nlive_hints\x18\x05 \x01(\x08\",\n\x0b\x45pochClosed\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"o\n\x10\x43ollectorMessage\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x16.fphint.v1.HintRequestH\x00\x12(\n\x06\x63losed\x18\x02 \x01(\x0b\x32\x16.fphint.v1.EpochClosedH\x00\x42\x06\n\x04kind\"{\n\nAgentStats\x12\x13\n\x0b\x63pu_seconds\x18\x01 \x01(\x01\x12\x11\n\trss_bytes\x18\x02 \x01(\x04\x12\x13\n\x0bsnapshot_us\x18\x03 \x01(\r\x12\x16\n\x0esnapshot_pages\x18\x04 \x01(\x04\x12\x18\n\x10truncated_ranges\x18\x05 \x01(\x04\"\x95\x01\n\x0bReportChunk\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0b\n\x03seq\x18\x02 \x01(\r\x12#\n\x04kind\x18\x03 \x01(\x0e\x32\x15.fphint.v1.ReportKind\x12\x12\n\x06ranges\x18\x04 \x03(\x04\x42\x02\x10\x01\x12\x0b\n\x03\x65nd\x18\x05 \x01(\x08\x12$\n\x05stats\x18\x06 \x01(\x0b\x32\x15.fphint.v1.AgentStats\"t\n\tReportAck\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0e\n\x06\x63hunks\x18\x02 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_ranges\x18\x03 \x01(\x04\x12\x17\n\x0frejected_ranges\x18\x04 \x01(\x04\x12\x16\n\x0e\x61\x63\x63\x65pted_pages\x18\x05 \x01(\x04*Y\n\nReportKind\x12\x1b\n\x17REPORT_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14REPORT_KIND_SNAPSHOT\x10\x01\x12\x14\n\x10REPORT_KIND_LIVE\x10\x02\x32\x8c\x01\n\rFreePageHints\x12\x41\n\x06\x41ttach\x12\x18.fphint.v1.AttachRequest\x1a\x1b.fphint.v1.CollectorMessage0\x01\x12\x38\n\x06Report\x12\x16.fphint.v1.ReportChunk\x1a\x14.fphint.v1.ReportAck(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x66phint/v1/hints.proto\x12\tfphint.v1\"?\n\x0cSourceStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tavailable\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x8c\x03\n\nAgentFacts\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x16\n\x0ekernel_release\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12(\n\x07sources\x18\x04 \x03(\x0b\x32\x17.fphint.v1.SourceStatus\x12\x15\n\rchosen_source\x18\x05 \x01(\t\x12\x0f\n\x07refusal\x18\x06 \x01(\t\x12\x16\n\x0epage_poisoning\x18\x07 \x01(\x08\x12\x19\n\x11memory_encryption\x18\x08 \x01(\t\x12\x14\n\x0cinit_on_free\x18\t \x01(\x08\x12\x17\n\x0ftotal_ram_bytes\x18\n \x01(\x04\x12\x10\n\x08hostname\x18\x0b \x01(\t\x12@\n\x0esource_details\x18\x0c \x03(\x0b\x32(.fphint.v1.AgentFacts.SourceDetailsEntry\x1a\x34\n\x12SourceDetailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"5\n\rAttachRequest\x12$\n\x05\x66\x61\x63ts\x18\x01 \x01(\x0b\x32\x15.fphint.v1.AgentFacts\"w\n\x0bHintRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x02 \x01(\r\x12\x12\n\nmax_ranges\x18\x03 \x01(\r\x12\x1c\n\x14max_ranges_per_chunk\x18\x04 \x01(\r\x12\x12\n\nlive_hints\x18\x05 \x01(\x08\",\n\x0b\x45pochClosed\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"o\n\x10\x43ollectorMessage\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x16.fphint.v1.HintRequestH\x00\x12(\n\x06\x63losed\x18\x02 \x01(\x0b\x32\x16.fphint.v1.EpochClosedH\x00\x42\x06\n\x04kind\"{\n\nAgentStats\x12\x13\n\x0b\x63pu_seconds\x18\x01 \x01(\x01\x12\x11\n\trss_bytes\x18\x02 \x01(\x04\x12\x13\n\x0bsnapshot_us\x18\x03 \x01(\r\x12\x16\n\x0esnapshot_pages\x18\x04 \x01(\x04\x12\x18\n\x10truncated_ranges\x18\x05 \x01(\x04\"\x95\x01\n\x0bReportChunk\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0b\n\x03seq\x18\x02 \x01(\r\x12#\n\x04kind\x18\x03 \x01(\x0e\x32\x15.fphint.v1.ReportKind\x12\x12\n\x06ranges\x18\x04 \x03(\x04\x42\x02\x10\x01\x12\x0b\n\x03\x65nd\x18\x05 \x01(\x08\x12$\n\x05stats\x18\x06 \x01(\x0b\x32\x15.fphint.v1.AgentStats\"t\n\tReportAck\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0e\n\x06\x63hunks\x18\x02 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_ranges\x18\x03 \x01(\x04\x12\x17\n\x0frejected_ranges\x18\x04 \x01(\x04\x12\x16\n\x0e\x61\x63\x63\x65pted_pages\x18\x05 \x01(\x04*Y\n\nReportKind\x12\x1b\n\x17REPORT_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14REPORT_KIND_SNAPSHOT\x10\x01\x12\x14\n\x10REPORT_KIND_LIVE\x10\x02\x32\x8c\x01\n\rFreePageHints\x12\x41\n\x06\x41ttach\x12\x18.fphint.v1.AttachRequest\x1a\x1b.fphint.v1.CollectorMessage0\x01\x12\x38\n\x06Report\x12\x16.fphint.v1.ReportChunk\x1a\x14.fphint.v1.ReportAck(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fphint.v1.hints_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_AGENTFACTS_SOURCEDETAILSENTRY']._loaded_options = None
+  _globals['_AGENTFACTS_SOURCEDETAILSENTRY']._serialized_options = b'8\001'
   _globals['_REPORTCHUNK'].fields_by_name['ranges']._loaded_options = None
   _globals['_REPORTCHUNK'].fields_by_name['ranges']._serialized_options = b'\020\001'
-  _globals['_REPORTKIND']._serialized_start=1110
-  _globals['_REPORTKIND']._serialized_end=1199
+  _globals['_REPORTKIND']._serialized_start=1230
+  _globals['_REPORTKIND']._serialized_end=1319
   _globals['_SOURCESTATUS']._serialized_start=36
   _globals['_SOURCESTATUS']._serialized_end=99
   _globals['_AGENTFACTS']._serialized_start=102
-  _globals['_AGENTFACTS']._serialized_end=378
-  _globals['_ATTACHREQUEST']._serialized_start=380
-  _globals['_ATTACHREQUEST']._serialized_end=433
-  _globals['_HINTREQUEST']._serialized_start=435
-  _globals['_HINTREQUEST']._serialized_end=554
-  _globals['_EPOCHCLOSED']._serialized_start=556
-  _globals['_EPOCHCLOSED']._serialized_end=600
-  _globals['_COLLECTORMESSAGE']._serialized_start=602
-  _globals['_COLLECTORMESSAGE']._serialized_end=713
-  _globals['_AGENTSTATS']._serialized_start=715
-  _globals['_AGENTSTATS']._serialized_end=838
-  _globals['_REPORTCHUNK']._serialized_start=841
-  _globals['_REPORTCHUNK']._serialized_end=990
-  _globals['_REPORTACK']._serialized_start=992
-  _globals['_REPORTACK']._serialized_end=1108
-  _globals['_FREEPAGEHINTS']._serialized_start=1202
-  _globals['_FREEPAGEHINTS']._serialized_end=1342
+  _globals['_AGENTFACTS']._serialized_end=498
+  _globals['_AGENTFACTS_SOURCEDETAILSENTRY']._serialized_start=446
+  _globals['_AGENTFACTS_SOURCEDETAILSENTRY']._serialized_end=498
+  _globals['_ATTACHREQUEST']._serialized_start=500
+  _globals['_ATTACHREQUEST']._serialized_end=553
+  _globals['_HINTREQUEST']._serialized_start=555
+  _globals['_HINTREQUEST']._serialized_end=674
+  _globals['_EPOCHCLOSED']._serialized_start=676
+  _globals['_EPOCHCLOSED']._serialized_end=720
+  _globals['_COLLECTORMESSAGE']._serialized_start=722
+  _globals['_COLLECTORMESSAGE']._serialized_end=833
+  _globals['_AGENTSTATS']._serialized_start=835
+  _globals['_AGENTSTATS']._serialized_end=958
+  _globals['_REPORTCHUNK']._serialized_start=961
+  _globals['_REPORTCHUNK']._serialized_end=1110
+  _globals['_REPORTACK']._serialized_start=1112
+  _globals['_REPORTACK']._serialized_end=1228
+  _globals['_FREEPAGEHINTS']._serialized_start=1322
+  _globals['_FREEPAGEHINTS']._serialized_end=1462
 # @@protoc_insertion_point(module_scope)

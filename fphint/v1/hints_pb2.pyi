@@ -27,7 +27,14 @@ class SourceStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., available: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class AgentFacts(_message.Message):
-    __slots__ = ("agent_version", "kernel_release", "page_size", "sources", "chosen_source", "refusal", "page_poisoning", "memory_encryption", "init_on_free", "total_ram_bytes", "hostname")
+    __slots__ = ("agent_version", "kernel_release", "page_size", "sources", "chosen_source", "refusal", "page_poisoning", "memory_encryption", "init_on_free", "total_ram_bytes", "hostname", "source_details")
+    class SourceDetailsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     KERNEL_RELEASE_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +46,7 @@ class AgentFacts(_message.Message):
     INIT_ON_FREE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_RAM_BYTES_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_DETAILS_FIELD_NUMBER: _ClassVar[int]
     agent_version: str
     kernel_release: str
     page_size: int
@@ -50,7 +58,8 @@ class AgentFacts(_message.Message):
     init_on_free: bool
     total_ram_bytes: int
     hostname: str
-    def __init__(self, agent_version: _Optional[str] = ..., kernel_release: _Optional[str] = ..., page_size: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[SourceStatus, _Mapping]]] = ..., chosen_source: _Optional[str] = ..., refusal: _Optional[str] = ..., page_poisoning: _Optional[bool] = ..., memory_encryption: _Optional[str] = ..., init_on_free: _Optional[bool] = ..., total_ram_bytes: _Optional[int] = ..., hostname: _Optional[str] = ...) -> None: ...
+    source_details: _containers.ScalarMap[str, str]
+    def __init__(self, agent_version: _Optional[str] = ..., kernel_release: _Optional[str] = ..., page_size: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[SourceStatus, _Mapping]]] = ..., chosen_source: _Optional[str] = ..., refusal: _Optional[str] = ..., page_poisoning: _Optional[bool] = ..., memory_encryption: _Optional[str] = ..., init_on_free: _Optional[bool] = ..., total_ram_bytes: _Optional[int] = ..., hostname: _Optional[str] = ..., source_details: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class AttachRequest(_message.Message):
     __slots__ = ("facts",)

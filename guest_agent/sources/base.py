@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 
 class SourceUnavailable(RuntimeError):
@@ -52,6 +52,24 @@ class Snapshot:
     @property
     def duration_s(self) -> float:
         return self.finished - self.started
+
+
+class Part(Protocol):
+    """Free (start, length) byte ranges of one stretch of a scan, sorted."""
+
+    @property
+    def ranges(self) -> Sequence[tuple[int, int]]: ...
+
+    @property
+    def pages(self) -> int: ...
+
+
+@dataclass
+class WholeScan:
+    """The default :class:`Part`: a whole snapshot."""
+
+    ranges: Sequence[tuple[int, int]]
+    pages: int
 
 
 class LiveFrees(abc.ABC):
@@ -97,12 +115,33 @@ class FreePageSource(abc.ABC):
         """Scan now. Stop early, returning ``complete=False``, once
         ``time.monotonic()`` passes ``deadline``."""
 
+    def parts(self, deadline: float | None = None) -> Iterator[Part]:
+        """Scan now, yielding parts in address order as soon as each is ready,
+        so the agent can send before the scan ends. Each part is sound on its
+        own. The default is the whole snapshot as one part."""
+        snap = self.snapshot(deadline)
+        yield WholeScan(list(snap.ranges), snap.pages)
+
     def live_frees(self) -> LiveFrees | None:
         """A tracker of pages freed after a point in time, if the source has one."""
         return None
 
     def close(self) -> None:
         """Release kernel resources; the source may not be used afterwards."""
+
+
+def join_parts(parts: Iterable[Part]) -> tuple[list[tuple[int, int]], int]:
+    """All ranges of a scan's parts, runs touching across a part boundary merged; and the pages."""
+    out: list[tuple[int, int]] = []
+    pages = 0
+    for part in parts:
+        pages += part.pages
+        for start, length in part.ranges:
+            if out and out[-1][0] + out[-1][1] == start:
+                out[-1] = (out[-1][0], out[-1][1] + length)
+            else:
+                out.append((start, length))
+    return out, pages
 
 
 def now() -> float:

@@ -17,8 +17,9 @@ from __future__ import annotations
 import os
 import re
 import resource
+from collections.abc import Iterator
 
-from .base import FreePageSource, Probe, Snapshot, SourceUnavailable, now
+from .base import FreePageSource, Probe, Snapshot, SourceUnavailable, WholeScan, join_parts, now
 
 KPAGEFLAGS = "/proc/kpageflags"
 #: Bit numbers from include/uapi/linux/kernel-page-flags.h.
@@ -51,6 +52,8 @@ class KpageflagsSource(FreePageSource):
         self.path = path
         self.page_size = page_size or resource.getpagesize()
         self._fd: int | None = None
+        self._complete = True
+        self._pfns = 0
 
     def probe(self) -> Probe:
         try:
@@ -79,42 +82,39 @@ class KpageflagsSource(FreePageSource):
             os.close(self._fd)
             self._fd = None
 
-    def snapshot(self, deadline: float | None = None) -> Snapshot:
+    def parts(self, deadline: float | None = None) -> Iterator[WholeScan]:
+        """One part per block read (2 GiB of RAM): the agent sends each at once."""
         self.open()
         assert self._fd is not None
-        fd = self._fd
-        started = now()
-        ps = self.page_size
-        ranges: list[tuple[int, int]] = []
-        pages = 0
+        fd, ps = self._fd, self.page_size
         pfn = 0
-        complete = True
-        blocks = 0
+        self._complete = True
         while True:
             if deadline is not None and now() >= deadline:
-                complete = False
-                break
+                self._complete = False
+                return
             raw = os.pread(fd, BLOCK_PFNS * ENTRY, pfn * ENTRY)
             if not raw:
-                break
-            blocks += 1
-            for run_pfn, count in buddy_runs(raw, pfn):
-                pages += count
-                start = run_pfn * ps
-                if ranges and ranges[-1][0] + ranges[-1][1] == start:
-                    # A run that continues across a block boundary.
-                    ranges[-1] = (ranges[-1][0], ranges[-1][1] + count * ps)
-                else:
-                    ranges.append((start, count * ps))
+                return
+            runs = buddy_runs(raw, pfn)
+            yield WholeScan([(p * ps, n * ps) for p, n in runs], sum(n for _, n in runs))
             pfn += len(raw) // ENTRY
+            self._pfns = pfn
             if len(raw) < BLOCK_PFNS * ENTRY:
-                break
+                return
+
+    def snapshot(self, deadline: float | None = None) -> Snapshot:
+        started = now()
+        self._pfns = 0
+        parts = list(self.parts(deadline))
+        ranges, pages = join_parts(parts)
+        blocks = len(parts)
         return Snapshot(
             source=self.name,
             ranges=ranges,
             pages=pages,
             started=started,
             finished=now(),
-            complete=complete,
-            details={"pfns_read": float(pfn), "blocks": float(blocks)},
+            complete=self._complete,
+            details={"pfns_read": float(self._pfns), "blocks": float(blocks)},
         )

@@ -102,10 +102,11 @@ class Shell:
         self._reader.start()
 
     def _read_loop(self) -> None:
-        assert self._sock is not None
+        sock = self._sock  # close() may clear the attribute while we read
+        assert sock is not None
         while True:
             try:
-                data = self._sock.recv(65536)
+                data = sock.recv(65536)
             except OSError:
                 data = b""
             with self._cond:

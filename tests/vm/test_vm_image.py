@@ -69,8 +69,8 @@ def test_keys_follow_inputs_and_only_inputs(tmp_path: Path) -> None:
     assert spec.key(base.key()) != before
     before = spec.key(base.key())
     unit = spec.repo / UNIT_IN_REPO
-    unit.parent.mkdir(parents=True, exist_ok=True)  # the repository may already have its unit
-    unit.write_text(PLACEHOLDER_UNIT.read_text() + "# changed\n")
+    unit.parent.mkdir(parents=True, exist_ok=True)
+    unit.write_text((unit.read_text() if unit.exists() else PLACEHOLDER_UNIT.read_text()) + "# changed\n")
     assert spec.unit_file() == unit and spec.key(base.key()) != before
 
     # The base key ignores the agent but follows its own inputs.

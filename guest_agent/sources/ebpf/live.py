@@ -1,0 +1,90 @@
+"""Pages freed after a point in time, from the ``mm_page_free`` tracepoint.
+
+A block's content is garbage from the moment it is freed, whether it goes to
+a per-CPU list or the buddy lists, so a page freed after the hint request was
+free at an instant after it (shared/reference/safety-rule.md, guest side).
+
+The BPF side tags each event with the generation current when it fired and
+bounds the rate (``Options.live_per_s`` events per ~1.07 s) and the
+ring (``live_pages``); whatever does not fit is dropped and counted. Dropping
+only means fewer hints. Events of an earlier generation (before
+:meth:`start`) are never reported.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import struct
+from typing import Any
+
+from ..base import LiveFrees
+from .program import Ctl, LoadedProgram
+from .system import PAGE_SHIFT
+
+_EVENT = struct.Struct("<QQ")
+#: Generations are unique within the process (never 0: 0 means "off").
+_generations = itertools.count(1)
+
+
+class EbpfLiveFrees(LiveFrees):
+    """Collects frees while started; :meth:`drain` hands them out sorted."""
+
+    def __init__(self, prog: LoadedProgram, max_pending: int = 1 << 16) -> None:
+        self._prog = prog
+        self._max_pending = max_pending
+        self._gen = 0
+        self._pending: list[tuple[int, int]] = []
+        #: Events dropped here because the pending list was full.
+        self.overflow = 0
+        #: Events of an earlier generation, dropped when read.
+        self.stale = 0
+        self._ring = prog.table("live")
+        self._ring.open_ring_buffer(self._on_event)
+
+    def _on_event(self, _ctx: Any, data: Any, size: int) -> None:
+        if size < _EVENT.size:
+            return
+        pfn_order, gen = _EVENT.unpack(ctypes.string_at(data, _EVENT.size))
+        if gen != self._gen or not self._gen:
+            self.stale += 1
+            return
+        if len(self._pending) >= self._max_pending:
+            self.overflow += 1
+            return
+        pfn, order = pfn_order >> 8, pfn_order & 0xFF
+        self._pending.append((pfn, pfn + (1 << order)))
+
+    def _consume(self) -> None:
+        self._prog.bpf.ring_buffer_consume()
+
+    @property
+    def lost(self) -> int:
+        """Events the BPF side dropped (rate bound or full ring), all time."""
+        return int(self._prog.ctl[Ctl.LIVE_LOST])
+
+    def start(self) -> None:
+        self._gen = next(_generations)
+        self._prog.ctl[Ctl.LIVE_GEN] = self._gen
+        self._consume()  # older events are dropped by their generation
+        self._pending.clear()
+
+    def stop(self) -> None:
+        self._prog.ctl[Ctl.LIVE_GEN] = 0
+        self._gen = 0
+        self._consume()
+        self._pending.clear()
+
+    def drain(self, max_ranges: int) -> list[tuple[int, int]]:
+        if max_ranges <= 0 or not self._gen:
+            return []
+        self._consume()
+        merged: list[list[int]] = []
+        for s, e in sorted(self._pending):
+            if merged and s <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], e)
+            else:
+                merged.append([s, e])
+        out = merged[:max_ranges]
+        self._pending = [(s, e) for s, e in merged[max_ranges:]]
+        return [(s << PAGE_SHIFT, (e - s) << PAGE_SHIFT) for s, e in out]

@@ -1,0 +1,344 @@
+"""The BPF program: its -D flags, compilation by bcc, and handles to it.
+
+scan.bpf.c holds the C; this module computes every number it needs (from BTF
+and the RAM size), compiles it, loads the synchronous programs, attaches the
+tracepoint programs, and maps the shared arrays into this process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import importlib.resources
+import logging
+import mmap
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .bpfsys import TestRunner, bpf_refusal, map_array
+from .btf import Btf, BtfError, Kind
+from .layout import PageLayout
+from .system import PAGE_SHIFT
+
+log = logging.getLogger(__name__)
+
+SOURCE_FILE = "scan.bpf.c"
+
+
+class Ctl(enum.IntEnum):
+    """Word indexes of the control block shared with scan.bpf.c (FPH_C_*)."""
+
+    VMEMMAP = 0
+    GATE = 1
+    CURSOR = 2
+    NREC = 3
+    FAULTS = 4
+    REJECTS = 5
+    RUN_START = 6
+    RUN_END = 7
+    RUN_N = 8
+    FILTERED = 9
+    DROPPED = 10
+    NOCHECK = 11
+    BEGINS = 12
+    PEEK = 13
+    WIDE_N = 14
+    LIVE_GEN = 15
+    LIVE_SLOT = 16
+    LIVE_SLOT_N = 17
+    LIVE_LOST = 18
+    WIDE = 32
+
+
+#: Power of two (the C masks indexes with it).
+CTL_WORDS = 128
+#: (start, end) pairs for events covering too many pages to mark one by one.
+WIDE_MAX = (CTL_WORDS - Ctl.WIDE) // 2
+
+#: Raw tracepoints that mark pages leaving the buddy lists: program, and the
+#: argument types the C assumes (after the leading ``void *``).
+PAGE_ARGS = ("struct page *", "int")
+RANGE_ARGS = ("long", "long", "long")
+TRACKERS: dict[str, tuple[str, tuple[str, ...], bool]] = {
+    # tracepoint: (program, argument kinds, required)
+    "mm_page_alloc": ("on_alloc", PAGE_ARGS, True),
+    "mm_page_alloc_zone_locked": ("on_alloc_zone_locked", PAGE_ARGS, True),
+    "mm_page_alloc_extfrag": ("on_extfrag", PAGE_ARGS + ("int",), True),
+    "mm_compaction_isolate_freepages": ("on_isolate", RANGE_ARGS + ("long",), False),
+    "mm_compaction_fast_isolate_freepages": ("on_fast_isolate", RANGE_ARGS + ("long",), False),
+    "test_pages_isolated": ("on_test_isolated", RANGE_ARGS, False),
+}
+LIVE_TRACEPOINT = ("mm_page_free", "on_free", PAGE_ARGS)
+#: Tracepoints whose absence makes the source unusable.
+REQUIRED_RAW = ("mm_page_free",) + tuple(t for t, (_, _, req) in TRACKERS.items() if req)
+
+
+def _arg_matches(btf: Btf, tid: int, want: str) -> bool:
+    tid = btf.strip(tid)
+    if want == "struct page *":
+        return btf.describe(tid) == "struct page *"
+    if tid == 0 or btf.kind(tid) not in (Kind.INT, Kind.ENUM):
+        return False
+    return want == "int" or btf.size(tid) == 8
+
+
+def tracepoint_problems(btf: Btf) -> tuple[list[str], list[str]]:
+    """Check the raw tracepoint prototypes against what the C reads.
+
+    :return: (problems with required tracepoints, optional ones missing).
+    """
+    problems: list[str] = []
+    missing: list[str] = []
+    wanted = dict(TRACKERS)
+    wanted[LIVE_TRACEPOINT[0]] = (LIVE_TRACEPOINT[1], LIVE_TRACEPOINT[2], True)
+    for tp, (_, args, required) in wanted.items():
+        tid = btf.find(Kind.TYPEDEF, "btf_trace_" + tp)
+        if tid is None:
+            (problems if required else missing).append(f"{tp}: not in BTF")
+            continue
+        try:
+            params = btf.func_proto_params(tid)
+        except BtfError as e:
+            problems.append(f"{tp}: {e}")
+            continue
+        have = [btf.describe(p) for p in params[1:]]
+        if len(params) < 1 + len(args) or not all(
+            _arg_matches(btf, p, w) for p, w in zip(params[1:], args)
+        ):
+            problems.append(f"{tp}({', '.join(have)}) does not start with ({', '.join(args)})")
+    return problems, missing
+
+
+def tracepoint_fields(tracefs: str, category: str, event: str) -> dict[str, tuple[int, int]]:
+    """name -> (offset, size) of a tracefs event's record fields."""
+    path = os.path.join(tracefs, "events", category, event, "format")
+    with open(path) as f:
+        text = f.read()
+    fields = {}
+    for m in re.finditer(r"field:[^;]*?(\w+)(?:\[\d*\])?;\s*offset:(\d+);\s*size:(\d+);", text):
+        fields[m.group(1)] = (int(m.group(2)), int(m.group(3)))
+    return fields
+
+
+@dataclass(frozen=True)
+class ProgramConfig:
+    """Every number the C is compiled with."""
+
+    layout: PageLayout
+    #: PFNs the allocation bitmap covers (everything scanned lies below).
+    bitmap_pfns: int
+    #: Records per portion; a portion never spans more PFNs than this.
+    nr_recs: int = 1 << 17
+    #: Per scan run: 64-PFN windows, and buddy candidates handled per window.
+    #: 256 windows verify here too, but a refused program costs the verifier
+    #: ~30 s before it gives up, and 128 scan as fast: leave older verifiers room.
+    scan_windows: int = 128
+    candidates: int = 8
+    filter_loop: int = 128
+    #: Live frees: events per ~1.07 s slot (the rate bound) and ring pages.
+    live_per_slot: int = 32768
+    live_pages: int = 128
+    #: kmem:mm_page_free record offsets (vmemmap discovery).
+    tp_free_pfn: int = 8
+    tp_free_order: int = 16
+    #: Tests only: read page_type once instead of type -> order -> type.
+    no_recheck: bool = False
+
+    @property
+    def bitmap_words(self) -> int:
+        return max(1, -(-self.bitmap_pfns // 64))
+
+    @property
+    def mark_words(self) -> int:
+        """Largest range, in bitmap words, an event marks bit by bit."""
+        return max(64, (3 << self.layout.max_order) // 64 + 2)
+
+    def defines(self) -> dict[str, int]:
+        lay = self.layout
+        d = {
+            "FPH_SIZEOF_PAGE": lay.sizeof_page,
+            "FPH_OFF_TYPE": lay.off_page_type,
+            "FPH_OFF_PRIVATE": lay.off_private,
+            "FPH_OFF_REFCOUNT": lay.off_refcount,
+            "FPH_BUDDY_MASK": lay.encoding.mask,
+            "FPH_BUDDY_VALUE": lay.encoding.value,
+            "FPH_MAX_ORDER": lay.max_order,
+            "FPH_PAGE_SHIFT": PAGE_SHIFT,
+            "FPH_NR_RECS": self.nr_recs,
+            "FPH_BM_WORDS": self.bitmap_words,
+            "FPH_MARK_WORDS": self.mark_words,
+            "FPH_SCAN_WINDOWS": self.scan_windows,
+            "FPH_CANDIDATES": self.candidates,
+            "FPH_FILTER_LOOP": self.filter_loop,
+            "FPH_WIDE_MAX": WIDE_MAX,
+            "FPH_CTL_WORDS": CTL_WORDS,
+            "FPH_LIVE_PER_SLOT": self.live_per_slot,
+            "FPH_LIVE_PAGES": self.live_pages,
+            "FPH_TPF_PFN": self.tp_free_pfn,
+            "FPH_TPF_ORDER": self.tp_free_order,
+        }
+        d.update({f"FPH_C_{c.name}": int(c) for c in Ctl})
+        if self.no_recheck:
+            d["FPH_NO_RECHECK"] = 1
+        return d
+
+    def cflags(self) -> list[str]:
+        def spell(v: int) -> str:
+            return f"{v:#x}ULL" if v > 0xFFFF else str(v)
+
+        return [f"-D{k}={spell(v)}" for k, v in self.defines().items()]
+
+
+def program_source() -> str:
+    return importlib.resources.files(__package__).joinpath(SOURCE_FILE).read_text()
+
+
+def render(config: ProgramConfig) -> str:
+    """The program exactly as bcc compiles it, flags first (for --show-bpf)."""
+    lines = [f"// {SOURCE_FILE}, compiled by bcc with:"]
+    lines += [f"//   {flag}" for flag in config.cflags()]
+    return "\n".join(lines) + "\n\n" + program_source()
+
+
+class LoadError(RuntimeError):
+    """bcc is missing or cannot compile the program."""
+
+
+class ProgramRefused(LoadError):
+    """The kernel's verifier refused a program."""
+
+
+@contextlib.contextmanager
+def _kernel_source_env(kernel_source: str | None) -> Iterator[None]:
+    old = os.environ.get("BCC_KERNEL_SOURCE")
+    if kernel_source:
+        os.environ["BCC_KERNEL_SOURCE"] = kernel_source
+    try:
+        yield
+    finally:
+        if kernel_source:
+            if old is None:
+                del os.environ["BCC_KERNEL_SOURCE"]
+            else:
+                os.environ["BCC_KERNEL_SOURCE"] = old
+
+
+#: Loops are halved this many times when the verifier refuses them
+#: (jump-sequence limit, shared/reference/ebpf.md §3).
+LOOP_RETRIES = 3
+
+
+class LoadedProgram:
+    """The compiled program with its synchronous runners and mapped arrays."""
+
+    def __init__(self, config: ProgramConfig, kernel_source: str | None) -> None:
+        try:
+            from bcc import BPF
+        except ImportError as e:
+            raise LoadError(
+                f"bcc is not importable ({e}); use Debian's python3 with python3-bpfcc"
+            ) from e
+        self._BPF = BPF
+        self.bpf: Any = None
+        self._maps: list[mmap.mmap] = []
+        self._views: list[memoryview] = []
+        last_error = ""
+        for attempt in range(LOOP_RETRIES + 1):
+            cfg = dataclasses.replace(
+                config,
+                scan_windows=max(1, config.scan_windows >> attempt),
+                filter_loop=max(1, config.filter_loop >> attempt),
+            )
+            try:
+                self._compile_and_load(cfg, kernel_source)
+                self.config = cfg
+                break
+            except ProgramRefused as e:
+                last_error = str(e)
+                self.close()
+                log.info(
+                    "BPF load failed with loops %d/%d, halving: %s",
+                    cfg.scan_windows,
+                    cfg.filter_loop,
+                    e,
+                )
+            except LoadError:
+                self.close()
+                raise
+        else:
+            raise LoadError(last_error)
+
+    def _compile_and_load(self, cfg: ProgramConfig, kernel_source: str | None) -> None:
+        with _kernel_source_env(kernel_source):
+            try:
+                self.bpf = self._BPF(text=program_source().encode(), cflags=cfg.cflags())
+            except Exception as e:
+                # bcc creates the maps while compiling; say so if that was it.
+                refused = bpf_refusal()
+                if refused:
+                    raise LoadError(f"BPF not permitted: {refused}") from e
+                raise LoadError(f"bcc could not compile {SOURCE_FILE}: {e}") from e
+        try:
+            self.scan = TestRunner(self._load("scan"))
+            self.filter = TestRunner(self._load("filter"))
+            self.begin = TestRunner(self._load("begin"))
+            self.peek = TestRunner(self._load("peek"))
+        except Exception as e:
+            raise ProgramRefused(f"the kernel refused to load the scanner: {e}") from e
+        self.ctl_map = self._map("ctl", 8 * CTL_WORDS, 1)
+        self.ctl = self._view(self.ctl_map)
+        self.recs = self._view(self._map("recs", 8, cfg.nr_recs))
+        self.runs = self._view(self._map("runs", 16, cfg.nr_recs))
+        self.dirty_map = self._map("dirty", 8, cfg.bitmap_words)
+        self.dirty = self._view(self.dirty_map)
+        self.dirty_bytes = memoryview(self.dirty_map)[: 8 * cfg.bitmap_words]
+        self._views.append(self.dirty_bytes)
+        self._zero_dirty = bytes(8 * cfg.bitmap_words)
+
+    def _load(self, name: str) -> int:
+        fn = self.bpf.load_func(name.encode(), self._BPF.RAW_TRACEPOINT)
+        return int(fn.fd)
+
+    def _map(self, name: str, value_size: int, entries: int) -> mmap.mmap:
+        m = map_array(self.bpf[name.encode()].map_fd, value_size, entries)
+        self._maps.append(m)
+        return m
+
+    def _view(self, m: mmap.mmap) -> memoryview:
+        v = memoryview(m).cast("Q")
+        self._views.append(v)
+        return v
+
+    def clear_dirty(self) -> None:
+        self.dirty_bytes[:] = self._zero_dirty
+
+    def table(self, name: str) -> Any:
+        return self.bpf[name.encode()]
+
+    def attach_raw(self, tracepoint: str, fn: str) -> None:
+        self.bpf.attach_raw_tracepoint(tp=tracepoint.encode(), fn_name=fn.encode())
+
+    def detach_raw(self, tracepoint: str) -> None:
+        self.bpf.detach_raw_tracepoint(tp=tracepoint.encode())
+
+    def attach_tracepoint(self, tracepoint: str, fn: str) -> None:
+        self.bpf.attach_tracepoint(tp=tracepoint.encode(), fn_name=fn.encode())
+
+    def detach_tracepoint(self, tracepoint: str) -> None:
+        self.bpf.detach_tracepoint(tp=tracepoint.encode())
+
+    def close(self) -> None:
+        """Detach and unload everything; safe to call twice."""
+        for v in self._views:
+            v.release()
+        self._views.clear()
+        for m in self._maps:
+            m.close()
+        self._maps.clear()
+        if self.bpf is not None:
+            self.bpf.cleanup()
+            self.bpf = None
