@@ -45,6 +45,7 @@ from tests.vm.scenarios import (  # noqa: E402
     PlainMigrator,
     RunResult,
     Scenario,
+    Spread,
     Summary,
     Workload,
     run_chain,
@@ -103,14 +104,16 @@ def chart(sums: Sequence[Summary], path: Path, title: str) -> None:
 
     labels = [s.label.replace(", ", ",\n") for s in sums]
     fig, axes = plt.subplots(1, 3, figsize=(15, 5.2))
-    for ax, (what, get, scale, unit) in zip(axes, (
-        ("bytes on the wire", lambda s: s.wire_bytes, MiB, "MiB"),
-        ("total migration time", lambda s: s.total_time_ms, 1.0, "ms"),
-        ("downtime", lambda s: s.downtime_ms, 1.0, "ms"),
-    )):
-        med = [get(s).median / scale for s in sums]
-        lo = [max(0.0, (get(s).median - get(s).low) / scale) for s in sums]
-        hi = [max(0.0, (get(s).high - get(s).median) / scale) for s in sums]
+    panels: list[tuple[str, str, float, str]] = [
+        ("bytes on the wire", "wire_bytes", MiB, "MiB"),
+        ("total migration time", "total_time_ms", 1.0, "ms"),
+        ("downtime", "downtime_ms", 1.0, "ms"),
+    ]
+    for ax, (what, attr, scale, unit) in zip(axes, panels):
+        sp: list[Spread] = [getattr(s, attr) for s in sums]
+        med = [x.median / scale for x in sp]
+        lo = [max(0.0, (x.median - x.low) / scale) for x in sp]
+        hi = [max(0.0, (x.high - x.median) / scale) for x in sp]
         colors = ["#d62728" if s.survived < s.runs or s.corrupt else
                   ("#2ca02c" if s.scenario == "fphint" else "#4c72b0") for s in sums]
         ax.bar(range(len(sums)), med, yerr=[lo, hi], capsize=4, color=colors)

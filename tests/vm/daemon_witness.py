@@ -174,7 +174,7 @@ def install(witness_dir: Path, fault_file: Path | None) -> None:
             w.flush()
 
     run.MigrationProxy = WitnessedProxy  # type: ignore[misc]
-    epochs.Collector.release_epoch = release_epoch  # type: ignore[method-assign]
+    setattr(epochs.Collector, "release_epoch", release_epoch)
 
 
 def _vm_of(gate: Any) -> str:

@@ -6,7 +6,7 @@ token and collector address found as fph-agent finds them) with one thing
 changed, chosen by MODE:
 
 * ``lie --pid PID [--addr A --len L]``: reports the real free pages (from
-  /proc/kpageflags) *plus* the physical pages process PID is using (its whole
+  /proc/kpageflags, in one part) *plus* the physical pages process PID is using (its whole
   address space, or [A, A+L)), read from /proc/PID/pagemap right before each
   report, since khugepaged and compaction move pages. A migration that
   trusts it corrupts that process: the end-to-end tests must see the
@@ -33,7 +33,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -43,7 +43,7 @@ import pagemap  # noqa: E402  (tests/vm/guest/pagemap.py, installed beside this 
 from guest_agent import discovery  # noqa: E402
 from guest_agent.agent import Agent, Endpoint, Settings  # noqa: E402
 from guest_agent.facts import build_facts, detect_safety  # noqa: E402
-from guest_agent.sources.base import Snapshot  # noqa: E402
+from guest_agent.sources.base import WholeScan  # noqa: E402
 from guest_agent.sources.kpageflags import KpageflagsSource  # noqa: E402
 
 from fphint import addresses  # noqa: E402
@@ -83,14 +83,14 @@ class LyingSource(KpageflagsSource):
             pfns += [p for p in pagemap.pfns(self.pid, lo, hi) if p is not None]
         return [(a, n) for a, n in pagemap.merge(pfns)]
 
-    def snapshot(self, deadline: float | None = None) -> Snapshot:
+    def parts(self, deadline: float | None = None) -> Iterator[WholeScan]:
+        # One part: the agent encodes ranges in ascending order across parts.
         snap = super().snapshot(deadline)
         victim = self.victim_ranges()
         lied = union(snap.ranges, victim)
         _note(self.journal, {"mode": "lie", "real_pages": snap.pages, "victim_pages": sum(n for _, n in victim) // PAGE,
                              "victim_ranges": victim[:64]})
-        return Snapshot(snap.source, lied, sum(n for _, n in lied) // PAGE, snap.started, time.monotonic(),
-                        snap.complete, snap.details)
+        yield WholeScan(lied, sum(n for _, n in lied) // PAGE)
 
 
 class SilentAgent(Agent):
@@ -113,15 +113,14 @@ class LateAgent(Agent):
         self.delay = delay
         self.journal = journal
 
-    async def _send(self, stub: hints_pb2_grpc.FreePageHintsStub, md: tuple[tuple[str, str], ...], epoch: int,
-                    kind: hints_pb2.ReportKind, rs: Sequence[tuple[int, int]], per_chunk: int, deadline: float,
-                    stats: hints_pb2.AgentStats | None) -> hints_pb2.ReportAck | None:
+    async def _stream_snapshot(self, stub: hints_pb2_grpc.FreePageHintsStub, md: tuple[tuple[str, str], ...],
+                               req: hints_pb2.HintRequest, per_chunk: int, deadline: float) -> int:
         await asyncio.sleep(max(0.0, deadline - time.monotonic()) + self.delay)
-        entry: dict[str, object] = {"mode": "late", "epoch": epoch, "after_deadline_s": time.monotonic() - deadline}
+        entry: dict[str, object] = {"mode": "late", "epoch": req.epoch, "after_deadline_s": time.monotonic() - deadline}
         try:
-            ack = await super()._send(stub, md, epoch, kind, rs, per_chunk, time.monotonic() + 10.0, stats)
-            entry["ack"] = str(ack).replace("\n", " ") if ack is not None else None
-            return ack
+            sent = await super()._stream_snapshot(stub, md, req, per_chunk, time.monotonic() + 10.0)
+            entry["ranges_sent"] = sent
+            return sent
         except Exception as exc:  # the collector refusing is what the test wants to see
             entry["error"] = repr(exc)[:300]
             raise
