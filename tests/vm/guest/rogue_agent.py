@@ -43,7 +43,7 @@ import pagemap  # noqa: E402  (tests/vm/guest/pagemap.py, installed beside this 
 from guest_agent import discovery  # noqa: E402
 from guest_agent.agent import Agent, Endpoint, Settings  # noqa: E402
 from guest_agent.facts import build_facts, detect_safety  # noqa: E402
-from guest_agent.sources.base import WholeScan  # noqa: E402
+from guest_agent.sources.base import WholeScan, join_parts  # noqa: E402
 from guest_agent.sources.kpageflags import KpageflagsSource  # noqa: E402
 
 from fphint import addresses  # noqa: E402
@@ -85,10 +85,10 @@ class LyingSource(KpageflagsSource):
 
     def parts(self, deadline: float | None = None) -> Iterator[WholeScan]:
         # One part: the agent encodes ranges in ascending order across parts.
-        snap = super().snapshot(deadline)
+        real, real_pages = join_parts(super().parts(deadline))
         victim = self.victim_ranges()
-        lied = union(snap.ranges, victim)
-        _note(self.journal, {"mode": "lie", "real_pages": snap.pages, "victim_pages": sum(n for _, n in victim) // PAGE,
+        lied = union(real, victim)
+        _note(self.journal, {"mode": "lie", "real_pages": real_pages, "victim_pages": sum(n for _, n in victim) // PAGE,
                              "victim_ranges": victim[:64]})
         yield WholeScan(lied, sum(n for _, n in lied) // PAGE)
 
@@ -106,24 +106,36 @@ class SilentAgent(Agent):
 
 
 class LateAgent(Agent):
-    """Sends each report ``delay`` seconds after the request's deadline."""
+    """Answers each request ``delay`` seconds after its deadline.
+
+    The real agent drops a request when the collector closes its epoch or a
+    newer one arrives; this one keeps every answer in a task of its own, so
+    the report really goes out late.
+    """
 
     def __init__(self, *args: object, delay: float, journal: Path, **kw: object) -> None:
         super().__init__(*args, **kw)  # type: ignore[arg-type]
         self.delay = delay
         self.journal = journal
+        self._late: set[asyncio.Task[None]] = set()
 
-    async def _stream_snapshot(self, stub: hints_pb2_grpc.FreePageHintsStub, md: tuple[tuple[str, str], ...],
-                               req: hints_pb2.HintRequest, per_chunk: int, deadline: float) -> int:
+    def _start_request(self, stub: hints_pb2_grpc.FreePageHintsStub, req: hints_pb2.HintRequest,
+                       md: tuple[tuple[str, str], ...]) -> None:
+        self.requests += 1
+        task = asyncio.ensure_future(self._answer_late(stub, req, md, time.monotonic()))
+        self._late.add(task)
+        task.add_done_callback(self._late.discard)
+
+    async def _answer_late(self, stub: hints_pb2_grpc.FreePageHintsStub, req: hints_pb2.HintRequest,
+                           md: tuple[tuple[str, str], ...], received: float) -> None:
+        deadline = received + req.deadline_ms / 1000
         await asyncio.sleep(max(0.0, deadline - time.monotonic()) + self.delay)
         entry: dict[str, object] = {"mode": "late", "epoch": req.epoch, "after_deadline_s": time.monotonic() - deadline}
         try:
-            sent = await super()._stream_snapshot(stub, md, req, per_chunk, time.monotonic() + 10.0)
-            entry["ranges_sent"] = sent
-            return sent
-        except Exception as exc:  # the collector refusing is what the test wants to see
+            entry["ranges_sent"] = await self._stream_snapshot(stub, md, req, self.settings.chunk_ranges,
+                                                               time.monotonic() + 10.0)
+        except Exception as exc:  # the collector refusing is what the tests want to see
             entry["error"] = repr(exc)[:300]
-            raise
         finally:
             _note(self.journal, entry)
 
