@@ -31,6 +31,7 @@ the witness, so the rewrite is recorded as one, as a buggy proxy would).
 from __future__ import annotations
 
 import argparse
+import contextvars
 import json
 import logging
 import os
@@ -144,12 +145,19 @@ def install(witness_dir: Path, fault_file: Path | None) -> None:
 
     current: dict[str, _Witness] = {}
     counts: dict[str, int] = {}
-    real_proxy = run.MigrationProxy
+    real_proxy: type = getattr(run, "MigrationProxy")
     real_release = epochs.Collector.release_epoch
+    real_run = run.MigrationRun.run
+    running_vm: contextvars.ContextVar[str] = contextvars.ContextVar("running_vm", default="unknown")
 
-    class WitnessedProxy(real_proxy):  # type: ignore[misc, valid-type]
+    async def run_with_vm(self: Any) -> Any:
+        # The proxy is made inside the run's task: it sees the VM through this.
+        running_vm.set(self.plan.vm)
+        return await real_run(self)
+
+    class WitnessedProxy(real_proxy):  # type: ignore[misc]
         def __init__(self, listen: str, dest: str, gate: Any, *args: Any, **kw: Any) -> None:
-            vm = _vm_of(gate)
+            vm = running_vm.get()
             counts[vm] = counts.get(vm, 0) + 1
             w = current[vm] = _Witness(witness_dir, vm, counts[vm], _read_fault(fault_file))
             self._witness = w
@@ -173,17 +181,9 @@ def install(witness_dir: Path, fault_file: Path | None) -> None:
         if w is not None:
             w.flush()
 
-    run.MigrationProxy = WitnessedProxy  # type: ignore[misc]
+    setattr(run, "MigrationProxy", WitnessedProxy)
+    setattr(run.MigrationRun, "run", run_with_vm)
     setattr(epochs.Collector, "release_epoch", release_epoch)
-
-
-def _vm_of(gate: Any) -> str:
-    """The VM a gate serves (EpochGate.vm, possibly inside a HeldGate)."""
-    for g in (gate, getattr(gate, "inner", None)):
-        vm = getattr(g, "vm", None)
-        if isinstance(vm, str):
-            return vm
-    return "unknown"
 
 
 def load(path: Path) -> tuple[dict[str, npt.NDArray[np.bool_]], dict[str, npt.NDArray[np.int64]]]:

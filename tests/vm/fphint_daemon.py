@@ -33,7 +33,7 @@ from vmimage.qemu import collector_address
 
 from ..linkrelay import LinkRelay
 from . import daemon_witness
-from .harness import FAST_BANDWIDTH, VM, MigrationError, MigrationResult, wait_incoming
+from .harness import FAST_BANDWIDTH, VM, MigrationError, MigrationResult, _pdeathsig_prefix, wait_incoming
 from .scenarios import Outcome
 
 LOG = logging.getLogger(__name__)
@@ -126,7 +126,8 @@ class CollectorDaemon:
         argv = [sys.executable, "-m", "tests.vm.daemon_witness", "--witness-dir", str(self.witness_dir),
                 "--fault-file", str(self.fault_file), "--", "-v", "serve", "--config", str(self.config)]
         env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-        self._proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=self._log,
+        # Dies with its parent (a killed test run leaves no daemon behind).
+        self._proc = subprocess.Popen([*_pdeathsig_prefix(), *argv], cwd=REPO, stdin=subprocess.DEVNULL, stdout=self._log,
                                       stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
         while True:
@@ -312,7 +313,8 @@ class FphintMigrator:
         info = src.cmd("query-migrate")
         result = MigrationResult(status=str(info.get("status")), total_time_ms=int(info.get("total-time", 0)),
                                  downtime_ms=int(info.get("downtime", 0)), ram=info.get("ram", {}), info=info)
-        return Outcome(result, call.wall_s, call.report, source or str(call.report.get("agent_source", "")))
+        wall = float(call.report.get("wall_s") or call.wall_s)  # the daemon's own clock, not the CLI's start-up
+        return Outcome(result, wall, call.report, source or str(call.report.get("agent_source", "")))
 
     def close(self) -> None:
         self.daemon.stop()
