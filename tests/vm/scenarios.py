@@ -29,9 +29,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, Literal, Protocol
 
 from vmimage.builder import ensure_image
 from vmimage.qemu import Balloon
@@ -54,6 +54,14 @@ LOG = logging.getLogger(__name__)
 MiB = 1 << 20
 
 
+#: Kernel argument that keeps the image's agent unit from starting: guests
+#: of the other scenarios run as they would without fphint installed (the
+#: eBPF agent holds ~150 MiB and reads ~100 MiB of kernel headers into the
+#: page cache when it compiles, all of which a migration must send).
+NO_AGENT = "systemd.mask=fph-agent.service"
+Agent = Literal["off", "auto", "kpageflags"]
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str
@@ -63,7 +71,14 @@ class Scenario:
     balloon: Balloon = "none"
     #: fphint's collector and the guest agent take part.
     fphint: bool = False
+    #: The guest agent: not started, the image's unit (source auto: eBPF
+    #: first), or started by hand with the kpageflags source.
+    agent: Agent = "off"
     note: str = ""
+
+    @property
+    def kernel_args(self) -> tuple[str, ...]:
+        return self.append if self.agent == "auto" else (*self.append, NO_AGENT)
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -78,7 +93,10 @@ SCENARIOS: dict[str, Scenario] = {
                  balloon="hint", note="QEMU virtio-balloon free-page-hint with init_on_alloc=0"),
         Scenario("balloon_report", "balloon free-page-reporting", balloon="report",
                  note="virtio-balloon free-page-reporting: the guest discards free 2 MiB+ blocks"),
-        Scenario("fphint", "fphint", fphint=True, note="fphint: collector daemon, proxy, agent in the guest"),
+        Scenario("fphint", "fphint", fphint=True, agent="auto",
+                 note="fphint: collector daemon, proxy, the image's agent unit (source auto: eBPF)"),
+        Scenario("fphint_kpageflags", "fphint, kpageflags agent", fphint=True, agent="kpageflags",
+                 note="fphint with the agent's /proc/kpageflags source (no bcc/LLVM in the guest)"),
     )
 }
 
@@ -250,16 +268,16 @@ def vm_session(label: str, keep: bool = False) -> Iterator[VMFactory]:
 def boot_for(factory: VMFactory, scenario: Scenario, name: str, *, mem_mib: int = 1024,
              guest_fields: Mapping[str, Any] | None = None) -> VM:
     """Boot a source guest configured for ``scenario``."""
-    fields: dict[str, Any] = {"mem_mib": mem_mib, "append": scenario.append, "balloon": scenario.balloon}
+    fields: dict[str, Any] = {"mem_mib": mem_mib, "append": scenario.kernel_args, "balloon": scenario.balloon}
     fields.update(guest_fields or {})
     vm = factory.boot(name, **fields)
+    if scenario.agent == "kpageflags":
+        vm.run("systemd-run --unit fph-agent-kpageflags --property=Restart=on-failure "
+               "/opt/fphint/bin/fph-agent --source kpageflags --log-format json run")
     if scenario.balloon != "none":
         # udev loads virtio_balloon; hinting/reporting start once it is bound.
         vm.run("for i in $(seq 50); do [ -d /sys/bus/virtio/drivers/virtio_balloon ] && break; sleep 0.2; done; "
                "modprobe virtio_balloon")
-    # The agent keeps running in every scenario, as shipped in the image (with
-    # no collector it only retries now and then): every guest then holds the
-    # same memory, and only the host side differs.
     return vm
 
 
