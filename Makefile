@@ -12,7 +12,7 @@ demo: setup
 # The QEMU integration tests run twice: against Debian's QEMU 7.2 (the default
 # binary) and against 10.0 from bookworm-backports (scripts/install-qemu10.sh).
 QEMU10 := /var/cache/fphint/qemu-10.0/bin/qemu-system-x86_64
-QEMU_SUITE := tests/test_stream_qemu.py tests/test_qmp_*.py
+QEMU_SUITE := tests/test_stream_qemu.py tests/test_qmp_*.py tests/test_migrate_cli.py
 
 test: setup
 	$(PY) -m pytest

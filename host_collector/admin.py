@@ -1,8 +1,9 @@
-"""The operator-side service (admin socket only): list VMs, collect hints."""
+"""The operator-side service (admin socket only): list VMs, collect hints, migrate."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
@@ -12,6 +13,8 @@ from fphint import ranges
 from fphint.v1 import admin_pb2, admin_pb2_grpc
 
 from .epochs import Collector, Epoch
+from .migrate.jobs import Job, Migrations
+from .migrate.run import MigrateError
 
 
 def page_runs(mask: npt.NDArray[np.bool_]) -> list[tuple[int, int]]:
@@ -52,6 +55,34 @@ def epoch_response(ep: Epoch, include_ranges: bool) -> admin_pb2.CollectHintsRes
 class AdminService(admin_pb2_grpc.CollectorAdminServicer):
     def __init__(self, collector: Collector) -> None:
         self.collector = collector
+        self.migrations = Migrations(collector)
+
+    async def Migrate(  # noqa: N802
+        self, request: admin_pb2.MigrateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[admin_pb2.MigrateEvent]:
+        try:
+            job = self.migrations.migrate(request)
+        except MigrateError as e:
+            await context.abort(getattr(grpc.StatusCode, e.code), e.message)
+            raise
+        async for ev in _stream(job, context):
+            yield ev
+
+    async def Proxy(  # noqa: N802
+        self, request: admin_pb2.ProxyRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[admin_pb2.MigrateEvent]:
+        try:
+            job = self.migrations.proxy(request)
+        except MigrateError as e:
+            await context.abort(getattr(grpc.StatusCode, e.code), e.message)
+            raise
+        async for ev in _stream(job, context):
+            yield ev
+
+    async def CancelMigration(  # noqa: N802
+        self, request: admin_pb2.CancelMigrationRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.CancelMigrationResponse:
+        return admin_pb2.CancelMigrationResponse(cancelled=self.migrations.cancel(request.vm))
 
     async def ListVMs(  # noqa: N802
         self, request: admin_pb2.ListVMsRequest, context: grpc.aio.ServicerContext
@@ -93,3 +124,15 @@ class AdminService(admin_pb2_grpc.CollectorAdminServicer):
             raise
         finally:
             col.release_epoch(request.vm, ep.id)
+
+
+async def _stream(job: Job, context: grpc.aio.ServicerContext) -> AsyncIterator[admin_pb2.MigrateEvent]:
+    """A job's events; its MigrateError becomes the call's status."""
+    events = job.events()
+    try:
+        async for ev in events:
+            yield ev
+    except MigrateError as e:
+        await context.abort(getattr(grpc.StatusCode, e.code), e.message)
+    finally:
+        await events.aclose()

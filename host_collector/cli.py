@@ -1,7 +1,9 @@
 """``fph-collector``: the host collector's command line.
 
-``serve`` runs the daemon; ``vms`` and ``hints`` talk to a running daemon
-over its admin socket (operators, the demo, tests).
+``serve`` runs the daemon; ``vms``, ``hints``, ``migrate``, ``proxy`` and
+``cancel`` talk to a running daemon over its admin socket (operators,
+orchestrators, the demo, tests). Exit status: 0 success, 1 failure, 2 a bad
+request (unknown VM, no QMP monitor configured, bad address).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from fphint import addresses, logs, ranges
 from fphint.v1 import admin_pb2, admin_pb2_grpc
 
 from . import config as config_mod
+from .migrate import console
 from .server import run
 
 DEFAULT_CONFIG = "/etc/fphint/collector.toml"
@@ -45,6 +48,29 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--wait-deadline", action="store_true", help="keep the epoch open until its deadline")
     h.add_argument("--ranges", action="store_true", help="print every free page range")
     h.add_argument("--json", action="store_true")
+    m = sub.add_parser("migrate", help="migrate a VM through the collector's proxy, skipping free pages")
+    m.add_argument("vm")
+    m.add_argument("--to", required=True, help="where the destination QEMU listens: tcp:HOST:PORT or unix:PATH")
+    m.add_argument("--dest-qmp", default="", help="the destination's QMP monitor (pre-flight checks both ends)")
+    m.add_argument("--listen", default="", help="where the proxy listens for the source (default tcp:127.0.0.1:0)")
+    m.add_argument("--max-bandwidth", help="set on the source first, bytes/s with K/M/G suffixes (e.g. 1G)")
+    m.add_argument("--downtime-limit", type=int, metavar="MS", help="set on the source first")
+    m.add_argument("--hint-deadline-ms", type=int, default=0, help="how long each epoch collects hints")
+    m.add_argument("--timeout", type=float, default=0.0, metavar="S", help="cancel the migration after S seconds")
+    m.add_argument("--admin", default=DEFAULT_ADMIN)
+    m.add_argument("--json", action="store_true", help="print only the final report, as one JSON object")
+    x = sub.add_parser("proxy", help="a standing proxy for an orchestrator that issues migrate itself")
+    x.add_argument("vm")
+    x.add_argument("--listen", required=True, help="where the source connects: tcp:HOST:PORT or unix:PATH")
+    x.add_argument("--to", required=True, help="where the destination QEMU listens")
+    x.add_argument("--dest-qmp", default="")
+    x.add_argument("--count", type=int, default=0, help="stop after this many migrations (default: never)")
+    x.add_argument("--hint-deadline-ms", type=int, default=0)
+    x.add_argument("--admin", default=DEFAULT_ADMIN)
+    x.add_argument("--json", action="store_true", help="print each report as one JSON line")
+    c = sub.add_parser("cancel", help="cancel a VM's migration or standing proxy")
+    c.add_argument("vm")
+    c.add_argument("--admin", default=DEFAULT_ADMIN)
     return ap
 
 
@@ -118,6 +144,40 @@ def _hints(args: argparse.Namespace) -> int:
     return 0 if resp.reports else 1
 
 
+def _migrate(args: argparse.Namespace) -> int:
+    try:
+        addresses.parse(args.admin)
+        req = admin_pb2.MigrateRequest(
+            vm=args.vm, to=args.to, dest_qmp=args.dest_qmp, listen=args.listen,
+            hint_deadline_ms=args.hint_deadline_ms, timeout_s=args.timeout,
+            progress_interval_ms=1000 if args.json else (250 if sys.stdout.isatty() else 2000),
+        )
+        if args.max_bandwidth is not None:
+            req.max_bandwidth = console.parse_size(args.max_bandwidth)
+        if args.downtime_limit is not None:
+            if args.downtime_limit < 0:
+                raise ValueError("--downtime-limit cannot be negative")
+            req.downtime_limit_ms = args.downtime_limit
+        if args.timeout < 0 or args.hint_deadline_ms < 0:
+            raise ValueError("--timeout and --hint-deadline-ms cannot be negative")
+    except (ValueError, addresses.AddressError) as e:
+        print(f"fph-collector: {e}", file=sys.stderr)
+        return 2
+    return console.follow(args.admin, args.vm, lambda stub: stub.Migrate(req), args.json, standing=False)
+
+
+def _proxy(args: argparse.Namespace) -> int:
+    if args.count < 0 or args.hint_deadline_ms < 0:
+        print("fph-collector: --count and --hint-deadline-ms cannot be negative", file=sys.stderr)
+        return 2
+    req = admin_pb2.ProxyRequest(
+        vm=args.vm, to=args.to, dest_qmp=args.dest_qmp, listen=args.listen, count=args.count,
+        hint_deadline_ms=args.hint_deadline_ms,
+        progress_interval_ms=1000 if args.json else (250 if sys.stdout.isatty() else 2000),
+    )
+    return console.follow(args.admin, args.vm, lambda stub: stub.Proxy(req), args.json, standing=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logs.setup(args.log_format, args.verbose)
@@ -126,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         if args.cmd == "vms":
             return _vms(args)
+        if args.cmd == "migrate":
+            return _migrate(args)
+        if args.cmd == "proxy":
+            return _proxy(args)
+        if args.cmd == "cancel":
+            return console.cancel(args.admin, args.vm)
         return _hints(args)
     except grpc.RpcError as e:
         print(f"fph-collector: {e.code().name}: {e.details()}", file=sys.stderr)

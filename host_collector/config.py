@@ -10,13 +10,17 @@ Example (TOML; integers may be written in hex)::
     [[vm]]
     name = "web1"
     token_file = "/etc/fphint/tokens/web1"   # or token = "..."
+    qmp = "unix:/run/qemu/web1.fphint.qmp"   # fphint's own QMP monitor (migrate, proxy)
     ram = [
       { gpa = 0x0, size = 0x80000000, block = "pc.ram", offset = 0x0 },
       { gpa = 0x100000000, size = 0x40000000, block = "pc.ram", offset = 0x80000000 },
     ]
 
 A VM's ``ram`` may be left out and filled in later from QMP
-(:meth:`Collector.set_layout`). Every error names the file and the entry.
+(:meth:`Collector.set_layout`). ``qmp`` is a monitor of the VM's QEMU that
+fphint has to itself (QEMU's QMP serves one client at a time), started with
+``-qmp unix:PATH,server=on,wait=off``; ``unix:PATH``, ``/PATH`` or
+``tcp:HOST:PORT``. Every error names the file and the entry.
 """
 
 from __future__ import annotations
@@ -68,6 +72,8 @@ class VmEntry:
     token: str
     vsock_cid: int | None = None
     layout: RamLayout | None = None
+    #: fphint's QMP monitor of this VM's (source) QEMU, as written in the file.
+    qmp: str | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +127,22 @@ def _layout(vm: dict[str, Any], where: str) -> RamLayout | None:
         return RamLayout(tuple(ranges), {str(k): _expect(v, int, f"{where}.blocks.{k}") for k, v in blocks.items()})
     except LayoutError as e:
         raise ConfigError(f"{where}: {e}") from None
+
+
+def qmp_address(spec: str) -> str:
+    """Check a QMP monitor address (``unix:PATH``, ``/PATH``, ``tcp:HOST:PORT``); return it as given.
+
+    :raise ConfigError: anything else.
+    """
+    if spec.startswith("/"):
+        return spec
+    try:
+        addr = addresses.parse(spec)
+    except addresses.AddressError as e:
+        raise ConfigError(f"qmp {spec!r}: {e}") from None
+    if addr.kind not in ("unix", "tcp") or (addr.kind == "tcp" and not spec.startswith("tcp:")):
+        raise ConfigError(f"qmp {spec!r}: expected unix:/path, /path or tcp:HOST:PORT")
+    return spec
 
 
 def _token(vm: dict[str, Any], where: str, base: Path) -> str:
@@ -192,7 +214,7 @@ def parse(data: dict[str, Any], source: str = "<config>", base: Path | None = No
     for i, vm in enumerate(_expect(data.get("vm", []), list, f"{source}: [[vm]]")):
         where = f"{source}: vm[{i}]"
         _expect(vm, dict, where)
-        unknown = set(vm) - {"name", "token", "token_file", "vsock_cid", "ram", "blocks"}
+        unknown = set(vm) - {"name", "token", "token_file", "vsock_cid", "ram", "blocks", "qmp"}
         if unknown:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
         name = _expect(vm.get("name"), str, f"{where}.name")
@@ -212,9 +234,15 @@ def parse(data: dict[str, Any], source: str = "<config>", base: Path | None = No
             raise ConfigError(f"{where}: name used twice")
         if token in seen_tokens:
             raise ConfigError(f"{where}: token shared with another VM")
+        qmp = None
+        if "qmp" in vm:
+            try:
+                qmp = qmp_address(_expect(vm["qmp"], str, f"{where}.qmp"))
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}") from None
         seen_names.add(name)
         seen_tokens.add(token)
-        vms.append(VmEntry(name=name, token=token, vsock_cid=cid, layout=_layout(vm, where)))
+        vms.append(VmEntry(name=name, token=token, vsock_cid=cid, layout=_layout(vm, where), qmp=qmp))
     return CollectorConfig(
         listen=listen,
         admin=admin,

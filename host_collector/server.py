@@ -76,6 +76,7 @@ class CollectorServer:
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.admin_server: grpc.aio.Server | None = None
+        self.admin: AdminService | None = None
         #: Actual bound addresses (port 0 resolved), in config order.
         self.bound: list[addresses.Address] = []
         self._stopped = asyncio.Event()
@@ -116,7 +117,8 @@ class CollectorServer:
             admin_opts = [o for o in server_options(limits) if o[0] != "grpc.max_concurrent_streams"]
             admin_opts.append(("grpc.max_concurrent_streams", limits.max_concurrent_rpcs))
             self.admin_server = grpc.aio.server(options=admin_opts)
-            admin_pb2_grpc.add_CollectorAdminServicer_to_server(AdminService(self.collector), self.admin_server)
+            self.admin = AdminService(self.collector)
+            admin_pb2_grpc.add_CollectorAdminServicer_to_server(self.admin, self.admin_server)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.admin_server)
             reflection.enable_server_reflection((ADMIN_SERVICE, reflection.SERVICE_NAME), self.admin_server)
             _prepare_unix(cfg.admin.path)
@@ -146,6 +148,8 @@ class CollectorServer:
         grace = self.config.shutdown_grace_s if grace is None else grace
         log.info("collector stopping", extra={"grace_s": grace})
         await self.health.enter_graceful_shutdown()
+        if self.admin is not None:
+            await self.admin.migrations.shutdown()  # migrate_cancel on each source first
         self.collector.shutdown()
         waits = [s.stop(grace) for s in (self.server, self.admin_server) if s is not None]
         for listener in self._vsock:

@@ -143,6 +143,10 @@ class Vm:
     log: Path | None = None
     #: Where the RAM files go (default: workdir). Postcopy in QEMU 10.0 wants tmpfs.
     ram_dir: Path | None = None
+    #: More QEMU arguments (e.g. a second -qmp monitor for the collector).
+    extra_args: list[str] = field(default_factory=list)
+    #: The QEMU binary (default ``$FPH_QEMU``); a wrapper that adds its own -L works too.
+    qemu: str = QEMU
 
     def __post_init__(self) -> None:
         for name, size in self.machine.backends():
@@ -154,8 +158,8 @@ class Vm:
 
     def start(self) -> None:
         qmp_path = self.workdir / f"{self.name}.qmp"
-        argv = [QEMU, "-accel", "tcg", "-nodefaults", "-no-user-config", "-display", "none", "-smp", "1"]
-        if QEMU_DATADIR:
+        argv = [self.qemu, "-accel", "tcg", "-nodefaults", "-no-user-config", "-display", "none", "-smp", "1"]
+        if QEMU_DATADIR and self.qemu == QEMU:
             argv += ["-L", QEMU_DATADIR]
         argv += self.machine.argv(self.files)
         if self.boot is not None:
@@ -164,7 +168,7 @@ class Vm:
             argv += ["-incoming", "defer", "-S"]
         elif not self.running:
             argv += ["-S"]
-        argv += ["-qmp", f"unix:{qmp_path},server=on,wait=off"]
+        argv += ["-qmp", f"unix:{qmp_path},server=on,wait=off", *self.extra_args]
         assert self.log is not None
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

@@ -44,6 +44,21 @@ class CollectorAdminStub:
                 request_serializer=fphint_dot_v1_dot_admin__pb2.CollectHintsRequest.SerializeToString,
                 response_deserializer=fphint_dot_v1_dot_admin__pb2.CollectHintsResponse.FromString,
                 _registered_method=True)
+        self.Migrate = channel.unary_stream(
+                '/fphint.v1.CollectorAdmin/Migrate',
+                request_serializer=fphint_dot_v1_dot_admin__pb2.MigrateRequest.SerializeToString,
+                response_deserializer=fphint_dot_v1_dot_admin__pb2.MigrateEvent.FromString,
+                _registered_method=True)
+        self.Proxy = channel.unary_stream(
+                '/fphint.v1.CollectorAdmin/Proxy',
+                request_serializer=fphint_dot_v1_dot_admin__pb2.ProxyRequest.SerializeToString,
+                response_deserializer=fphint_dot_v1_dot_admin__pb2.MigrateEvent.FromString,
+                _registered_method=True)
+        self.CancelMigration = channel.unary_unary(
+                '/fphint.v1.CollectorAdmin/CancelMigration',
+                request_serializer=fphint_dot_v1_dot_admin__pb2.CancelMigrationRequest.SerializeToString,
+                response_deserializer=fphint_dot_v1_dot_admin__pb2.CancelMigrationResponse.FromString,
+                _registered_method=True)
 
 
 class CollectorAdminServicer:
@@ -64,6 +79,34 @@ class CollectorAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Migrate(self, request, context):
+        """Migrates a VM through the collector's proxy: pre-flight over the VM's
+        QMP monitor, the proxy, `migrate` on the source, hints from its agent.
+        Streams a ProxyReady, then progress, and ends with exactly one report
+        (unless the call fails before the migration starts: then a status).
+        Cancelling the call cancels the migration (migrate_cancel on the source).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Proxy(self, request, context):
+        """A standing proxy for an orchestrator that issues `migrate` itself:
+        for each migration a ProxyReady, progress once the source connects, and
+        a report. Ends after `count` migrations (0: when cancelled).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelMigration(self, request, context):
+        """Asks the migration or standing proxy of a VM to cancel the migration in
+        progress; its stream then ends with a report saying so.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CollectorAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +119,21 @@ def add_CollectorAdminServicer_to_server(servicer, server):
                     servicer.CollectHints,
                     request_deserializer=fphint_dot_v1_dot_admin__pb2.CollectHintsRequest.FromString,
                     response_serializer=fphint_dot_v1_dot_admin__pb2.CollectHintsResponse.SerializeToString,
+            ),
+            'Migrate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Migrate,
+                    request_deserializer=fphint_dot_v1_dot_admin__pb2.MigrateRequest.FromString,
+                    response_serializer=fphint_dot_v1_dot_admin__pb2.MigrateEvent.SerializeToString,
+            ),
+            'Proxy': grpc.unary_stream_rpc_method_handler(
+                    servicer.Proxy,
+                    request_deserializer=fphint_dot_v1_dot_admin__pb2.ProxyRequest.FromString,
+                    response_serializer=fphint_dot_v1_dot_admin__pb2.MigrateEvent.SerializeToString,
+            ),
+            'CancelMigration': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelMigration,
+                    request_deserializer=fphint_dot_v1_dot_admin__pb2.CancelMigrationRequest.FromString,
+                    response_serializer=fphint_dot_v1_dot_admin__pb2.CancelMigrationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +190,87 @@ class CollectorAdmin:
             '/fphint.v1.CollectorAdmin/CollectHints',
             fphint_dot_v1_dot_admin__pb2.CollectHintsRequest.SerializeToString,
             fphint_dot_v1_dot_admin__pb2.CollectHintsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Migrate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fphint.v1.CollectorAdmin/Migrate',
+            fphint_dot_v1_dot_admin__pb2.MigrateRequest.SerializeToString,
+            fphint_dot_v1_dot_admin__pb2.MigrateEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Proxy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fphint.v1.CollectorAdmin/Proxy',
+            fphint_dot_v1_dot_admin__pb2.ProxyRequest.SerializeToString,
+            fphint_dot_v1_dot_admin__pb2.MigrateEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelMigration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fphint.v1.CollectorAdmin/CancelMigration',
+            fphint_dot_v1_dot_admin__pb2.CancelMigrationRequest.SerializeToString,
+            fphint_dot_v1_dot_admin__pb2.CancelMigrationResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -10,6 +10,16 @@ hints may turn it into a zero page.
 
 Offsets are counts of main-channel bytes received from the source, starting
 at 0 with the "QEVM" magic.
+
+Two optional methods, looked up with ``getattr`` by their users:
+
+* ``oracle_until(end) -> (oracle, valid_through)``: what ``oracle_for(end)``
+  returns, and the last offset through which every record gets that same
+  answer, so the proxy asks once per window rather than once per record
+  (:class:`SpanGate`).
+* ``remove_listener(callback)``: undo :meth:`RewriteGate.add_listener`. The
+  proxy never calls it; a gate is meant to serve one migration, and the QMP
+  gate refuses to start twice.
 """
 
 from __future__ import annotations
@@ -52,6 +62,14 @@ class RewriteGate(Protocol):
         ...
 
 
+class SpanGate(Protocol):
+    """The optional window extension of :class:`RewriteGate`."""
+
+    def oracle_until(self, end: int) -> tuple[PageOracle | None, int]:
+        """(``oracle_for(end)``, the last offset >= ``end`` with the same answer)."""
+        ...
+
+
 class NoHints:
     """A gate that never rewrites: the plain relay."""
 
@@ -66,3 +84,9 @@ class NoHints:
 
     def add_listener(self, callback: Callable[[], None]) -> None:
         pass
+
+    def remove_listener(self, callback: Callable[[], None]) -> None:
+        pass
+
+    def oracle_until(self, end: int) -> tuple[PageOracle | None, int]:
+        return None, 1 << 63

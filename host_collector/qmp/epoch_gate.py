@@ -58,11 +58,18 @@ class EpochGate:
         self._events: EventQueue | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.polls_issued = 0
+        self._started = False
 
     # ---- lifecycle ----------------------------------------------------------
 
     async def start(self) -> None:
-        """Listen for MIGRATION_PASS and start polling. Call before ``migrate`` is issued."""
+        """Listen for MIGRATION_PASS and start polling. Call before ``migrate`` is issued.
+
+        A gate serves one migration stream: starting it twice raises.
+        """
+        if self._started:
+            raise RuntimeError("an EpochGate serves one migration; make a new one")
+        self._started = True
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._events = self._source.listen("MIGRATION_PASS")
@@ -82,6 +89,7 @@ class EpochGate:
         if self._events is not None:
             self._source.unlisten(self._events)
             self._events = None
+        self._listeners.clear()
         self.ledger.release_all()
 
     # ---- RewriteGate ------------------------------------------------------
@@ -102,8 +110,15 @@ class EpochGate:
     def oracle_for(self, end: int) -> PageOracle | None:
         return self.ledger.oracle_for(end)
 
+    def oracle_until(self, end: int) -> tuple[PageOracle | None, int]:
+        return self.ledger.oracle_until(end)
+
     def add_listener(self, callback: Callable[[], None]) -> None:
         self._listeners.append(callback)
+
+    def remove_listener(self, callback: Callable[[], None]) -> None:
+        """Forget ``callback`` (all of its registrations); :meth:`stop` forgets them all."""
+        self._listeners = [cb for cb in self._listeners if cb != callback]
 
     # ---- reporting --------------------------------------------------------
 

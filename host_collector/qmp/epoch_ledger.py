@@ -250,13 +250,43 @@ class EpochLedger:
             usable = tuple(
                 e for e in self._epochs.values() if not e.released and (e.sync >= s or e.request_offset >= end)
             )
-            if not usable:
-                return None
-            last = self._last_oracle
-            if last is not None and last.entries == usable:
-                return last
-            oracle = self._last_oracle = EpochOracle(usable)
-            return oracle
+            return self._oracle_locked(usable)
+
+    def oracle_until(self, end: int) -> tuple[PageOracle | None, int]:
+        """``oracle_for(end)`` and the last offset through which records get the same answer.
+
+        The answer only changes where the deciding poll changes (at a poll
+        offset) or where a record stops preceding an epoch's request (at a
+        request offset), so the window ends at the first of those at or after
+        ``end``. Epochs opened later only add hints by rule (a), so an answer
+        reused inside its window is never larger than a fresh one.
+        """
+        with self._lock:
+            i = bisect.bisect_left(self._poll_x, end)
+            if i >= len(self._poll_x):
+                # Not confirmed yet (the proxy does not ask then), or never will be.
+                return None, (NEVER_DECIDED_LIMIT if self._failed else end)
+            s = self._poll_s[i]
+            through = self._poll_x[i]
+            usable = []
+            for e in self._epochs.values():
+                if e.released:
+                    continue
+                if e.sync >= s:
+                    usable.append(e)
+                elif e.request_offset >= end:
+                    usable.append(e)
+                    through = min(through, e.request_offset)
+            return self._oracle_locked(tuple(usable)), through
+
+    def _oracle_locked(self, usable: tuple[EpochEntry, ...]) -> EpochOracle | None:
+        if not usable:
+            return None
+        last = self._last_oracle
+        if last is not None and last.entries == usable:
+            return last
+        oracle = self._last_oracle = EpochOracle(usable)
+        return oracle
 
     def polls(self) -> list[tuple[int, int]]:
         """(offset, sync count) of every answered poll still kept, oldest first."""

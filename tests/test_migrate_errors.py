@@ -1,0 +1,120 @@
+"""`fph-collector migrate`/`proxy` refusing bad requests with clear messages
+(a real daemon process, no QEMU), and the standing proxy's HeldGate."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from host_collector.migrate.gates import NEVER, HeldGate
+from host_collector.migrate.console import parse_size
+from host_collector.qmp.epoch_gate import EpochGate
+from host_collector.qmp.epoch_ledger import EpochOracle
+
+from .migrate_harness import Daemon
+from .qmp_fake_collector import FakeCollector
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[Daemon]:
+    d = Daemon(["gone"], no_qmp=["plain"])  # "gone": a QMP path nobody listens on
+    d.start()
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+@pytest.mark.parametrize(
+    ("args", "rc", "message"),
+    [
+        (("migrate", "nope", "--to", "tcp:127.0.0.1:1"), 2, "no VM named 'nope' in the registry"),
+        (("migrate", "plain", "--to", "tcp:127.0.0.1:1"), 2, "VM 'plain' has no QMP monitor in the registry"),
+        (("migrate", "gone", "--to", "tcp:127.0.0.1:1"), 1, "cannot reach the QMP monitor of 'gone'"),
+        (("migrate", "gone", "--to", "vsock:3:1"), 2, "migration streams use tcp:HOST:PORT or unix:PATH"),
+        (("migrate", "gone", "--to", "tcp:127.0.0.1:1", "--max-bandwidth", "lots"), 2, "'lots' is not a size"),
+        (("proxy", "gone", "--to", "tcp:127.0.0.1:1", "--listen", "bogus"), 2, "proxy listen address"),
+        (("proxy", "plain", "--to", "tcp:127.0.0.1:1", "--listen", "tcp:127.0.0.1:0"), 2, "no QMP monitor"),
+        (("cancel", "gone"), 1, "nothing to cancel for gone"),
+    ],
+)
+def test_cli_errors_are_clear(daemon: Daemon, args: tuple[str, ...], rc: int, message: str) -> None:
+    proc = daemon.run(*args, timeout=60)
+    assert proc.returncode == rc, (proc.returncode, proc.stderr)
+    assert message in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("fph-collector: ") and "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_unreachable_qmp_names_the_socket(daemon: Daemon) -> None:
+    proc = daemon.run("migrate", "gone", "--to", "tcp:127.0.0.1:1", "--json", timeout=60)
+    assert proc.returncode == 1 and f"no socket at {daemon.qmp('gone')}" in proc.stderr, proc.stderr
+
+
+def test_no_daemon_is_a_clear_error(daemon: Daemon, tmp_path: object) -> None:
+    cmd = daemon.cli("migrate", "gone", "--to", "tcp:127.0.0.1:1")
+    cmd[-1] = "unix:/nonexistent/fph-migrate-admin.sock"
+    import subprocess
+
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "cannot reach the collector's admin socket unix:/nonexistent/fph-migrate-admin.sock" in proc.stderr
+
+
+def test_parse_size() -> None:
+    assert parse_size("123") == 123
+    assert parse_size("64K") == 64 << 10
+    assert parse_size("1.5G") == 3 << 29
+    assert parse_size("8GiB") == 8 << 30
+    for bad in ("", "G", "-1M", "1X"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+
+
+def _gate() -> tuple[HeldGate, EpochGate]:
+    inner = EpochGate(None, FakeCollector(), "vm1")  # type: ignore[arg-type]  # never started: no QMP needed
+    led = inner.ledger
+    led.on_pass(1)
+    led.received(100)
+    led.on_poll(100, 1)
+    return HeldGate(inner), inner
+
+
+def test_held_gate_decides_nothing_until_cleared() -> None:
+    held, inner = _gate()
+    woken: list[int] = []
+    held.add_listener(lambda: woken.append(1))
+    assert inner.decided_through() == 100
+    assert held.decided_through() == 0 and held.oracle_for(50) is None and held.oracle_until(50) == (None, 50)
+    held.clear()
+    assert woken == [1] and held.decided_through() == 100
+    o, through = held.oracle_until(50)
+    assert isinstance(o, EpochOracle) and o.syncs == (1,) and through == 100
+    held.refuse("too late")  # no effect once cleared
+    assert held.state == "cleared" and held.decided_through() == 100
+
+
+def test_held_gate_refused_never_rewrites_and_stops_the_epochs() -> None:
+    held, inner = _gate()
+    held.refuse("capability xbzrle")
+    assert held.decided_through() == NEVER and held.oracle_for(50) is None and held.oracle_until(50) == (None, NEVER)
+    assert inner.failure is not None and "xbzrle" in inner.failure
+    held.clear()  # no effect once refused
+    assert held.state == "refused"
+
+
+@pytest.mark.parametrize("spec", ["unix:/run/qemu/vm1.qmp", "/run/qemu/vm1.qmp", "tcp:127.0.0.1:4444"])
+def test_registry_takes_a_qmp_monitor(spec: str) -> None:
+    from host_collector.config import parse
+
+    cfg = parse({"vm": [{"name": "vm1", "token": "t" * 20, "qmp": spec}]}, "c.toml")
+    assert cfg.vms[0].qmp == spec
+
+
+@pytest.mark.parametrize("spec", ["vsock:3:4444", "127.0.0.1:4444", "unix:", 7])
+def test_registry_refuses_a_bad_qmp_monitor(spec: object) -> None:
+    from host_collector.config import ConfigError, parse
+
+    with pytest.raises(ConfigError, match=r"c\.toml: vm 'vm1'.*qmp"):
+        parse({"vm": [{"name": "vm1", "token": "t" * 20, "qmp": spec}]}, "c.toml")
