@@ -117,7 +117,7 @@ def chart(sums: Sequence[Summary], path: Path, title: str) -> None:
         lo = [max(0.0, (x.median - x.low) / scale) for x in sp]
         hi = [max(0.0, (x.high - x.median) / scale) for x in sp]
         colors = ["#d62728" if s.survived < s.runs or s.corrupt else
-                  ("#2ca02c" if s.scenario == "fphint" else "#4c72b0") for s in sums]
+                  ("#2ca02c" if s.scenario.startswith("fphint") else "#4c72b0") for s in sums]
         ax.bar(range(len(sums)), med, yerr=[lo, hi], capsize=4, color=colors)
         ax.set_xticks(range(len(sums)), labels, rotation=35, ha="right", fontsize=8)
         ax.set_title(f"{what} ({unit}, median, min-max)", fontsize=10)
