@@ -136,6 +136,9 @@ class LateAgent(Agent):
                                                                time.monotonic() + 10.0)
         except Exception as exc:  # the collector refusing is what the tests want to see
             entry["error"] = repr(exc)[:300]
+        except asyncio.CancelledError:  # the connection ended meanwhile (e.g. at a switchover)
+            entry["cancelled"] = True
+            raise
         finally:
             _note(self.journal, entry)
 
