@@ -276,9 +276,15 @@ def rogue(rig: Rig, vm: VM, *args: str, replacing: int | None = None) -> int:
     stop_agent(rig, vm, replacing)
     vm.run(f"rm -f {ROGUE_LOG}")
     cmd = f"{ROGUE} --log {ROGUE_LOG} {shlex.join(args)}"
-    out = vm.output(f"setsid {cmd} > /run/fphint-rogue.log 2>&1 < /dev/null & echo $!")
+    vm.run(f"setsid {cmd} > /run/fphint-rogue.log 2>&1 < /dev/null &")
+    # setsid forks when called from a process-group leader, so $! is not the
+    # agent: it writes its own pid first thing.
+    deadline = time.monotonic() + 60
+    while not (started := [e for e in rogue_journal(vm) if e.get("started")]):
+        assert time.monotonic() < deadline, vm.run("cat /run/fphint-rogue.log", check=False).output[-2000:]
+        time.sleep(0.3)
     rig.daemon.wait_attached(VM_NAME, 60)
-    return int(out.splitlines()[-1])
+    return int(started[0]["pid"])
 
 
 def rogue_journal(vm: VM) -> list[dict[str, Any]]:
