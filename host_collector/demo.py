@@ -1,14 +1,27 @@
-"""``make demo``: a collector and an agent on this machine, end to end.
+"""``make demo``: a guest migrated plainly and with fphint, side by side.
 
-Until a guest is involved, "the VM" is this host: its RAM layout comes from
-/proc/iomem, the agent reads this kernel's free pages, and the free ranges the
-collector received are checked against /proc/buddyinfo. Both daemons run as
-real processes talking gRPC over a Unix socket, exactly as deployed.
+The default (the README's main job) builds or reuses the test guest image
+(vm-images/), boots a Debian guest under QEMU with the real agent inside,
+starts the collector daemon, and then, on that one guest: leaves garbage in
+its free memory and starts a workload that allocates, writes, verifies and
+frees memory; migrates it plainly; does the same again and migrates it with
+``fph-collector migrate``. Both migrations cross the same emulated 1 Gbit/s
+link, where the bytes on the wire are counted. After each one the guest must
+run the same boot with a clean kernel log and the workload must verify every
+byte. It prints the comparison. Needs root and a checkout of the repository
+(it uses the VM test harness in tests/vm/); about 2 minutes with a cached
+image, plus about 2 for the first image build.
+
+``--host-only`` is the quick check that needs no guest: "the VM" is this
+host, its RAM layout comes from /proc/iomem, the agent reads this kernel's
+free pages, and what the collector received is checked against
+/proc/buddyinfo, both daemons running as real processes talking gRPC.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import secrets
 import subprocess
@@ -16,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -85,12 +99,89 @@ def wait_attached(stub: admin_pb2_grpc.CollectorAdminStub, timeout: float) -> ad
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--source", default="auto", help="agent source: auto, ebpf, kpageflags")
-    ap.add_argument("--show", type=int, default=12, help="largest ranges to print")
-    ap.add_argument("--tolerance", type=float, default=0.02,
-                    help="allowed relative difference to /proc/buddyinfo (churn between the reads)")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--host-only", action="store_true", help="the quick check on this host, no guest")
+    g = ap.add_argument_group("guest demo")
+    g.add_argument("--runs", type=int, default=1, help="migrations of each kind (default 1)")
+    g.add_argument("--fill-mib", type=int, default=512, help="garbage left in free memory before each migration")
+    g.add_argument("--link-mbit", type=float, default=1000.0, help="the emulated link's rate")
+    g.add_argument("--keep", action="store_true", help="keep the VM logs")
+    h = ap.add_argument_group("--host-only")
+    h.add_argument("--source", default="auto", help="agent source: auto, ebpf, kpageflags")
+    h.add_argument("--show", type=int, default=12, help="largest ranges to print")
+    h.add_argument("--tolerance", type=float, default=0.02,
+                   help="allowed relative difference to /proc/buddyinfo (churn between the reads)")
     args = ap.parse_args(argv)
+    if not args.host_only:
+        return guest_demo(args)
+    return host_demo(args)
+
+
+def guest_demo(args: argparse.Namespace) -> int:
+    """Plain and fphint migrations of one churning guest over one link."""
+    if os.geteuid() != 0:
+        print("demo: run as root (QEMU guests, the image build)", file=sys.stderr)
+        return 2
+    repo = Path(__file__).resolve().parent.parent
+    if not (repo / "tests/vm/scenarios.py").is_file():
+        print(f"demo: needs a checkout of the repository (tests/vm/ not found under {repo}); "
+              "or run with --host-only", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(repo))
+    # Imported by name: the test harness is not part of the installed package.
+    sc = importlib.import_module("tests.vm.scenarios")
+    FphintMigrator = importlib.import_module("tests.vm.fphint_daemon").FphintMigrator
+    SCENARIOS, PlainMigrator, Workload = sc.SCENARIOS, sc.PlainMigrator, sc.Workload
+    boot_for, migrate_once, prepare, summarize, table = sc.boot_for, sc.migrate_once, sc.prepare, sc.summarize, sc.table
+
+    workload = Workload(fill_mib=args.fill_mib)
+    rate = args.link_mbit * 1e6
+    results: dict[str, list[Any]] = {"plain": [], "fphint": []}
+    print(f"== fphint demo: one 1 GiB guest, migrated over an emulated {args.link_mbit:.0f} Mbit/s link, "
+          "plainly and with fphint", flush=True)
+    print("   building or reusing the guest image (the first build takes about 2 minutes) ...", flush=True)
+    with sc.vm_session("demo", keep=args.keep) as factory:
+        hinted = FphintMigrator(factory)
+        try:
+            vm = boot_for(factory, SCENARIOS["fphint"], "boot", guest_fields=hinted.guest_fields)
+            info = hinted.daemon.wait_attached(FphintMigrator.VM_NAME, 180)
+            boot_id = vm.boot_id()
+            print(f"   guest booted (QEMU {vm.qemu_version}, kernel {info.get('kernel_release')}); "
+                  f"agent attached, free-page source {info.get('chosen_source')!r}", flush=True)
+            hop = 0
+            for run in range(args.runs):
+                for name, migrator in (("plain", PlainMigrator()), ("fphint", hinted)):
+                    print(f"-- run {run + 1}, {name}: fill and free {workload.fill_mib} MiB, start the churn "
+                          "workload, migrate ...", flush=True)
+                    prepare(vm, workload)
+                    hop += 1
+                    res, dst = migrate_once(factory, vm, f"hop{hop}", migrator, scenario=SCENARIOS[name],
+                                            run=run, boot_id=boot_id, link_rate_bps=rate)
+                    results[name].append(res)
+                    print(f"   {res.wire_bytes / 2**20:.1f} MiB on the wire in {res.total_time_ms} ms, "
+                          f"downtime {res.downtime_ms} ms, {res.dirty_sync_count} dirty syncs; guest "
+                          f"{'intact' if res.ok else 'PROBLEMS: ' + '; '.join(res.problems)[:600]}", flush=True)
+                    if not res.qemu_transferred or not res.survived:
+                        return 1
+                    vm.shutdown()
+                    vm = dst
+        finally:
+            hinted.close()
+    sums = [summarize(SCENARIOS[n], rs) for n, rs in results.items()]
+    print()
+    print(table(sums))
+    plain, fph = sums
+    ok = all(r.ok for rs in results.values() for r in rs)
+    if fph.wire_bytes.median and fph.total_time_ms.median:
+        print(f"\nfphint sent {plain.wire_bytes.median / fph.wire_bytes.median:.2f}x fewer bytes and took "
+              f"{fph.total_time_ms.median / plain.total_time_ms.median:.2f}x the time of the plain migration; "
+              f"the workload verified every byte after each migration: {'yes' if ok else 'NO'}")
+    print("(the full comparison with QEMU's own free-page hinting: bench/migration_comparison.py, "
+          "docs/comparison.md)")
+    return 0 if ok else 1
+
+
+def host_demo(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         print("demo: run as root (the agent reads /proc/kpageflags, the layout /proc/iomem)", file=sys.stderr)
         return 2

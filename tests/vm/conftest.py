@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from vmimage.builder import Image, ensure_image
+from vmimage.qemu import default_binary, qemu_version
 
 from .harness import VMFactory, remove_stale_ram_files
 
@@ -42,6 +43,18 @@ def vm_unavailable() -> str | None:
     if missing:
         return f"missing tools: {', '.join(missing)} (scripts/install-deps.sh installs them)"
     return None
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    binary = default_binary()
+    return f"VM tests: QEMU {qemu_version(binary)} ({binary})"
+
+
+@pytest.fixture(autouse=True)
+def _record_qemu(record_property: object) -> None:
+    """Every test's report names the QEMU that ran its guests (junit-xml property)."""
+    binary = default_binary()
+    record_property("qemu", f"{qemu_version(binary)} {binary}")  # type: ignore[operator]
 
 
 @pytest.fixture(scope="session")

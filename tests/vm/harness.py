@@ -38,7 +38,7 @@ from typing import IO, Any
 
 from vmimage.builder import Image
 from vmimage.final import WORKLOADS_IN_GUEST
-from vmimage.qemu import QEMU, Endpoints, GuestConfig, qemu_argv
+from vmimage.qemu import Endpoints, GuestConfig, default_binary, qemu_argv, qemu_version
 
 from .console import Result, Shell
 from .qmp import QMP, QMPError
@@ -127,13 +127,13 @@ class VM:
         incoming: bool = False,
         paused: bool = False,
         shm_dir: Path = SHM_DIR,
-        binary: str = QEMU,
+        binary: str | None = None,
         extra_args: tuple[str, ...] = (),
     ) -> None:
         self.name = name
         self.guest = guest
         self.rundir = rundir
-        self.binary = binary
+        self.binary = binary or default_binary()
         unique = f"fphvm-{os.getpid()}-{uuid.uuid4().hex[:8]}-{name}"
         self.endpoints = Endpoints(
             name=name,
@@ -142,6 +142,7 @@ class VM:
             shell=rundir / f"{name}.shell",
             shell_log=rundir / f"{name}.shell.log",
             console_log=rundir / f"{name}.console.log",
+            aux_qmp=rundir / f"{name}.fphint.qmp",
             incoming=incoming,
             paused=paused,
             extra_args=extra_args,
@@ -164,11 +165,22 @@ class VM:
         return self.endpoints.mem_path
 
     @property
+    def aux_qmp(self) -> Path:
+        """The second QMP monitor's socket (for fphint's collector)."""
+        assert self.endpoints.aux_qmp is not None
+        return self.endpoints.aux_qmp
+
+    @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
     def argv(self) -> list[str]:
         return qemu_argv(self.guest, self.endpoints, self.binary)
+
+    @property
+    def qemu_version(self) -> str:
+        """The version of the QEMU this VM runs, e.g. "10.0.2"."""
+        return qemu_version(self.binary)
 
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
@@ -184,7 +196,8 @@ class VM:
 
     def describe(self, nbytes: int = 2500) -> str:
         """The tails of this VM's logs, for failure messages."""
-        parts = [f"== {self.name}: pid {self.pid}, exit {self.exitcode}, logs in {self.rundir}"]
+        parts = [f"== {self.name}: pid {self.pid}, exit {self.exitcode}, QEMU {self.qemu_version} ({self.binary}), "
+                 f"logs in {self.rundir}"]
         for title, path in (
             ("QEMU", self.qemu_log),
             ("console ttyS0", self.endpoints.console_log),
@@ -201,7 +214,7 @@ class VM:
             raise VMError(f"{self.name}: already launched")
         argv = self.argv()
         (self.rundir / f"{self.name}.cmdline").write_text(shlex.join(argv) + "\n")
-        self.log.info("launching: %s", shlex.join(argv))
+        self.log.info("launching QEMU %s: %s", self.qemu_version, shlex.join(argv))
         self._logf = self.qemu_log.open("wb")
         try:
             self._proc = subprocess.Popen(

@@ -105,13 +105,18 @@ def test_agent_in_guest_hints_only_free_pages(vm_factory: VMFactory, collector: 
     planted[(r.offset + victim - r.gpa) // PAGE] = True
     assert live_pages_hinted(planted, layout, spans) == [victim]
 
-    # The filler's pages went back to the buddy allocator: nearly all must be
-    # hinted (its pattern found in hinted pages of the RAM file proves the
-    # guest-physical -> RAMBlock mapping, since the agent only knows GPAs).
+    # The filler's pages went back to the buddy allocator: those still holding
+    # its pattern (the churn and the agent reuse some) are free, so nearly all
+    # must be hinted, and there must be many (its pattern found in hinted pages
+    # of the RAM file proves the guest-physical -> RAMBlock mapping, since the
+    # agent only knows GPAs). The fill writes its region only, so at most
+    # 192 MiB of pages hold the pattern.
     garbage = page_hashes(mempattern.expected("garbage", 192 << 20))
-    hinted_garbage = 0
+    present = hinted_garbage = 0
     with open(vm.ram_path, "rb") as f:
-        for page in mask.nonzero()[0].tolist():
-            f.seek(page * PAGE)
-            hinted_garbage += hashlib.sha1(f.read(PAGE)).digest() in garbage
-    assert hinted_garbage > 0.9 * (192 << 20) // PAGE, hinted_garbage
+        for page in range(len(mask)):
+            if hashlib.sha1(f.read(PAGE)).digest() in garbage:
+                present += 1
+                hinted_garbage += bool(mask[page])
+    assert present > 0.5 * (192 << 20) // PAGE, present
+    assert hinted_garbage > 0.95 * present, (hinted_garbage, present)

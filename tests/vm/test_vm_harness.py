@@ -103,3 +103,21 @@ def test_failed_migration_is_reported_and_source_survives(vm_factory: VMFactory,
     ram = src.ram_path
     src.shutdown()
     assert not ram.exists(), "shutdown removes the RAM file"
+
+
+def test_binary_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """$FPH_QEMU wins; else QEMU 10.0 when installed (7.2 loses TCG writes while migrating); else Debian's."""
+    from vmimage import qemu as qemu_mod
+
+    monkeypatch.setenv(qemu_mod.QEMU_ENV, "/opt/my/qemu")
+    assert qemu_argv(_guest(tmp_path), _endpoints(tmp_path))[0] == "/opt/my/qemu"
+    assert VM("x", _guest(tmp_path), tmp_path).binary == "/opt/my/qemu"
+    monkeypatch.delenv(qemu_mod.QEMU_ENV)
+    fake10 = tmp_path / "qemu10"
+    monkeypatch.setattr(qemu_mod, "QEMU10", fake10)
+    assert qemu_mod.default_binary() == qemu_mod.QEMU
+    fake10.write_text("#!/bin/sh\necho 'QEMU emulator version 10.0.2 (test)'\n")
+    fake10.chmod(0o755)
+    assert qemu_mod.default_binary() == str(fake10)
+    assert qemu_mod.qemu_version(str(fake10)) == "10.0.2"
+    assert qemu_mod.qemu_version(str(tmp_path / "missing")).startswith("unknown")

@@ -21,11 +21,20 @@ The guest's devices and wiring:
 
 from __future__ import annotations
 
+import functools
+import os
+import re
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+#: Debian's QEMU (7.2 on bookworm).
 QEMU = "qemu-system-x86_64"
+#: QEMU 10.0 unpacked by scripts/install-qemu10.sh (a wrapper adding its -L).
+QEMU10 = Path(os.environ.get("FPH_QEMU10_DIR", "/var/cache/fphint/qemu-10.0")) / "bin" / "qemu-system-x86_64"
+#: Environment variable naming the QEMU binary to use instead.
+QEMU_ENV = "FPH_QEMU"
 
 #: fw_cfg names the agent reads under /sys/firmware/qemu_fw_cfg/by_name/<name>/raw.
 FW_CFG_TOKEN = "opt/org.fphint/token"
@@ -86,7 +95,37 @@ class Endpoints:
     #: Start with ``-S``: CPUs stay stopped until QMP ``cont``; for a
     #: destination, after the migration completes.
     paused: bool = False
+    #: A second QMP monitor, for fphint's collector (QEMU serves one client
+    #: per monitor, and the harness keeps the first).
+    aux_qmp: Path | None = None
     extra_args: tuple[str, ...] = field(default=())
+
+
+def default_binary() -> str:
+    """The QEMU that runs test guests: ``$FPH_QEMU``, else QEMU 10.0 when
+    installed, else Debian's.
+
+    QEMU before 9.0 under TCG loses guest writes during a live migration (the
+    dirty-bitmap sync does not reset the TCG TLB; fixed upstream for 9.0), so
+    a running guest must only be migrated with the newer one.
+    """
+    chosen = os.environ.get(QEMU_ENV)
+    if chosen:
+        return chosen
+    if os.access(QEMU10, os.X_OK):
+        return str(QEMU10)
+    return QEMU
+
+
+@functools.cache
+def qemu_version(binary: str) -> str:
+    """``binary``'s version, e.g. "10.0.2" (or "unknown: why")."""
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unknown: {exc}"
+    m = re.search(r"version (\d+\.\d+\.\d+)", out)
+    return m.group(1) if m else f"unknown: {out.strip()[:80]!r}"
 
 
 def fw_cfg_string(value: str) -> str:
@@ -101,8 +140,10 @@ def collector_address(port: int) -> str:
     return f"tcp:{HOST_FROM_GUEST}:{port}"
 
 
-def qemu_argv(guest: GuestConfig, ep: Endpoints, binary: str = QEMU) -> list[str]:
-    """The full QEMU command line for one process of ``guest``."""
+def qemu_argv(guest: GuestConfig, ep: Endpoints, binary: str | None = None) -> list[str]:
+    """The full QEMU command line for one process of ``guest`` (binary: see
+    :func:`default_binary`)."""
+    binary = binary or default_binary()
     mem = f"{guest.mem_mib}M"
     argv = [
         binary,
@@ -128,6 +169,8 @@ def qemu_argv(guest: GuestConfig, ep: Endpoints, binary: str = QEMU) -> list[str
         "-serial", "chardev:shell0",
         "-qmp", f"unix:{ep.qmp},server=on,wait=off",
     ]  # fmt: skip
+    if ep.aux_qmp is not None:
+        argv += ["-qmp", f"unix:{ep.aux_qmp},server=on,wait=off"]
     if guest.token is not None:
         argv += ["-fw_cfg", f"name={FW_CFG_TOKEN},string={fw_cfg_string(guest.token)}"]
     if guest.collector is not None:
