@@ -225,13 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table(ordered))
     goal = goals(sums)
+    if args.raw:
+        args.raw.write_text(json.dumps({"meta": meta, "runs": [r.as_dict() for r in results]}, indent=1))
     if png_path:
         chart(ordered, png_path, f"1 GiB guest, {args.link_mbit:.0f} Mbit/s link, QEMU {meta['qemu']}, "
                                  f"{args.runs} runs per scenario")
     if md_path:
         md_path.write_text(markdown(ordered, results, meta, goal, png_path.name if png_path else None))
-    if args.raw:
-        args.raw.write_text(json.dumps({"meta": meta, "runs": [r.as_dict() for r in results]}, indent=1))
     summary = {
         "meta": meta,
         "scenarios": {s.scenario: {

@@ -35,5 +35,5 @@ fi
 echo "== creating $VENV"
 /usr/bin/python3 -m venv --system-site-packages "$VENV"
 "$VENV/bin/pip" install -q --upgrade pip
-"$VENV/bin/pip" install -q -e '.[collector,dev]'
+"$VENV/bin/pip" install -q -e '.[collector,dev,bench]'
 echo "$want" > "$stamp"
