@@ -42,7 +42,7 @@ from ..linkrelay import GIGABIT, LinkRelay, LinkStats
 from .fphint_daemon import CollectorDaemon, MigrateCall, Witness
 from .harness import VM, VMFactory, migrate, start_incoming, wait_incoming
 from .ramcompare import NOT_REWRITTEN, PAGE, RamDiff, compare_ram_files
-from .scenarios import guest_problems, set_switchover_bandwidth
+from .scenarios import SAME_CLOCK, guest_problems, set_switchover_bandwidth
 
 pytestmark = [pytest.mark.vm, pytest.mark.qemu, pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(1500)]
 pytest.importorskip("host_collector.migrate.run", reason="fph-collector migrate (host_collector/migrate/) is needed")
@@ -127,7 +127,7 @@ class Rig:
         set_switchover_bandwidth(src, rate)
         dst = self.destination(paused)
         with LinkRelay(start_incoming(dst), rate_bps=rate) as link:
-            result = migrate(src, link.uri, dst=dst)
+            result = migrate(src, link.uri, dst=dst, capabilities=SAME_CLOCK)
             stats = link.wait_idle(10)
         hop = Hop(src, dst, stats, dict(result.info))
         self.note("plain  " + hop.describe())
