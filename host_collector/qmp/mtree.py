@@ -14,6 +14,8 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+from host_collector.layout import RamRange
+
 _MAX_ALIAS_DEPTH = 16
 _INDENT = 2
 
@@ -136,18 +138,9 @@ def _region(m: re.Match[str], no: int) -> Region:
     return r
 
 
-@dataclass(frozen=True)
-class Piece:
-    """``size`` guest-physical bytes at ``gpa`` backed by RAM region ``block`` at ``offset``."""
-
-    gpa: int
-    size: int
-    block: str
-    offset: int
-
-    @property
-    def end(self) -> int:
-        return self.gpa + self.size
+#: ``size`` guest-physical bytes at ``gpa`` backed by RAM region ``block`` at
+#: ``offset``: the registry's own range type, before any validation.
+Piece = RamRange
 
 
 @dataclass(frozen=True)
