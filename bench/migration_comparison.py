@@ -142,7 +142,9 @@ def markdown(sums: Sequence[Summary], results: Sequence[RunResult], meta: dict[s
         f"a churn loop ({meta['workload']}) that allocates, writes, verifies and frees memory during the "
         "migration. *Wire MiB* is counted in the relay (source → destination); *guest CPU* is the guest's busy "
         "share of its one vCPU from its /proc/stat over the migration; *survived*: the destination guest ran the "
-        "same boot with a clean kernel log; *corrupted*: the workload found bytes that were not what it wrote.",
+        "same boot with a clean kernel log; *corrupted*: the workload found bytes that were not what it wrote. "
+        "Every scenario migrates with QEMU's `return-path` on (fph-collector migrate needs it), so *total time* "
+        "and *downtime*, from the source's query-migrate, end when the destination has loaded the last byte.",
         "",
         table(sums),
         "",
