@@ -519,3 +519,23 @@ def test_a_silent_agent_is_not_waited_for_twice() -> None:
     led.received(9000)
     led.on_poll(9000, 2)
     assert led.decided_through() == 9000  # not held again
+
+
+def test_a_stopped_guest_is_not_waited_for() -> None:
+    """Once the stream's completion began the guest is stopped: the epoch QEMU's
+    final sync opens would hold every decision for a snapshot that cannot come."""
+    led, c = ledger()
+    led.received(100)
+    led.on_poll(100, 0)
+    e1 = epoch(c, led.on_pass(1))
+    e1.hints_pending = True
+    led.received(5000)
+    led.on_poll(5000, 1)
+    assert led.decided_through() == 100
+    led.stop_holding()
+    assert led.decided_through() == 5000
+    e2 = epoch(c, led.on_pass(2))  # the final sync's epoch, after the stop
+    e2.hints_pending = True
+    led.received(9000)
+    led.on_poll(9000, 2)
+    assert led.decided_through() == 9000

@@ -581,3 +581,40 @@ def test_close_before_any_connection_ends_the_proxy() -> None:
     assert res is not None and res.outcome is Outcome.ABORTED
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", int(addr.rsplit(":", 1)[1])), timeout=2)
+
+
+class HintHoldingGate(FixedGate):
+    """Holds every decision, as the epoch gate does while hints are on their
+    way, until the proxy says the guest has stopped (``stop_holding``)."""
+
+    def __init__(self, free: set[tuple[str, int]]) -> None:
+        super().__init__(free)
+        self.holding = True
+        self.total = 0
+        self.stopped_at: list[int] = []
+
+    def received(self, total: int) -> None:
+        super().received(total)
+        self.total = total
+
+    def decided_through(self) -> int:
+        return 0 if self.holding else 1 << 62
+
+    def stop_holding(self) -> None:
+        self.holding = False
+        self.stopped_at.append(self.total)
+
+
+def test_completion_stops_the_wait_for_hints() -> None:
+    """When the ram END section begins the guest is stopped, so hints still
+    awaited will not come: the proxy tells the gate at once, rather than
+    holding the iteration's last records (and the final pass behind them)
+    to its hold bound, which would all be downtime."""
+    b = typical_stream(HINTED)
+    end_at = bytes(b.orig).rindex(b"\x03" + be32(2))
+    gate = HintHoldingGate(HINTED)
+    res, out, _ = run_proxy(bytes(b.orig), gate, hold_seconds=60.0, timeout=15.0)
+    assert res is not None and res.outcome is Outcome.FINISHED
+    assert len(gate.stopped_at) == 1 and gate.stopped_at[0] > end_at
+    assert out == bytes(b.want)  # decided after the stop: the hints still apply
+    assert res.stats.pages_rewritten == 5

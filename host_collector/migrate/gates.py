@@ -152,6 +152,9 @@ class HeldGate:
             return self.inner.oracle_until(end)
         return None, (NEVER if state == "refused" else end)
 
+    def stop_holding(self) -> None:
+        self.inner.stop_holding()
+
     def add_listener(self, callback: Callable[[], None]) -> None:
         self._listeners.append(callback)
         self.inner.add_listener(callback)

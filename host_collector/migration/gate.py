@@ -17,6 +17,9 @@ Two optional methods, looked up with ``getattr`` by their users:
   returns, and the last offset through which every record gets that same
   answer, so the proxy asks once per window rather than once per record
   (:class:`SpanGate`).
+* ``stop_holding()``: the proxy saw the stream's completion begin, so the
+  guest is stopped for good; a gate that holds ``decided_through`` back while
+  hints are on their way stops doing so (they will not come).
 * ``remove_listener(callback)``: undo :meth:`RewriteGate.add_listener`. The
   proxy never calls it; a gate is meant to serve one migration, and the QMP
   gate refuses to start twice.

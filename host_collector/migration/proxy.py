@@ -16,7 +16,9 @@ are held, goes out unchanged: the proxy never waits on the guest. Records of
 the ram END section are never held nor judged: QEMU stops the guest and then
 runs a dirty sync before it picks them (migration_completion ->
 ram_save_complete), so no hint can be both later than that sync and earlier
-than the pick, and holding them would only add downtime.
+than the pick, and holding them would only add downtime. When that section
+begins the gate is also told the guest has stopped (``stop_holding``, if it
+has one), so it no longer holds decisions for hints that cannot come.
 
 When the parser meets something it does not understand it gives up and the
 rest goes through byte for byte. If pages were already rewritten by then the
@@ -678,6 +680,9 @@ class _MainRelay:
         for phase, offset in parser.transitions:
             if phase is Phase.COMPLETION:
                 self._completion_at = offset
+                stop_holding = getattr(self.gate, "stop_holding", None)
+                if stop_holding is not None:
+                    stop_holding()
             if proxy._on_phase is not None and proxy._outcome is None:
                 proxy._on_phase(phase, offset)
         parser.transitions.clear()

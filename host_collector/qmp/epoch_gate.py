@@ -113,6 +113,9 @@ class EpochGate:
     def oracle_until(self, end: int) -> tuple[PageOracle | None, int]:
         return self.ledger.oracle_until(end)
 
+    def stop_holding(self) -> None:
+        self.ledger.stop_holding()
+
     def add_listener(self, callback: Callable[[], None]) -> None:
         self._listeners.append(callback)
 

@@ -143,6 +143,8 @@ class EpochLedger:
         self._last_oracle: EpochOracle | None = None
         #: An epoch closed without a single chunk from the agent.
         self._agent_silent = False
+        #: Cleared for good once the guest has stopped (the stream's completion).
+        self._hold_for_hints = True
         self.stats = LedgerStats()
 
     # ---- inputs -----------------------------------------------------------
@@ -236,6 +238,12 @@ class EpochLedger:
         with self._lock:
             self._fail_locked(reason)
 
+    def stop_holding(self) -> None:
+        """The guest has stopped for good: hints not received by now will not
+        come, so decisions no longer wait for them (QEMU opens an epoch for its
+        final sync too, and holding for its snapshot would add to downtime)."""
+        self._hold_for_hints = False
+
     def release_all(self) -> None:
         with self._lock:
             for e in list(self._epochs.values()):
@@ -252,8 +260,8 @@ class EpochLedger:
         if self._failed:
             return NEVER_DECIDED_LIMIT
         x = self._poll_x[-1] if self._poll_x else 0
-        if self._agent_silent:
-            return x  # it never answered an earlier epoch: don't hold for it again
+        if self._agent_silent or not self._hold_for_hints:
+            return x  # it never answered an earlier epoch, or the guest has stopped
         for e in list(self._epochs.values()):
             if not e.closed and e.epoch.hints_pending:
                 x = min(x, e.decided_at_open)
