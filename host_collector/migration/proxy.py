@@ -606,6 +606,7 @@ class _MainRelay:
                 self._judge()
             self._send_ready()
         if proxy._outcome is None:
+            log.debug("migration proxy: everything sent (%d bytes)", self.sent_bytes)
             _half_close(self.dst)
 
     def _drain_wake(self) -> None:
@@ -678,6 +679,8 @@ class _MainRelay:
         parser = self.parser
         proxy = self.proxy
         for phase, offset in parser.transitions:
+            log.debug("migration proxy: %s at offset %d (received %d, sent %d, held %d bytes)",
+                      phase.value, offset, self.received, self.sent_bytes, self._held_bytes())
             if phase is Phase.COMPLETION:
                 self._completion_at = offset
                 stop_holding = getattr(self.gate, "stop_holding", None)
@@ -709,6 +712,8 @@ class _MainRelay:
 
     def _source_closed(self) -> None:
         self.src_eof = True
+        log.debug("migration proxy: source EOF at %d (sent %d, held %d bytes)",
+                  self.received, self.sent_bytes, self._held_bytes())
         self._poller.unregister(self.src)  # POLLIN stays set at EOF
         parser = self.parser
         if parser.parsing:
