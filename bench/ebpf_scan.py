@@ -7,8 +7,9 @@ Prints, with medians over alternating runs (the machine is shared and noisy):
   ratio (goal: ebpf <= 3 ms/GiB, kpageflags >= 5x slower);
 * time from request to the first chunk: source side (a scan's first part
   ready) and through the real agent and collector on loopback (goal <= 20 ms);
-* agent RSS with the BPF programs loaded (a fresh process: baseline, bcc
-  imported, source open, after scans and live frees);
+* agent RSS with the BPF programs loaded (a fresh process: baseline, source
+  open, after scans and live frees; bcc and LLVM stay in the loader child,
+  and ``bcc_in_agent`` says whether that held), and the loader child's time;
 * the cost of draining live frees.
 
 The last line is one JSON object. Needs root.
@@ -119,11 +120,11 @@ def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
 out = {{"baseline": rss()}}
-import bcc
-out["bcc_imported"] = rss()
 from guest_agent.sources.ebpf import EbpfSource
 s = EbpfSource(); s.open()
 out["open"] = rss()
+out["bcc_in_agent"] = "bcc" in sys.modules
+out["loader_child_s"] = s.scanner.prog.load_s
 for _ in range(5):
     s.snapshot()
 out["after_scans"] = rss()
@@ -141,7 +142,9 @@ def rss_profile() -> dict[str, float]:
                           timeout=120)
     if proc.returncode:
         raise RuntimeError(proc.stderr[-2000:])
-    return {k: v / 2**20 for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
+    raw = json.loads(proc.stdout.strip().splitlines()[-1])
+    mib = {k: v / 2**20 for k, v in raw.items() if k not in ("bcc_in_agent", "loader_child_s")}
+    return {**mib, "bcc_in_agent": float(raw["bcc_in_agent"]), "loader_child_s": raw["loader_child_s"]}
 
 
 def live_cost(ebpf: EbpfSource) -> dict[str, float]:

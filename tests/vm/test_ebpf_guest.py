@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.vm, pytest.mark.qemu, pytest.mark.root, pytest.mark.sl
 AGENT_PYTHON = "/opt/fphint/bin/python"
 
 PROBE = r"""
-import json, os, time
+import json, os, sys, time
 from guest_agent.sources.ebpf import EbpfSource, bpf_program_text, selftest
 from guest_agent.sources.kpageflags import KpageflagsSource
 src = EbpfSource()
@@ -28,6 +28,9 @@ out = {"release": os.uname().release, "available": probe.available, "reason": pr
 if probe.available:
     t = time.monotonic(); src.open(); out["open_s"] = time.monotonic() - t
     out["facts"] = src.facts
+    out["bcc_imported"] = "bcc" in sys.modules
+    with open("/proc/self/status") as f:
+        out["rss_kib"] = next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
     cmp = selftest.run(src.scanner, "/proc/kpageflags")
     out["compare"] = {"scanned": cmp.scanned, "kpageflags": cmp.kpageflags, "unexplained": cmp.unexplained,
                       "missing": cmp.missing, "failure": cmp.failure()}
@@ -80,13 +83,21 @@ def test_ebpf_source_works_on_debian_6_1(guest: VM) -> None:
     assert not out["compare"]["failure"], out["compare"]
     assert out["compare"]["unexplained"] == 0, out["compare"]
     assert out["pages"] > 0.5 * out["kpf_pages"] > 0
+    assert not out["bcc_imported"], "the loader child compiles; this process must not import bcc"
+    assert out["rss_kib"] < 80 * 1024, out["rss_kib"]
     assert not guest.kernel_trouble()
 
 
 def test_installed_unit_picks_ebpf(guest: VM) -> None:
     """The unit as installed lets bcc see the kernel headers (no ProtectKernelModules)."""
     assert agent_choice(guest) == "using free-page source ebpf"
-    rss_kib = int(guest.output("awk '/VmHWM/ {print $2}' /proc/$(systemctl show -p MainPID --value fph-agent)/status"))
-    print(f"agent peak RSS in the guest: {rss_kib / 1024:.0f} MiB")
+    status = "/proc/$(systemctl show -p MainPID --value fph-agent)/status"
+    rss_kib = int(guest.output(f"awk '/VmHWM/ {{print $2}}' {status}"))
+    now_kib = int(guest.output(f"awk '/VmRSS/ {{print $2}}' {status}"))
+    mem = {k.rstrip(":"): int(v) // 1024 for k, v in (l.split()[:2] for l in guest.output(
+        "grep -E '^(MemFree|Cached|AnonPages):' /proc/meminfo").splitlines())}
+    print(f"agent RSS in the guest: {now_kib / 1024:.0f} MiB (peak {rss_kib / 1024:.0f} MiB); "
+          f"guest meminfo MiB: {mem}")
+    assert now_kib < 80 * 1024, "bcc and LLVM stay in the loader child"
     assert rss_kib < 256 * 1024, "the unit caps memory at 256M"
     assert not guest.kernel_trouble()

@@ -11,6 +11,7 @@ probe asks the same module again so the source is safe used on its own.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,9 +91,9 @@ def run(paths: KernelPaths, release: str | None = None) -> Findings:
         found.reason = "kernel lockdown is 'confidentiality': BPF may not read kernel memory"
         return found
 
-    try:
-        import bcc  # noqa: F401
-    except ImportError:
+    # Only where it is: importing bcc would bring LLVM into this process,
+    # which is what the loader child is for.
+    if importlib.util.find_spec("bcc") is None:
         found.reason = (
             "bcc is not importable: install python3-bpfcc and run under Debian's python3 "
             "(a venv needs --system-site-packages)"

@@ -13,10 +13,8 @@ only means fewer hints. Events of an earlier generation (before
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import struct
-from typing import Any
 
 from ..base import LiveFrees
 from .program import Ctl, LoadedProgram
@@ -39,13 +37,12 @@ class EbpfLiveFrees(LiveFrees):
         self.overflow = 0
         #: Events of an earlier generation, dropped when read.
         self.stale = 0
-        self._ring = prog.table("live")
-        self._ring.open_ring_buffer(self._on_event)
+        self._ring = prog.ring("live")
 
-    def _on_event(self, _ctx: Any, data: Any, size: int) -> None:
-        if size < _EVENT.size:
+    def _on_event(self, data: memoryview) -> None:
+        if len(data) < _EVENT.size:
             return
-        pfn_order, gen = _EVENT.unpack(ctypes.string_at(data, _EVENT.size))
+        pfn_order, gen = _EVENT.unpack_from(data)
         if gen != self._gen or not self._gen:
             self.stale += 1
             return
@@ -56,7 +53,7 @@ class EbpfLiveFrees(LiveFrees):
         self._pending.append((pfn, pfn + (1 << order)))
 
     def _consume(self) -> None:
-        self._prog.bpf.ring_buffer_consume()
+        self._ring.consume(self._on_event)
 
     @property
     def lost(self) -> int:

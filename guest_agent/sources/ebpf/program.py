@@ -1,13 +1,12 @@
-"""The BPF program: its -D flags, compilation by bcc, and handles to it.
+"""The BPF program: its -D flags, loading (in a child), and handles to it.
 
 scan.bpf.c holds the C; this module computes every number it needs (from BTF
-and the RAM size), compiles it, loads the synchronous programs, attaches the
+and the RAM size), has a loader child compile and load it, attaches the
 tracepoint programs, and maps the shared arrays into this process.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import enum
 import importlib.resources
@@ -15,13 +14,23 @@ import logging
 import mmap
 import os
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
-from .bpfsys import TestRunner, bpf_refusal, map_array
+from . import pagecache, perf
+from .bpfsys import (
+    BPF_MAP_TYPE_ARRAY,
+    BPF_MAP_TYPE_RINGBUF,
+    BPF_PROG_TYPE_RAW_TRACEPOINT,
+    BPF_PROG_TYPE_TRACEPOINT,
+    TestRunner,
+    map_array,
+    map_info,
+    prog_type,
+    raw_tracepoint_open,
+)
 from .btf import Btf, BtfError, Kind
 from .layout import PageLayout
+from .ringbuf import RingBuffer
 from .system import PAGE_SHIFT
 
 log = logging.getLogger(__name__)
@@ -205,26 +214,12 @@ def render(config: ProgramConfig) -> str:
 
 
 class LoadError(RuntimeError):
-    """bcc is missing or cannot compile the program."""
+    """The loader child could not compile or load the program, or sent
+    something unusable."""
 
 
 class ProgramRefused(LoadError):
     """The kernel's verifier refused a program."""
-
-
-@contextlib.contextmanager
-def _kernel_source_env(kernel_source: str | None) -> Iterator[None]:
-    old = os.environ.get("BCC_KERNEL_SOURCE")
-    if kernel_source:
-        os.environ["BCC_KERNEL_SOURCE"] = kernel_source
-    try:
-        yield
-    finally:
-        if kernel_source:
-            if old is None:
-                del os.environ["BCC_KERNEL_SOURCE"]
-            else:
-                os.environ["BCC_KERNEL_SOURCE"] = old
 
 
 #: Loops are halved this many times when the verifier refuses them
@@ -232,63 +227,108 @@ def _kernel_source_env(kernel_source: str | None) -> Iterator[None]:
 LOOP_RETRIES = 3
 
 
-class LoadedProgram:
-    """The compiled program with its synchronous runners and mapped arrays."""
+#: Programs the parent runs or attaches: name -> program type. The first
+#: four are run synchronously; a refusal of any of them is a refusal of the
+#: program (the loops are halved); the others are reported and only fail
+#: when attached, as before.
+SYNC_PROGRAMS = ("scan", "filter", "begin", "peek")
+PROGRAMS: dict[str, str] = {
+    **{name: "raw_tracepoint" for name in SYNC_PROGRAMS},
+    **{fn: "raw_tracepoint" for fn, _args, _req in TRACKERS.values()},
+    LIVE_TRACEPOINT[1]: "raw_tracepoint",
+    "pair_raw": "raw_tracepoint",
+    "pair_tp": "tracepoint",
+}
+#: Maps the parent reads (the others are held by the programs using them).
+MAPS = ("ctl", "recs", "runs", "dirty", "live", "votes")
 
-    def __init__(self, config: ProgramConfig, kernel_source: str | None) -> None:
-        try:
-            from bcc import BPF
-        except ImportError as e:
-            raise LoadError(
-                f"bcc is not importable ({e}); use Debian's python3 with python3-bpfcc"
-            ) from e
-        self._BPF = BPF
-        self.bpf: Any = None
+
+class LoadedProgram:
+    """The loaded program with its synchronous runners and mapped arrays.
+
+    A loader child compiles and loads (loader.py); this process holds only
+    fds and talks to the kernel through bpf(2) and perf_event_open(2), so
+    neither bcc nor LLVM is ever loaded here.
+    """
+
+    def __init__(
+        self,
+        config: ProgramConfig,
+        kernel_source: str | None,
+        tracefs: str = "/sys/kernel/tracing",
+        timeout: float | None = None,
+    ) -> None:
+        from . import loader
+
+        self._tracefs = tracefs
+        self._timeout = loader.TIMEOUT_S if timeout is None else timeout
+        self._loaded = loader.Loaded()
         self._maps: list[mmap.mmap] = []
         self._views: list[memoryview] = []
+        self._rings: list[RingBuffer] = []
+        self._links: dict[str, int] = {}
+        self._files: dict[str, None] = {}
+        #: Seconds spent in loader children, and the page cache dropped after.
+        self.load_s = 0.0
+        self.dropped: pagecache.Dropped | None = None
         last_error = ""
-        for attempt in range(LOOP_RETRIES + 1):
-            cfg = dataclasses.replace(
-                config,
-                scan_windows=max(1, config.scan_windows >> attempt),
-                filter_loop=max(1, config.filter_loop >> attempt),
-            )
-            try:
-                self._compile_and_load(cfg, kernel_source)
-                self.config = cfg
-                break
-            except ProgramRefused as e:
-                last_error = str(e)
-                self.close()
-                log.info(
-                    "BPF load failed with loops %d/%d, halving: %s",
-                    cfg.scan_windows,
-                    cfg.filter_loop,
-                    e,
+        try:
+            for attempt in range(LOOP_RETRIES + 1):
+                cfg = dataclasses.replace(
+                    config,
+                    scan_windows=max(1, config.scan_windows >> attempt),
+                    filter_loop=max(1, config.filter_loop >> attempt),
                 )
-            except LoadError:
-                self.close()
-                raise
-        else:
-            raise LoadError(last_error)
+                try:
+                    self._compile_and_load(cfg, kernel_source)
+                    self.config = cfg
+                    break
+                except ProgramRefused as e:
+                    last_error = str(e)
+                    self.close()
+                    log.info(
+                        "BPF load failed with loops %d/%d, halving: %s",
+                        cfg.scan_windows,
+                        cfg.filter_loop,
+                        e,
+                    )
+                except LoadError:
+                    self.close()
+                    raise
+            else:
+                raise LoadError(last_error)
+        finally:
+            self.dropped = pagecache.drop(self._files, pagecache.header_dirs(kernel_source))
+            log.info("BPF loader: %.2f s; dropped the page cache of %d files", self.load_s, self.dropped.files)
 
     def _compile_and_load(self, cfg: ProgramConfig, kernel_source: str | None) -> None:
-        with _kernel_source_env(kernel_source):
-            try:
-                self.bpf = self._BPF(text=program_source().encode(), cflags=cfg.cflags())
-            except Exception as e:
-                # bcc creates the maps while compiling; say so if that was it.
-                refused = bpf_refusal()
-                if refused:
-                    raise LoadError(f"BPF not permitted: {refused}") from e
-                raise LoadError(f"bcc could not compile {SOURCE_FILE}: {e}") from e
+        from . import loader
+
+        request = {
+            "cflags": cfg.cflags(),
+            "kernel_source": kernel_source,
+            "programs": PROGRAMS,
+            "required": list(SYNC_PROGRAMS),
+            "maps": list(MAPS),
+        }
         try:
-            self.scan = TestRunner(self._load("scan"))
-            self.filter = TestRunner(self._load("filter"))
-            self.begin = TestRunner(self._load("begin"))
-            self.peek = TestRunner(self._load("peek"))
-        except Exception as e:
-            raise ProgramRefused(f"the kernel refused to load the scanner: {e}") from e
+            got = loader.run(request, self._timeout)
+        except loader.LoaderError as e:
+            raise LoadError(str(e)) from e
+        self._loaded = got
+        self.load_s += got.seconds
+        self._files.update(dict.fromkeys(got.mapped_files))
+        if got.error:
+            raise (ProgramRefused if got.refused else LoadError)(got.error)
+        missing = [n for n in (*SYNC_PROGRAMS, *MAPS) if n not in got.programs and n not in got.maps]
+        if missing:
+            raise LoadError(f"the BPF loader child did not send {', '.join(missing)}")
+        for name in SYNC_PROGRAMS:
+            self._check_prog(name, BPF_PROG_TYPE_RAW_TRACEPOINT)
+        self.scan = TestRunner(got.programs["scan"])
+        self.filter = TestRunner(got.programs["filter"])
+        self.begin = TestRunner(got.programs["begin"])
+        self.peek = TestRunner(got.programs["peek"])
         self.ctl_map = self._map("ctl", 8 * CTL_WORDS, 1)
         self.ctl = self._view(self.ctl_map)
         self.recs = self._view(self._map("recs", 8, cfg.nr_recs))
@@ -299,12 +339,25 @@ class LoadedProgram:
         self._views.append(self.dirty_bytes)
         self._zero_dirty = bytes(8 * cfg.bitmap_words)
 
-    def _load(self, name: str) -> int:
-        fn = self.bpf.load_func(name.encode(), self._BPF.RAW_TRACEPOINT)
-        return int(fn.fd)
+    def _check_prog(self, name: str, want: int) -> int:
+        fd = self._loaded.programs[name]
+        try:
+            kind = prog_type(fd)
+        except OSError as e:
+            raise LoadError(f"program {name} from the loader child is not a BPF program: {e}") from e
+        if kind != want:
+            raise LoadError(f"program {name} from the loader child has type {kind}, not {want}")
+        return fd
 
     def _map(self, name: str, value_size: int, entries: int) -> mmap.mmap:
-        m = map_array(self.bpf[name.encode()].map_fd, value_size, entries)
+        fd = self.map_fd(name, BPF_MAP_TYPE_ARRAY)
+        info = map_info(fd)
+        if (info.value_size, info.max_entries) != (value_size, entries):
+            raise LoadError(
+                f"map {name} from the loader child holds {info.max_entries} x {info.value_size} bytes, "
+                f"not {entries} x {value_size}"
+            )
+        m = map_array(fd, value_size, entries)
         self._maps.append(m)
         return m
 
@@ -313,32 +366,76 @@ class LoadedProgram:
         self._views.append(v)
         return v
 
+    def map_fd(self, name: str, map_type: int) -> int:
+        """The fd of a map the child sent, checked to be of ``map_type``."""
+        fd = self._loaded.maps[name]
+        try:
+            info = map_info(fd)
+        except OSError as e:
+            raise LoadError(f"map {name} from the loader child is not a BPF map: {e}") from e
+        if info.type != map_type:
+            raise LoadError(f"map {name} from the loader child has type {info.type}, not {map_type}")
+        return fd
+
+    def ring(self, name: str) -> RingBuffer:
+        """A consumer of ring buffer map ``name``, closed with this program."""
+        fd = self.map_fd(name, BPF_MAP_TYPE_RINGBUF)
+        ring = RingBuffer(fd, map_info(fd).max_entries)
+        self._rings.append(ring)
+        return ring
+
     def clear_dirty(self) -> None:
         self.dirty_bytes[:] = self._zero_dirty
 
-    def table(self, name: str) -> Any:
-        return self.bpf[name.encode()]
+    def _prog_fd(self, fn: str, want: int) -> int:
+        if fn not in self._loaded.programs:
+            why = self._loaded.errors.get(fn, "not sent by the loader child")
+            raise LoadError(f"program {fn} is not loaded: {why}")
+        return self._check_prog(fn, want)
+
+    def _link(self, key: str, fd: int) -> None:
+        if key in self._links:
+            os.close(fd)
+            raise LoadError(f"{key} is already attached")
+        self._links[key] = fd
+
+    def _unlink(self, key: str) -> None:
+        fd = self._links.pop(key, None)
+        if fd is None:
+            raise LoadError(f"{key} is not attached")
+        os.close(fd)
 
     def attach_raw(self, tracepoint: str, fn: str) -> None:
-        self.bpf.attach_raw_tracepoint(tp=tracepoint.encode(), fn_name=fn.encode())
+        prog = self._prog_fd(fn, BPF_PROG_TYPE_RAW_TRACEPOINT)
+        if "raw:" + tracepoint in self._links:
+            raise LoadError(f"raw:{tracepoint} is already attached")
+        self._link("raw:" + tracepoint, raw_tracepoint_open(tracepoint, prog))
 
     def detach_raw(self, tracepoint: str) -> None:
-        self.bpf.detach_raw_tracepoint(tp=tracepoint.encode())
+        self._unlink("raw:" + tracepoint)
 
     def attach_tracepoint(self, tracepoint: str, fn: str) -> None:
-        self.bpf.attach_tracepoint(tp=tracepoint.encode(), fn_name=fn.encode())
+        """Attach ``fn`` to tracefs event ``category:name``."""
+        prog = self._prog_fd(fn, BPF_PROG_TYPE_TRACEPOINT)
+        if "tp:" + tracepoint in self._links:
+            raise LoadError(f"tp:{tracepoint} is already attached")
+        self._link("tp:" + tracepoint, perf.attach_tracepoint(self._tracefs, tracepoint, prog))
 
     def detach_tracepoint(self, tracepoint: str) -> None:
-        self.bpf.detach_tracepoint(tp=tracepoint.encode())
+        self._unlink("tp:" + tracepoint)
 
     def close(self) -> None:
         """Detach and unload everything; safe to call twice."""
+        for fd in self._links.values():
+            os.close(fd)
+        self._links.clear()
+        for ring in self._rings:
+            ring.close()
+        self._rings.clear()
         for v in self._views:
             v.release()
         self._views.clear()
         for m in self._maps:
             m.close()
         self._maps.clear()
-        if self.bpf is not None:
-            self.bpf.cleanup()
-            self.bpf = None
+        self._loaded.close()

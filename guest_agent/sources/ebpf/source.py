@@ -35,6 +35,9 @@ class Options:
     #: Tests only, to show what the checks catch. Never turn off in the agent.
     crosscheck: bool = True
     recheck: bool = True
+    #: Seconds the loader child may take to compile and load (TCG guests
+    #: need ~30 s).
+    load_timeout: float = 120.0
 
 
 class EbpfSource(FreePageSource):
@@ -85,14 +88,16 @@ class EbpfSource(FreePageSource):
         opts = self.options
         config = program_config(found.layout, self.paths, opts)
         try:
-            prog = self._prog = LoadedProgram(config, found.kernel_source)
+            prog = self._prog = LoadedProgram(
+                config, found.kernel_source, tracefs=self.paths.tracefs, timeout=opts.load_timeout
+            )
         except LoadError as e:
             raise SourceUnavailable(_load_reason(e)) from e
         try:
             where = vmemmap.discover(prog, self.paths.kallsyms)
         except (vmemmap.VmemmapError, OSError) as e:
             raise SourceUnavailable(f"cannot find vmemmap_base: {e}") from e
-        except Exception as e:  # bcc raises bare Exception on attach failures
+        except LoadError as e:
             raise SourceUnavailable(f"cannot find vmemmap_base: {e}") from e
         prog.ctl[Ctl.VMEMMAP] = where.base
         prog.ctl[Ctl.NOCHECK] = 0 if opts.crosscheck else 1
@@ -123,7 +128,6 @@ class EbpfSource(FreePageSource):
             self._facts["notes"] = "; ".join(found.notes)
         if opts.self_test:
             self._self_test()
-        _give_back_heap()  # compiling left tens of MiB of free heap behind
         self._facts["open_s"] = f"{time.monotonic() - t0:.2f}"
         log.info("ebpf source ready: %s", self._facts)
 
@@ -248,15 +252,6 @@ def program_config(layout: PageLayout, paths: KernelPaths, options: Options) -> 
         no_recheck=not options.recheck,
         **extra,
     )
-
-
-def _give_back_heap() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc
 
 
 def _load_reason(e: LoadError) -> str:

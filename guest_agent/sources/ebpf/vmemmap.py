@@ -18,7 +18,7 @@ import mmap
 import time
 from dataclasses import dataclass
 
-from . import system
+from . import bpfsys, system
 from .program import Ctl, LoadedProgram
 
 #: Kernel addresses on x86_64 start here (5-level paging; 4-level is higher).
@@ -69,8 +69,9 @@ def by_pairing(prog: LoadedProgram, timeout: float = 2.0) -> Vmemmap:
 
     :raise VmemmapError: too few pairs, or no clear winner.
     """
-    votes = prog.table("votes")
-    votes.clear()
+    votes = prog.map_fd("votes", bpfsys.BPF_MAP_TYPE_HASH)
+    bpfsys.hash_delete(votes, list(bpfsys.hash_items(votes, 8, 8)))
+    counts: dict[int, int] = {}
     prog.attach_raw(PAIR_TRACEPOINT, "pair_raw")
     try:
         prog.attach_tracepoint(f"kmem:{PAIR_TRACEPOINT}", "pair_tp")
@@ -79,7 +80,10 @@ def by_pairing(prog: LoadedProgram, timeout: float = 2.0) -> Vmemmap:
             while True:
                 _make_frees()
                 time.sleep(0.01)
-                counts = {int(k.value): int(v.value) for k, v in votes.items()}
+                counts = {
+                    int.from_bytes(k, "little"): int.from_bytes(v, "little")
+                    for k, v in bpfsys.hash_items(votes, 8, 8).items()
+                }
                 total = sum(counts.values())
                 if total >= 4 * MIN_VOTES or time.monotonic() > deadline:
                     break
@@ -87,7 +91,7 @@ def by_pairing(prog: LoadedProgram, timeout: float = 2.0) -> Vmemmap:
             prog.detach_tracepoint(f"kmem:{PAIR_TRACEPOINT}")
     finally:
         prog.detach_raw(PAIR_TRACEPOINT)
-    votes.clear()
+    bpfsys.hash_delete(votes, list(bpfsys.hash_items(votes, 8, 8)))
     if not counts:
         raise VmemmapError("no mm_page_free pairs seen (tracepoints not firing?)")
     best, n = max(counts.items(), key=lambda kv: kv[1])
