@@ -68,6 +68,11 @@ class Limits:
     #: migration, in bytes and seconds; beyond either it goes out unchanged.
     proxy_hold_bytes: int = 128 << 20
     proxy_hold_s: float = 2.0
+    #: While this much waits for the gate the proxy stops reading: QEMU then
+    #: waits too and counts those bytes as unsent. Read further ahead and they
+    #: are bytes QEMU believes delivered, which the link must still carry, in
+    #: the downtime if the guest stops meanwhile.
+    proxy_readahead_bytes: int = 16 << 20
 
 
 @dataclass(frozen=True)

@@ -227,3 +227,31 @@ def test_frozen_qemu_ends_rewriting_within_the_poll_timeout() -> None:
             await gate.stop()
 
     run(go())
+
+
+def test_stop_event_says_the_guest_stopped_and_ends_the_wait_for_hints() -> None:
+    """QEMU's switchover STOP reaches the gate while the final pass is written
+    (the proxy must stop pacing then), and a stopped guest's pending hints
+    hold nothing."""
+
+    async def go() -> None:
+        src = FakeSource(counting)
+        coll = FakeCollector()
+        gate = EpochGate(src, coll, "vm", poll_interval_s=0.01)  # type: ignore[arg-type]
+        woken: list[int] = []
+        gate.add_listener(lambda: woken.append(1))
+        await gate.start()
+        src.emit_pass(1)
+        await until(lambda: gate.ledger.last_pass == 1)
+        coll.epochs[max(coll.epochs)].hints_pending = True  # type: ignore[misc]
+        gate.received(5000)
+        await until(lambda: gate.ledger.confirmed_through == 5000)
+        assert gate.decided_through() == 0 and not gate.guest_stopped
+        assert src.events is not None
+        n = len(woken)
+        src.events._queue.put_nowait({"event": "STOP", "timestamp": {}})
+        await until(lambda: gate.guest_stopped)
+        assert gate.decided_through() == 5000 and len(woken) > n
+        await gate.stop()
+
+    run(go())

@@ -618,3 +618,44 @@ def test_completion_stops_the_wait_for_hints() -> None:
     assert len(gate.stopped_at) == 1 and gate.stopped_at[0] > end_at
     assert out == bytes(b.want)  # decided after the stop: the hints still apply
     assert res.stats.pages_rewritten == 5
+
+
+def _many_pages(n: int) -> StreamBuilder:
+    b = StreamBuilder().header().config().start_ram(2, {"pc.ram": n * 4096}).part(2)
+    for pg in range(n):
+        b.page("pc.ram", pg, hinted=True)
+    return b.eos().footer(2).end(2).eos().footer(2).eof()
+
+
+def test_the_source_is_paced_while_the_readahead_waits_for_the_gate() -> None:
+    """What QEMU has written but the proxy holds is invisible to its switchover
+    estimate: past the read-ahead the proxy stops reading, so QEMU waits too."""
+    b = _many_pages(1024)
+    data = bytes(b.orig)
+    gate = SteppedGate({("pc.ram", p) for p in range(1024)})
+    seen: dict[str, int] = {}
+
+    def look(px: MigrationProxy) -> None:
+        time.sleep(0.5)
+        st = px.stats()
+        seen["received"], seen["held"] = st.source_bytes, st.held_bytes
+        gate.step(len(data), confirmed=True)
+
+    res, out, _ = run_proxy(data, gate, before_close=look, hold_seconds=30, readahead_bytes=256 << 10)
+    assert seen["held"] <= (256 << 10) + (64 << 10), seen
+    assert seen["received"] < len(data) // 2, seen
+    assert res.outcome is Outcome.FINISHED and out == bytes(b.want)
+    assert res.stats.pages_rewritten == 1024 and res.stats.pages_released_unjudged == 0
+
+
+def test_a_gate_slower_than_the_hold_stops_the_pacing() -> None:
+    """Pacing must not turn a stuck gate into a crawl: once a record's hold
+    time runs out the proxy reads ahead again (up to hold_bytes)."""
+    b = _many_pages(1024)
+    data = bytes(b.orig)
+    gate = SteppedGate(set())  # never decides
+    t0 = time.monotonic()
+    res, out, _ = run_proxy(data, gate, hold_seconds=0.3, readahead_bytes=64 << 10, timeout=10)
+    assert res.outcome is Outcome.FINISHED and out == data
+    # paced throughout, 4 MiB at 64 KiB per 0.3 s would take ~20 s
+    assert time.monotonic() - t0 < 3

@@ -155,6 +155,10 @@ class HeldGate:
     def stop_holding(self) -> None:
         self.inner.stop_holding()
 
+    @property
+    def guest_stopped(self) -> bool:
+        return self.inner.guest_stopped
+
     def add_listener(self, callback: Callable[[], None]) -> None:
         self._listeners.append(callback)
         self.inner.add_listener(callback)

@@ -227,6 +227,7 @@ class MigrationRun:
             proxy = self._proxy = MigrationProxy(
                 self.plan.listen, self.plan.to, gate,
                 hold_bytes=limits.proxy_hold_bytes, hold_seconds=limits.proxy_hold_s,
+                readahead_bytes=limits.proxy_readahead_bytes,
             )
             try:
                 proxy.start()
@@ -238,6 +239,7 @@ class MigrationRun:
                 plain_relay_reason=r.plain_relay_reason)))
             if self._epoch_gate is not None:
                 await self._epoch_gate.start()
+                await self._note_paused(self._epoch_gate)
             if self.issue_migrate:
                 if self._cancel.is_set():  # cancelled while preparing: nothing to undo on the source
                     proxy.close()
@@ -532,6 +534,16 @@ class MigrationRun:
             extra={"vm": r.vm, "migration": r.migration, "to": r.to, "wall_s": round(r.wall_s, 3),
                    "pages_rewritten": r.pages_rewritten, "source_bytes": r.source_bytes},
         )
+
+    async def _note_paused(self, gate: EpochGate) -> None:
+        """A guest paused before the migration sends no STOP: tell the gate
+        (listening by now) so it neither paces the source nor awaits hints."""
+        try:
+            st = await self.src.execute("query-status", timeout_s=QMP_TIMEOUT_S)
+        except QmpError:
+            return  # the gate's STOP handling and poll timeout still bound the wait
+        if isinstance(st, Mapping) and st.get("running") is False:
+            gate.guest_not_running()
 
     async def _read_states(self) -> None:
         """Read the source's (and destination's) run state into the report, after the end."""

@@ -12,7 +12,12 @@ Rewriting follows the gate (gate.py): a PAGE record that ended at stream
 offset ``end`` is held until ``gate.decided_through() >= end``, then it is
 turned into a ZERO record if ``gate.oracle_for(end)`` says its page is free.
 A record held longer than ``hold_seconds``, or while more than ``hold_bytes``
-are held, goes out unchanged: the proxy never waits on the guest. Records of
+are held, goes out unchanged: the proxy never waits on the guest. While
+``readahead_bytes`` are held the proxy stops reading from the source, so the
+source's idea of what it has sent stays close to what crossed the link (its
+switchover decision depends on it); the first record that goes out unjudged
+because its time ran out turns this off for the rest of the migration (a gate
+that slow should not pace the source), and so does the ram END section. Records of
 the ram END section are never held nor judged: QEMU stops the guest and then
 runs a dirty sync before it picks them (migration_completion ->
 ram_save_complete), so no hint can be both later than that sync and earlier
@@ -65,6 +70,10 @@ log = logging.getLogger(__name__)
 
 #: Receive buffer size; also the largest single recv.
 CHUNK_SIZE = 4 << 20
+#: Smallest read while pacing: past the read-ahead by at most this much.
+_MIN_READ = 64 << 10
+#: While paced, how often the gate is asked again without a wake-up.
+_PACED_RECHECK_S = 0.01
 _RELAY_SIZE = 1 << 20
 _IOV_MAX = 1024
 _PAGE = s.PAGE_SIZE
@@ -155,11 +164,12 @@ class MigrationProxy:
         *,
         hold_bytes: int = 64 << 20,
         hold_seconds: float = 1.0,
+        readahead_bytes: int | None = None,
         on_phase: PhaseListener | None = None,
         chunk_size: int = CHUNK_SIZE,
     ) -> None:
-        if hold_bytes < 0 or hold_seconds < 0:
-            raise ValueError("hold bounds must not be negative")
+        if hold_bytes < 0 or hold_seconds < 0 or (readahead_bytes is not None and readahead_bytes <= 0):
+            raise ValueError("hold bounds must not be negative, read-ahead must be positive")
         if chunk_size < 2 * (256 << 10):
             raise ValueError("chunk_size too small for the largest parsed item")
         self._listen = _parse_endpoint(listen)
@@ -167,6 +177,8 @@ class MigrationProxy:
         self._gate = gate
         self._hold_bytes = hold_bytes
         self._hold_seconds = hold_seconds
+        #: None: read ahead up to hold_bytes.
+        self._readahead = readahead_bytes
         self._on_phase = on_phase
         self._chunk_size = chunk_size
         self._lock = threading.Lock()
@@ -510,6 +522,8 @@ class _MainRelay:
         self.pages_held = 0
         self.unjudged = 0
         self.src_eof = False
+        self._reading = True  # src is polled for input while records are held
+        self._paced = proxy._readahead is not None
         self._completion_at: int | None = None  # stream offset of the ram END section
         self._extra: int | None = None
         self._wake_r, self._wake_w = os.pipe()
@@ -585,8 +599,13 @@ class _MainRelay:
         while proxy._outcome is None:
             self._check_extra()
             if self.held:
+                self._pace()
                 # Wait for data, the gate (wake) or the first hold deadline.
                 timeout = max(0.0, self.held[0].deadline - time.monotonic())
+                if not self._reading:
+                    # Not every change of decided_through wakes us (hints that
+                    # stop being awaited do not): look again soon.
+                    timeout = min(timeout, _PACED_RECHECK_S)
                 events = poller.poll(int(timeout * 1000) + 1)
                 readable = False
                 for fd, _ in events:
@@ -608,6 +627,18 @@ class _MainRelay:
         if proxy._outcome is None:
             log.debug("migration proxy: everything sent (%d bytes)", self.sent_bytes)
             _half_close(self.dst)
+
+    def _pace(self) -> None:
+        """Read from the source only while less than the read-ahead is held."""
+        if self.src_eof:
+            return
+        limit = self.proxy._readahead
+        if self._paced and getattr(self.gate, "guest_stopped", False):
+            self._paced = False
+        want = not self._paced or limit is None or self._held_bytes() < limit
+        if want != self._reading:
+            self._poller.modify(self.src, select.POLLIN if want else 0)
+            self._reading = want
 
     def _drain_wake(self) -> None:
         with self._wake_lock:
@@ -636,8 +667,12 @@ class _MainRelay:
         ck = self.chunks[-1]
         if ck.fill == len(ck.buf):
             ck = self._next_chunk(ck)
+        view = ck.view[ck.fill :]
+        limit = self.proxy._readahead
+        if self.held and self._paced and limit is not None and not getattr(self.gate, "guest_stopped", False):
+            view = view[: max(_MIN_READ, limit - self._held_bytes())]
         try:
-            n = self.src.recv_into(ck.view[ck.fill :])
+            n = self.src.recv_into(view)
         except OSError as e:
             raise _SideError(f"source connection failed: {_err(e)}") from e
         if n == 0:
@@ -686,6 +721,10 @@ class _MainRelay:
                 stop_holding = getattr(self.gate, "stop_holding", None)
                 if stop_holding is not None:
                     stop_holding()
+                # The guest is stopped: no switchover left to inform, and QEMU
+                # may write the final pass holding the lock its QMP answers
+                # need, so a paced source could not let the gate decide.
+                self._paced = False
             if proxy._on_phase is not None and proxy._outcome is None:
                 proxy._on_phase(phase, offset)
         parser.transitions.clear()
@@ -789,6 +828,10 @@ class _MainRelay:
                             rewritten += 1
                     elif expired or received - (base + a) > limit:
                         unjudged += 1
+                        if expired and self._paced:
+                            self._paced = False
+                            log.info("migration proxy: the gate took longer than %.1f s; no longer pacing the source",
+                                     self.proxy._hold_seconds)
                     else:
                         bt.i = i
                         return

@@ -40,7 +40,7 @@ class EpochGate:
         collector: CollectorLike,
         vm: str,
         *,
-        poll_interval_s: float = 0.03,
+        poll_interval_s: float = 0.01,
         poll_timeout_s: float = 1.0,
         hint_deadline_s: float = 5.0,
     ) -> None:
@@ -59,6 +59,8 @@ class EpochGate:
         self._tasks: list[asyncio.Task[None]] = []
         self.polls_issued = 0
         self._started = False
+        #: The guest stopped (QMP STOP): its agent cannot answer any more.
+        self._stopped = False
 
     # ---- lifecycle ----------------------------------------------------------
 
@@ -72,7 +74,7 @@ class EpochGate:
         self._started = True
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
-        self._events = self._source.listen("MIGRATION_PASS")
+        self._events = self._source.listen("MIGRATION_PASS", "STOP")
         self._tasks = [
             asyncio.create_task(self._event_loop(), name="fph-gate-events"),
             asyncio.create_task(self._poll_loop(), name="fph-gate-polls"),
@@ -116,6 +118,22 @@ class EpochGate:
     def stop_holding(self) -> None:
         self.ledger.stop_holding()
 
+    @property
+    def guest_stopped(self) -> bool:
+        """QEMU stopped the guest (at switchover, or anyone did): a proxy that
+        paces the source must stop now. QEMU may write the final pass holding
+        the lock its QMP answers need, so the gate cannot decide until that
+        pass is read; the STOP event still arrives (the monitor has its own
+        thread)."""
+        return self._stopped
+
+    def guest_not_running(self) -> None:
+        """The guest is not running (a STOP, or paused before the migration)."""
+        if not self._stopped:
+            self._stopped = True
+            self.ledger.stop_holding()
+            self._notify()
+
     def add_listener(self, callback: Callable[[], None]) -> None:
         self._listeners.append(callback)
 
@@ -153,6 +171,9 @@ class EpochGate:
             self._apply_event(ev)
 
     def _apply_event(self, ev: Mapping[str, Any]) -> None:
+        if ev.get("event") == "STOP":
+            self.guest_not_running()
+            return
         data = ev.get("data")
         count = data.get("pass") if isinstance(data, Mapping) else None
         if not isinstance(count, int) or isinstance(count, bool) or count < 1:
