@@ -10,8 +10,9 @@
  * Programs run synchronously from user space (BPF_PROG_TEST_RUN of never
  * attached raw-tracepoint programs, in bounded chunks):
  *   scan(start_pfn, end_pfn)  records free blocks as pfn << 8 | order
- *   filter(first, last)       drops records an allocation event touched since
- *                             the scan began, merges the rest into byte runs
+ *   filter(first, last)       drops what an allocation event touched since the
+ *                             scan began (small blocks whole, larger ones by
+ *                             64-page word), merges the rest into byte runs
  *                             (user space first folds the few events too wide
  *                             for the bitmap, FPH_C_WIDE, into the bitmap)
  *   begin(gate)               opens/closes the event gate, with a full fence
@@ -198,73 +199,103 @@ int scan(struct bpf_raw_tracepoint_args *ctx)
 
 /* ---- the cross-check -------------------------------------------------------- */
 
-/* Any allocation event on the block's pages since the scan began? Events
- * too wide for the bitmap were folded into it by user space before this runs. */
-static __always_inline int touched(u64 pfn, u64 order)
+/* Any allocation event on a small block's pages since the scan began?
+ * Events too wide for the bitmap were folded into it by user space before
+ * this runs. Blocks of 64 pages and more are checked word by word below. */
+static __always_inline int touched_small(u64 pfn, u64 order)
 {
 	u64 npages = 1ULL << order;
 	u32 word = pfn >> 6;
-	if (order < 6) {
-		u64 mask = ((1ULL << npages) - 1) << (pfn & 63);
-		u64 *w = dirty.lookup(&word);
-		return !w || (*w & mask);
-	}
-	for (u32 j = 0; j < (1U << (FPH_MAX_ORDER - 6)); j++) {
-		if (j >= (npages >> 6))
-			break;
-		u32 k = word + j;
-		u64 *w = dirty.lookup(&k);
-		if (!w || *w)
-			return 1;
-	}
-	return 0;
+	u64 mask = ((1ULL << npages) - 1) << (pfn & 63);
+	u64 *w = dirty.lookup(&word);
+	return !w || (*w & mask);
 }
 
+struct fph_runs {
+	u64 rs, re, rn;
+};
+
+/* Append [pfn, pfn + npages) to the runs, merging with the open one. The runs
+ * never outnumber the records' pages / 2 + 1, so the array (FPH_NR_RECS runs
+ * per portion of FPH_NR_RECS PFNs) cannot overflow; if it did, the pages are
+ * dropped (the safe direction). */
+static __always_inline void add_run(struct fph_runs *r, u64 pfn, u64 npages)
+{
+	if (pfn == r->re && r->re > r->rs) {
+		r->re += npages;
+		return;
+	}
+	if (r->re > r->rs) {
+		u32 rk = r->rn;
+		struct fph_run *run = runs.lookup(&rk);
+		if (!run)
+			return;
+		run->start = r->rs << FPH_PAGE_SHIFT;
+		run->len = (r->re - r->rs) << FPH_PAGE_SHIFT;
+		r->rn++;
+	}
+	r->rs = pfn;
+	r->re = pfn + npages;
+}
+
+/* A block of 64+ pages an allocation touched keeps the 64-page words no event
+ * touched: an allocation from a free block marks exactly the pages it took
+ * (the split remainders stay on the free lists), so a clean word is as free
+ * as a clean block. Dropping the whole block instead lost up to 4 MiB for
+ * every page a racing allocation took from it. */
 int filter(struct bpf_raw_tracepoint_args *ctx)
 {
 	struct fph_ctl *c = get_ctl();
 	if (!c)
 		return 0;
 	u64 i = ctx->args[0], to = ctx->args[1];
-	u64 rs = c->v[FPH_C_RUN_START], re = c->v[FPH_C_RUN_END];
-	u64 rn = c->v[FPH_C_RUN_N], dropped = 0;
+	struct fph_runs r = {
+		.rs = c->v[FPH_C_RUN_START],
+		.re = c->v[FPH_C_RUN_END],
+		.rn = c->v[FPH_C_RUN_N],
+	};
+	u64 dropped = 0;
 	u64 check = !c->v[FPH_C_NOCHECK];
 
 	for (u32 l = 0; l < FPH_FILTER_LOOP; l++) {
 		if (i >= to)
 			break;
 		u32 k = i;
-		u64 *r = recs.lookup(&k);
-		if (!r)
+		u64 *rec = recs.lookup(&k);
+		if (!rec)
 			break;
-		u64 pfn = *r >> 8, order = *r & 0xff;
+		u64 pfn = *rec >> 8, order = *rec & 0xff;
 		i++;
 		if (order > FPH_MAX_ORDER)
 			continue;
-		if (check && touched(pfn, order)) {
-			dropped++;
-			continue;
-		}
 		u64 npages = 1ULL << order;
-		if (pfn == re && re > rs) {
-			re += npages;
-			continue;
+		if (!check) {
+			add_run(&r, pfn, npages);
+		} else if (order < 6) {
+			if (touched_small(pfn, order))
+				dropped++;
+			else
+				add_run(&r, pfn, npages);
+		} else {
+			u64 any = 0;
+			u32 word = pfn >> 6;
+			for (u32 j = 0; j < (1U << (FPH_MAX_ORDER - 6)); j++) {
+				if (j >= (npages >> 6))
+					break;
+				u32 wk = word + j;
+				u64 *w = dirty.lookup(&wk);
+				if (!w || *w) {
+					any = 1;
+					continue;
+				}
+				add_run(&r, pfn + ((u64)j << 6), 64);
+			}
+			dropped += any;
 		}
-		if (re > rs) {
-			u32 rk = rn;
-			struct fph_run *run = runs.lookup(&rk);
-			if (!run)
-				break;
-			run->start = rs << FPH_PAGE_SHIFT;
-			run->len = (re - rs) << FPH_PAGE_SHIFT;
-			rn++;
-		}
-		rs = pfn;
-		re = pfn + npages;
 	}
-	c->v[FPH_C_RUN_START] = rs;
-	c->v[FPH_C_RUN_END] = re;
-	c->v[FPH_C_RUN_N] = rn;
+	c->v[FPH_C_RUN_START] = r.rs;
+	c->v[FPH_C_RUN_END] = r.re;
+	c->v[FPH_C_RUN_N] = r.rn;
 	c->v[FPH_C_FILTERED] = i;
 	c->v[FPH_C_DROPPED] += dropped;
 	return 0;
