@@ -90,7 +90,6 @@ def test_agent_in_guest_hints_only_free_pages(vm_factory: VMFactory, collector: 
     free_pages, masks = collector.call(one_epoch())
     held_after = vm.workload("pagemap.py", str(keep["pid"]), "--addr", str(keep["keep_addr"]),
                              "--len", str(keep["keep_len"]))
-    vm.cmd("stop")  # freeze RAM for the comparison
     assert free_pages > 150 * 256, free_pages  # most of the 1 GiB guest is free
 
     (block,) = masks  # one RAMBlock: the memory backend
@@ -104,6 +103,16 @@ def test_agent_in_guest_hints_only_free_pages(vm_factory: VMFactory, collector: 
     r = layout.find(victim)
     planted[(r.offset + victim - r.gpa) // PAGE] = True
     assert live_pages_hinted(planted, layout, spans) == [victim]
+
+    # Coverage from a quiet guest: a scan that races compaction under churn
+    # drops everything above the compaction's start (its fast path may take a
+    # free block anywhere there, and no per-page event says which): measured
+    # here as 78% of the garbage hinted in some runs, 99.9% in others.
+    checked = vm.workload("churn.py", "check")
+    assert checked.get("ok"), checked
+    _, masks = collector.call(one_epoch())
+    vm.cmd("stop")  # freeze RAM for the comparison
+    mask = masks[block]
 
     # The filler's pages went back to the buddy allocator: those still holding
     # its pattern (the churn and the agent reuse some) are free, so nearly all
@@ -119,4 +128,5 @@ def test_agent_in_guest_hints_only_free_pages(vm_factory: VMFactory, collector: 
                 present += 1
                 hinted_garbage += bool(mask[page])
     assert present > 0.5 * (192 << 20) // PAGE, present
+    print(f"\ngarbage pages {present}, hinted {hinted_garbage} ({hinted_garbage / present:.1%}), source {facts.chosen_source}")
     assert hinted_garbage > 0.95 * present, (hinted_garbage, present)
