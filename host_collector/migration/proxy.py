@@ -669,7 +669,7 @@ class _MainRelay:
             ck = self._next_chunk(ck)
         view = ck.view[ck.fill :]
         limit = self.proxy._readahead
-        if self.held and self._paced and limit is not None and not getattr(self.gate, "guest_stopped", False):
+        if self.held and self._paced and limit is not None:  # _pace() ran first: not stopped
             view = view[: max(_MIN_READ, limit - self._held_bytes())]
         try:
             n = self.src.recv_into(view)

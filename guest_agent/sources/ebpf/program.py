@@ -393,11 +393,11 @@ class LoadedProgram:
             raise LoadError(f"program {fn} is not loaded: {why}")
         return self._check_prog(fn, want)
 
-    def _link(self, key: str, fd: int) -> None:
+    def _unattached(self, key: str) -> str:
+        """``key``, refused before anything is opened if it is attached already."""
         if key in self._links:
-            os.close(fd)
             raise LoadError(f"{key} is already attached")
-        self._links[key] = fd
+        return key
 
     def _unlink(self, key: str) -> None:
         fd = self._links.pop(key, None)
@@ -406,20 +406,16 @@ class LoadedProgram:
         os.close(fd)
 
     def attach_raw(self, tracepoint: str, fn: str) -> None:
-        prog = self._prog_fd(fn, BPF_PROG_TYPE_RAW_TRACEPOINT)
-        if "raw:" + tracepoint in self._links:
-            raise LoadError(f"raw:{tracepoint} is already attached")
-        self._link("raw:" + tracepoint, raw_tracepoint_open(tracepoint, prog))
+        key = self._unattached("raw:" + tracepoint)
+        self._links[key] = raw_tracepoint_open(tracepoint, self._prog_fd(fn, BPF_PROG_TYPE_RAW_TRACEPOINT))
 
     def detach_raw(self, tracepoint: str) -> None:
         self._unlink("raw:" + tracepoint)
 
     def attach_tracepoint(self, tracepoint: str, fn: str) -> None:
         """Attach ``fn`` to tracefs event ``category:name``."""
-        prog = self._prog_fd(fn, BPF_PROG_TYPE_TRACEPOINT)
-        if "tp:" + tracepoint in self._links:
-            raise LoadError(f"tp:{tracepoint} is already attached")
-        self._link("tp:" + tracepoint, perf.attach_tracepoint(self._tracefs, tracepoint, prog))
+        key = self._unattached("tp:" + tracepoint)
+        self._links[key] = perf.attach_tracepoint(self._tracefs, tracepoint, self._prog_fd(fn, BPF_PROG_TYPE_TRACEPOINT))
 
     def detach_tracepoint(self, tracepoint: str) -> None:
         self._unlink("tp:" + tracepoint)
