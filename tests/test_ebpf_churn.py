@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from guest_agent.sources.ebpf import EbpfSource, Options, headers, system
-from guest_agent.sources.ebpf.program import Ctl
+from guest_agent.sources.ebpf import EbpfSource, Options, headers, perf, system
+from guest_agent.sources.ebpf.program import Ctl, tracepoint_fields
 from guest_agent.sources.ebpf.selftest import buddy_flags, reporting_block, runs_of
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.slow]
@@ -57,6 +57,11 @@ while True:
     m.close()
 """
 
+#: The tracer reads each event's record at the offsets tracefs publishes for
+#: it (F_<event>_<field>, filled in by AllocTracer) and is attached through
+#: perf_event_open as the agent attaches its own: bcc's TRACEPOINT_PROBE
+#: would look for the formats under debugfs, which a fresh machine has not
+#: mounted.
 TRACER = r"""
 BPF_F_TABLE("array", u32, u64, last_alloc, NR_PFNS, BPF_F_MMAPABLE);
 
@@ -64,6 +69,8 @@ BPF_F_TABLE("array", u32, u64, last_alloc, NR_PFNS, BPF_F_MMAPABLE);
 struct tp_range { u64 start; u64 end; u64 ns; };
 BPF_ARRAY(ranges, struct tp_range, NR_RANGES);
 BPF_ARRAY(nranges, u64, 1);
+
+#define FIELD(ctx, type, off) ({ type _v = 0; bpf_probe_read_kernel(&_v, sizeof(_v), (char *)(ctx) + (off)); _v; })
 
 static __always_inline void stamp(u64 pfn, u32 order)
 {
@@ -93,28 +100,43 @@ static __always_inline void stamp_range(u64 start, u64 end)
     }
 }
 
-TRACEPOINT_PROBE(kmem, mm_page_alloc) {
-    if (args->pfn != ~0UL) stamp(args->pfn, args->order);
+int on_alloc(void *ctx) {
+    u64 pfn = FIELD(ctx, u64, F_mm_page_alloc_pfn);
+    if (pfn != ~0UL) stamp(pfn, FIELD(ctx, u32, F_mm_page_alloc_order));
     return 0;
 }
-TRACEPOINT_PROBE(kmem, mm_page_alloc_zone_locked) {
-    stamp(args->pfn, args->order);
+int on_alloc_zone_locked(void *ctx) {
+    stamp(FIELD(ctx, u64, F_mm_page_alloc_zone_locked_pfn), FIELD(ctx, u32, F_mm_page_alloc_zone_locked_order));
     return 0;
 }
-TRACEPOINT_PROBE(kmem, mm_page_alloc_extfrag) {
-    stamp(args->pfn, args->fallback_order > args->alloc_order ? args->fallback_order : args->alloc_order);
+int on_extfrag(void *ctx) {
+    int a = FIELD(ctx, int, F_mm_page_alloc_extfrag_alloc_order);
+    int f = FIELD(ctx, int, F_mm_page_alloc_extfrag_fallback_order);
+    stamp(FIELD(ctx, u64, F_mm_page_alloc_extfrag_pfn), f > a ? f : a);
     return 0;
 }
-TRACEPOINT_PROBE(compaction, mm_compaction_isolate_freepages) {
-    if (args->nr_taken) stamp_range(args->start_pfn, args->end_pfn + 1024);
+int on_isolate(void *ctx) {
+    if (FIELD(ctx, u64, F_mm_compaction_isolate_freepages_nr_taken))
+        stamp_range(FIELD(ctx, u64, F_mm_compaction_isolate_freepages_start_pfn),
+                    FIELD(ctx, u64, F_mm_compaction_isolate_freepages_end_pfn) + 1024);
     return 0;
 }
-TRACEPOINT_PROBE(compaction, mm_compaction_fast_isolate_freepages) {
+int on_fast_isolate(void *ctx) {
     /* the block taken may lie anywhere above start_pfn */
-    if (args->nr_taken) stamp_range(args->start_pfn, ~0ULL);
+    if (FIELD(ctx, u64, F_mm_compaction_fast_isolate_freepages_nr_taken))
+        stamp_range(FIELD(ctx, u64, F_mm_compaction_fast_isolate_freepages_start_pfn), ~0ULL);
     return 0;
 }
 """
+
+#: (tracefs event, program, fields it reads).
+TRACER_EVENTS = (
+    ("kmem:mm_page_alloc", "on_alloc", ("pfn", "order")),
+    ("kmem:mm_page_alloc_zone_locked", "on_alloc_zone_locked", ("pfn", "order")),
+    ("kmem:mm_page_alloc_extfrag", "on_extfrag", ("pfn", "alloc_order", "fallback_order")),
+    ("compaction:mm_compaction_isolate_freepages", "on_isolate", ("start_pfn", "end_pfn", "nr_taken")),
+    ("compaction:mm_compaction_fast_isolate_freepages", "on_fast_isolate", ("start_pfn", "nr_taken")),
+)
 
 NR_RANGES = 1 << 16
 
@@ -158,17 +180,36 @@ class PlantedRace:
 class AllocTracer:
     """Last allocation time (CLOCK_MONOTONIC ns) of every PFN."""
 
-    def __init__(self, nr_pfns: int) -> None:
+    def __init__(self, nr_pfns: int, tracefs: str) -> None:
         from bcc import BPF
 
         src = headers.kernel_source()
         if src:
             os.environ["BCC_KERNEL_SOURCE"] = src
-        self.bpf = BPF(text=TRACER.encode(), cflags=[f"-DNR_PFNS={nr_pfns}", f"-DNR_RANGES={NR_RANGES}"])
+        cflags = [f"-DNR_PFNS={nr_pfns}", f"-DNR_RANGES={NR_RANGES}"]
+        for event, _, names in TRACER_EVENTS:
+            category, _, name = event.partition(":")
+            fields = tracepoint_fields(tracefs, category, name)
+            cflags += [f"-DF_{name}_{f}={fields[f][0]}" for f in names]
+        self.bpf = BPF(text=TRACER.encode(), cflags=cflags)
+        self._links: list[int] = []
+        try:
+            for event, fn, _ in TRACER_EVENTS:
+                prog = self.bpf.load_func(fn.encode(), BPF.TRACEPOINT)
+                self._links.append(perf.attach_tracepoint(tracefs, event, prog.fd))
+        except BaseException:
+            self._detach()
+            self.bpf.cleanup()
+            raise
         fd = self.bpf[b"last_alloc"].map_fd
         self._map = mmap.mmap(fd, (nr_pfns * 8 + 4095) & ~4095, mmap.MAP_SHARED, mmap.PROT_READ)
         self.last = memoryview(self._map).cast("Q")
         self.nr_pfns = nr_pfns
+
+    def _detach(self) -> None:
+        for fd in self._links:
+            os.close(fd)
+        self._links.clear()
 
     def ranges_since(self, ns: int) -> list[tuple[int, int]]:
         """Range events at or after ``ns``; every one ever recorded is kept."""
@@ -183,6 +224,7 @@ class AllocTracer:
         return out
 
     def close(self) -> None:
+        self._detach()
         self.last.release()
         self._map.close()
         self.bpf.cleanup()
@@ -260,8 +302,22 @@ def storm() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 
 @pytest.fixture(scope="module")
-def tracer() -> Iterator[AllocTracer]:
-    t = AllocTracer(system.ram_pfn_ranges()[-1][1])
+def tracefs() -> Iterator[str]:
+    """tracefs where the agent looks for it, mounted here if absent (and
+    unmounted again): a fresh machine has neither tracefs nor debugfs."""
+    path = system.KernelPaths().tracefs
+    note = system.ensure_tracefs(path)
+    yield path
+    if note:
+        try:
+            system.umount(path)
+        except OSError:
+            pass  # busy: something else opened it meanwhile; .ci/run unmounts it
+
+
+@pytest.fixture(scope="module")
+def tracer(tracefs: str) -> Iterator[AllocTracer]:
+    t = AllocTracer(system.ram_pfn_ranges()[-1][1], tracefs)
     yield t
     t.close()
 

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import rogue_agent
 
 from vmimage.qemu import collector_address
 
@@ -392,11 +393,12 @@ def test_d_absent_silent_or_late_agent_costs_nothing(rig: Rig) -> None:
     time.sleep(2.0)  # let the late report go out (and be refused)
     late = [e for e in rogue_journal(vm) if e.get("mode") == "late" and "epoch" in e]
     assert late and all(e["after_deadline_s"] >= 1.0 for e in late), late
-    # None was accepted: the collector refused those that arrived while the
-    # migration ran (their epochs were closed), and a report still in flight when
-    # the agent's connection ended at the switchover failed with it.
-    assert all("error" in e or e.get("cancelled") for e in late), late
-    assert any("closed" in e.get("error", "") for e in late), late
+    # None was accepted. Each late report ends in one of two correct ways, and
+    # which one is a race the test does not control: the collector refuses it
+    # (its epoch is closed), or the agent's connection ends at the switchover
+    # first and the report fails (or is cancelled) with it.
+    outcomes = [rogue_agent.late_outcome(e) for e in late]
+    assert set(outcomes) <= {"refused: closed epoch", "connection ended"}, list(zip(outcomes, late))
     back_to_real_agent(rig, vm, pid)
 
     p_time = int(plain.info["total-time"])

@@ -29,6 +29,21 @@ def test_union_merges_and_sorts() -> None:
     assert rogue_agent.union([(0, 4096)], [(4096, 4096)]) == [(0, 8192)]
 
 
+def test_late_outcomes_name_both_correct_endings_and_nothing_else() -> None:
+    """test_d accepts exactly these two endings of a late report; anything else
+    (an accepted report, an unknown error) must not pass as one of them."""
+    refused = ('<AioRpcError of RPC that terminated with: status = StatusCode.FAILED_PRECONDITION '
+               'details = "epoch 17 is closed (deadline)">')
+    transport = ("ExecuteBatchError('Failed \"execute_batch\": (<grpc._cython.cygrpc.SendMessageOperation "
+                 "object at 0x7f>,)')")
+    assert rogue_agent.late_outcome({"error": refused}) == "refused: closed epoch"
+    assert rogue_agent.late_outcome({"error": transport}) == "connection ended"
+    assert rogue_agent.late_outcome({"cancelled": True}) == "connection ended"
+    assert rogue_agent.late_outcome({"ranges_sent": 12}) == "accepted"
+    unknown = rogue_agent.late_outcome({"error": "StatusCode.INVALID_ARGUMENT overlap"})
+    assert unknown.startswith("other: ")
+
+
 def test_lying_source_adds_the_victims_pages(tmp_path: Path) -> None:
     size = 64 * PAGE
     region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)

@@ -143,6 +143,27 @@ class LateAgent(Agent):
             _note(self.journal, entry)
 
 
+#: How a late report may fail when its connection goes away under it: gRPC's
+#: transport words (a status, or the aio batch error of a call on a channel
+#: that closed).
+_CONNECTION_ENDED = ("UNAVAILABLE", "CANCELLED", "SendMessageOperation", "execute_batch", "Socket closed",
+                     "Connection reset", "Broken pipe")
+
+
+def late_outcome(entry: dict[str, object]) -> str:
+    """What became of one late report in the rogue agent's journal."""
+    if entry.get("cancelled"):
+        return "connection ended"
+    error = str(entry.get("error", ""))
+    if not error:
+        return "accepted"
+    if "FAILED_PRECONDITION" in error and "closed" in error:
+        return "refused: closed epoch"
+    if any(word in error for word in _CONNECTION_ENDED):
+        return "connection ended"
+    return f"other: {error}"
+
+
 def _note(journal: Path, entry: dict[str, object]) -> None:
     entry["t"] = time.time()
     with journal.open("a") as f:
