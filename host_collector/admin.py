@@ -14,6 +14,7 @@ from fphint.v1 import admin_pb2, admin_pb2_grpc
 
 from .epochs import Collector, Epoch
 from .migrate.jobs import Job, Migrations
+from .migrate.observer import NO_OBSERVER, MigrationObserver
 from .migrate.run import MigrateError
 
 
@@ -53,9 +54,9 @@ def epoch_response(ep: Epoch, include_ranges: bool) -> admin_pb2.CollectHintsRes
 
 
 class AdminService(admin_pb2_grpc.CollectorAdminServicer):
-    def __init__(self, collector: Collector) -> None:
+    def __init__(self, collector: Collector, observer: MigrationObserver = NO_OBSERVER) -> None:
         self.collector = collector
-        self.migrations = Migrations(collector)
+        self.migrations = Migrations(collector, observer)
 
     async def Migrate(  # noqa: N802
         self, request: admin_pb2.MigrateRequest, context: grpc.aio.ServicerContext

@@ -22,6 +22,7 @@ from fphint.v1 import admin_pb2, admin_pb2_grpc
 
 from . import config as config_mod
 from .migrate import console
+from .migrate.observer import NO_OBSERVER, MigrationObserver
 from .server import run
 
 DEFAULT_CONFIG = "/etc/fphint/collector.toml"
@@ -74,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace, observer: MigrationObserver) -> int:
     try:
         cfg = config_mod.load(args.config)
         extra = tuple(addresses.parse(a) for a in args.listen)
@@ -94,7 +95,7 @@ def _serve(args: argparse.Namespace) -> int:
     if not cfg.listen:
         print("fph-collector: nothing to listen on (config [collector] listen or --listen)", file=sys.stderr)
         return 2
-    asyncio.run(run(cfg))
+    asyncio.run(run(cfg, observer))
     return 0
 
 
@@ -178,12 +179,13 @@ def _proxy(args: argparse.Namespace) -> int:
     return console.follow(args.admin, args.vm, lambda stub: stub.Proxy(req), args.json, standing=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, observer: MigrationObserver = NO_OBSERVER) -> int:
+    """The command line; ``observer`` watches ``serve``'s migrations (test harnesses)."""
     args = _parser().parse_args(argv)
     logs.setup(args.log_format, args.verbose)
     try:
         if args.cmd == "serve":
-            return _serve(args)
+            return _serve(args, observer)
         if args.cmd == "vms":
             return _vms(args)
         if args.cmd == "migrate":

@@ -27,6 +27,7 @@ from .admin import AdminService
 from .config import CollectorConfig, Limits
 from .epochs import Collector
 from .metrics import Metrics
+from .migrate.observer import NO_OBSERVER, MigrationObserver
 from .service import FreePageHintsService
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,11 @@ class CollectorServer:
     ends agent streams and epochs, then stops with a grace period.
     """
 
-    def __init__(self, config: CollectorConfig, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, config: CollectorConfig, metrics: Metrics | None = None, observer: MigrationObserver = NO_OBSERVER
+    ) -> None:
         self.config = config
+        self.observer = observer
         self.collector = Collector(config, metrics)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
@@ -117,7 +121,7 @@ class CollectorServer:
             admin_opts = [o for o in server_options(limits) if o[0] != "grpc.max_concurrent_streams"]
             admin_opts.append(("grpc.max_concurrent_streams", limits.max_concurrent_rpcs))
             self.admin_server = grpc.aio.server(options=admin_opts)
-            self.admin = AdminService(self.collector)
+            self.admin = AdminService(self.collector, self.observer)
             admin_pb2_grpc.add_CollectorAdminServicer_to_server(self.admin, self.admin_server)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.admin_server)
             reflection.enable_server_reflection((ADMIN_SERVICE, reflection.SERVICE_NAME), self.admin_server)
@@ -163,9 +167,9 @@ class CollectorServer:
         await self._stopped.wait()
 
 
-async def run(config: CollectorConfig) -> None:
+async def run(config: CollectorConfig, observer: MigrationObserver = NO_OBSERVER) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully."""
-    srv = CollectorServer(config)
+    srv = CollectorServer(config, observer=observer)
     await srv.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

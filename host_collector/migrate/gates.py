@@ -36,8 +36,11 @@ class EpochRecorder:
     At most ``limit`` finished epochs are kept (the newest); ``dropped`` counts the rest.
     """
 
-    def __init__(self, collector: Collector, limit: int = 256) -> None:
+    def __init__(
+        self, collector: Collector, limit: int = 256, on_release: Callable[[Epoch], None] | None = None
+    ) -> None:
         self._collector = collector
+        self._on_release = on_release
         self.ledger: EpochLedger | None = None
         self._live: dict[int, EpochRecord] = {}
         self._done: collections.deque[EpochRecord] = collections.deque(maxlen=limit)
@@ -60,6 +63,8 @@ class EpochRecorder:
         rec = self._live.pop(epoch_id, None)
         if rec is not None:
             self._keep(rec)
+            if self._on_release is not None:
+                self._on_release(rec.epoch)
         self._collector.release_epoch(vm, epoch_id)
 
     def finish(self) -> None:

@@ -15,6 +15,7 @@ from dataclasses import replace
 from fphint.v1 import admin_pb2
 from host_collector.epochs import Collector
 
+from .observer import NO_OBSERVER, MigrationObserver
 from .run import MigrateError, MigrationRun, Plan, connect, make_plan
 
 log = logging.getLogger(__name__)
@@ -68,8 +69,9 @@ class Job:
 class Migrations:
     """The daemon's registry of jobs (the admin service's back end)."""
 
-    def __init__(self, collector: Collector) -> None:
+    def __init__(self, collector: Collector, observer: MigrationObserver = NO_OBSERVER) -> None:
         self.collector = collector
+        self.observer = observer
         self.jobs: dict[str, Job] = {}
 
     def migrate(self, req: admin_pb2.MigrateRequest) -> Job:
@@ -135,7 +137,7 @@ class Migrations:
     async def _migrate(self, job: Job, plan: Plan) -> None:
         src, dst = await connect(plan)
         try:
-            run = job.run = MigrationRun(self.collector, plan, src, dst, job.emit)
+            run = job.run = MigrationRun(self.collector, plan, src, dst, job.emit, observer=self.observer)
             if job.cancelled is not None:
                 run.request_cancel(job.cancelled)
             report = await run.run()
@@ -152,7 +154,8 @@ class Migrations:
             n = 0
             while job.cancelled is None and (count == 0 or n < count):
                 n += 1
-                run = job.run = MigrationRun(self.collector, plan, src, dst, job.emit, number=n, issue_migrate=False)
+                run = job.run = MigrationRun(self.collector, plan, src, dst, job.emit, number=n, issue_migrate=False,
+                                             observer=self.observer)
                 report = await run.run()
                 if report is None:
                     break  # cancelled while waiting for a source

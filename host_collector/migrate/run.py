@@ -35,6 +35,7 @@ from host_collector.qmp.ram_layout import read_layout
 from host_collector.qmp.session import QmpError, QmpSession
 
 from .gates import EpochRecorder, HeldGate
+from .observer import NO_OBSERVER, MigrationObserver
 from .report import preflight_message, progress_message, progress_text
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,7 @@ class MigrationRun:
         *,
         number: int = 1,
         issue_migrate: bool = True,
+        observer: MigrationObserver = NO_OBSERVER,
     ) -> None:
         self.collector = collector
         self.plan = plan
@@ -183,7 +185,8 @@ class MigrationRun:
         self.connected = False
         self.rewriting = False
         self._layout: RamLayout | None = None
-        self._recorder = EpochRecorder(collector)
+        self._watch = observer.migration(plan.vm, number)
+        self._recorder = EpochRecorder(collector, on_release=self._watch.epoch_released)
         self._epoch_gate: EpochGate | None = None
         self._held: HeldGate | None = None
         self._proxy: MigrationProxy | None = None
@@ -207,7 +210,10 @@ class MigrationRun:
 
     async def run(self) -> admin_pb2.MigrationReport | None:
         """The report; None only for a standing proxy cancelled before any source connected."""
-        report = await self._run()  # its cleanup released every epoch, so their figures are final
+        try:
+            report = await self._run()  # its cleanup released every epoch, so their figures are final
+        finally:
+            self._watch.finished(self._proxy.wait(0) if self._proxy is not None else None)
         if report is not None:
             report.epochs.extend(self._recorder.reports())
             report.epochs_not_listed = self._recorder.dropped
@@ -225,7 +231,7 @@ class MigrationRun:
                 return self._finish(None, None)
             limits = self.collector.limits
             proxy = self._proxy = MigrationProxy(
-                self.plan.listen, self.plan.to, gate,
+                self.plan.listen, self.plan.to, self._watch.gate(gate),
                 hold_bytes=limits.proxy_hold_bytes, hold_seconds=limits.proxy_hold_s,
                 readahead_bytes=limits.proxy_readahead_bytes,
             )

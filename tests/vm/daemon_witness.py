@@ -3,15 +3,15 @@ planted fault) in its migration proxy.
 
     python -m tests.vm.daemon_witness --witness-dir DIR [--fault-file F] -- serve --config ...
 
-runs the real daemon (``host_collector.cli.main``) after two test-only hooks:
+runs the real daemon (``host_collector.cli.main``) with a migration observer
+(host_collector.migrate.observer), the daemon's explicit hook for watchers:
 
-* every :class:`MigrationProxy` the daemon's migration runs create gets its
-  gate wrapped: each page the proxy rewrites (an oracle answered "free" for
-  it: docs/stream-proxy.md, the proxy zeroes exactly those records) is
-  recorded, per migration;
-* :meth:`Collector.release_epoch` first ORs the epoch's free-page bitmaps
-  into a per-VM union: every page some agent hinted free during the
-  migration, as the collector accepted it.
+* each migration's gate is wrapped: each page the proxy rewrites (an oracle
+  answered "free" for it: docs/stream-proxy.md, the proxy zeroes exactly those
+  records) is recorded, per migration;
+* before an epoch loses its bitmaps they are ORed into a per-VM union: every
+  page some agent hinted free during the migration, as the collector
+  accepted it.
 
 After every epoch release and when the proxy finishes, DIR/VM-N.npz is
 rewritten (N counts the daemon's migrations of VM) with
@@ -31,7 +31,6 @@ the witness, so the rewrite is recorded as one, as a buggy proxy would).
 from __future__ import annotations
 
 import argparse
-import contextvars
 import json
 import logging
 import os
@@ -43,6 +42,9 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from host_collector.cli import main as cli_main
+from host_collector.migrate.observer import MigrationObserver, MigrationWatch
 
 LOG = logging.getLogger("daemon_witness")
 
@@ -138,52 +140,38 @@ def _read_fault(path: Path | None) -> dict[str, set[int]]:
     return {str(spec["block"]): {int(p) for p in spec["pages"]}}
 
 
-def install(witness_dir: Path, fault_file: Path | None) -> None:
-    """Patch the daemon's migration code (call before running the CLI)."""
-    from host_collector import epochs
-    from host_collector.migrate import run
+class _WitnessWatch(MigrationWatch):
+    """One migration: the gate wrapped, hints noted at each release, flushed at the end."""
 
-    current: dict[str, _Witness] = {}
-    counts: dict[str, int] = {}
-    real_proxy: type = getattr(run, "MigrationProxy")
-    real_release = epochs.Collector.release_epoch
-    real_run = run.MigrationRun.run
-    running_vm: contextvars.ContextVar[str] = contextvars.ContextVar("running_vm", default="unknown")
+    def __init__(self, witness: _Witness) -> None:
+        self.witness = witness
 
-    async def run_with_vm(self: Any) -> Any:
-        # The proxy is made inside the run's task: it sees the VM through this.
-        running_vm.set(self.plan.vm)
-        return await real_run(self)
+    def gate(self, gate: Any) -> Any:
+        return _WitnessGate(gate, self.witness)
 
-    class WitnessedProxy(real_proxy):  # type: ignore[misc]
-        def __init__(self, listen: str, dest: str, gate: Any, *args: Any, **kw: Any) -> None:
-            vm = running_vm.get()
-            counts[vm] = counts.get(vm, 0) + 1
-            w = current[vm] = _Witness(witness_dir, vm, counts[vm], _read_fault(fault_file))
-            self._witness = w
-            super().__init__(listen, dest, _WitnessGate(gate, w), *args, **kw)
+    def epoch_released(self, epoch: Any) -> None:
+        w = self.witness
+        for block in epoch.blocks():
+            mask = epoch.free_mask(block)
+            if mask is not None:
+                w.note_hints(block, np.asarray(mask, dtype=bool))
+        w.flush()
 
-        def _finish(self, *args: Any, **kw: Any) -> Any:
-            try:
-                return super()._finish(*args, **kw)
-            finally:
-                self._witness.flush()
+    def finished(self, result: Any) -> None:
+        self.witness.flush()
 
-    def release_epoch(self: Any, vm_name: str, epoch_id: int) -> None:
-        ep = self.get_epoch(vm_name, epoch_id)
-        w = current.get(vm_name)
-        if ep is not None and w is not None:
-            for block in ep.blocks():
-                mask = ep.free_mask(block)
-                if mask is not None:
-                    w.note_hints(block, np.asarray(mask, dtype=bool))
-        real_release(self, vm_name, epoch_id)
-        if w is not None:
-            w.flush()
 
-    setattr(run, "MigrationProxy", WitnessedProxy)
-    setattr(run.MigrationRun, "run", run_with_vm)
-    setattr(epochs.Collector, "release_epoch", release_epoch)
+class WitnessObserver(MigrationObserver):
+    """Numbers each VM's migrations over the daemon's life (DIR/VM-N.npz)."""
+
+    def __init__(self, witness_dir: Path, fault_file: Path | None) -> None:
+        self.dir = witness_dir
+        self.fault_file = fault_file
+        self.counts: dict[str, int] = {}
+
+    def migration(self, vm: str, number: int) -> MigrationWatch:
+        n = self.counts[vm] = self.counts.get(vm, 0) + 1
+        return _WitnessWatch(_Witness(self.dir, vm, n, _read_fault(self.fault_file)))
 
 
 def load(path: Path) -> tuple[dict[str, npt.NDArray[np.bool_]], dict[str, npt.NDArray[np.int64]]]:
@@ -202,10 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--fault-file", type=Path)
     opts = ap.parse_args(args[:split])
     opts.witness_dir.mkdir(parents=True, exist_ok=True)
-    install(opts.witness_dir, opts.fault_file)
-    from host_collector.cli import main as cli_main
-
-    return cli_main(args[split + 1 :])
+    return cli_main(args[split + 1 :], observer=WitnessObserver(opts.witness_dir, opts.fault_file))
 
 
 if __name__ == "__main__":
