@@ -21,6 +21,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import grpc
 import numpy as np
 import numpy.typing as npt
 
@@ -28,7 +29,7 @@ from fphint import vsock
 from fphint.v1 import hints_pb2
 
 from .config import CollectorConfig, VmEntry
-from .errors import Refusal
+from .errors import CollectorError, Refusal
 from .hintcheck import LayoutIndex, Pieces
 from .layout import RamLayout
 from .metrics import Metrics
@@ -43,6 +44,18 @@ ATTACH_QUEUE = 8
 WAIT_FIRST_CHUNK_S = 0.25
 #: ...and the whole snapshot this soon.
 WAIT_SNAPSHOT_S = 1.0
+
+
+class UnknownVm(CollectorError):
+    """No VM of that name in the registry."""
+
+    default_status = grpc.StatusCode.NOT_FOUND
+
+
+class EpochError(CollectorError):
+    """An epoch that cannot be opened now: the VM has no RAM layout yet, or the deadline is out of bounds."""
+
+    default_status = grpc.StatusCode.FAILED_PRECONDITION
 
 
 @dataclass
@@ -240,10 +253,11 @@ class Collector:
         return self.vms[name]
 
     def vm(self, name: str) -> VmState:
+        """:raise UnknownVm: no VM of that name."""
         try:
             return self.vms[name]
         except KeyError:
-            raise KeyError(f"no VM named {name!r} in the registry") from None
+            raise UnknownVm(f"no VM named {name!r} in the registry") from None
 
     # Section: attachments
 
@@ -298,14 +312,14 @@ class Collector:
         """Open an epoch and queue its hint request; never blocks.
 
         Any epoch of the VM still open is closed first ("superseded").
-        :raise KeyError: unknown VM. :raise ValueError: no layout or bad deadline.
+        :raise UnknownVm: unknown VM. :raise EpochError: no layout or bad deadline.
         """
         vm = self.vm(vm_name)
         if vm.index is None:
-            raise ValueError(f"VM {vm_name!r} has no RAM layout yet")
+            raise EpochError(f"VM {vm_name!r} has no RAM layout yet")
         d = self.config.default_deadline_s if deadline_s is None else deadline_s
         if not 0 < d <= self.limits.max_deadline_s:
-            raise ValueError(f"deadline {d}s outside (0, {self.limits.max_deadline_s}]")
+            raise EpochError(f"deadline {d}s outside (0, {self.limits.max_deadline_s}]")
         for ep in vm.epochs.values():
             if ep.is_open:
                 self._close(ep, "superseded")
