@@ -15,8 +15,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
+from ..errors import AgentError
 
-class SourceUnavailable(RuntimeError):
+
+class SourceUnavailable(AgentError):
     """The source cannot run on this kernel; the message says why, for the logs
     and the attach facts."""
 

@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ...errors import AgentError
 from .bpfsys import bpf_refusal
 from .pagecache import mapped_files
 
@@ -40,7 +41,7 @@ MAX_FDS = 64
 _STDERR_TAIL = 2000
 
 
-class LoaderError(RuntimeError):
+class LoaderError(AgentError):
     """The child failed, timed out or sent something unusable."""
 
 

@@ -16,6 +16,7 @@ import os
 import re
 from dataclasses import dataclass
 
+from ...errors import AgentError
 from . import pagecache, perf
 from .bpfsys import (
     BPF_MAP_TYPE_ARRAY,
@@ -213,7 +214,7 @@ def render(config: ProgramConfig) -> str:
     return "\n".join(lines) + "\n\n" + program_source()
 
 
-class LoadError(RuntimeError):
+class LoadError(AgentError):
     """The loader child could not compile or load the program, or sent
     something unusable."""
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from ..base import FreePageSource, Probe, Snapshot, SourceUnavailable, join_parts, now
 from . import checks, headers, selftest, system, vmemmap
 from .live import EbpfLiveFrees
-from .layout import LayoutError, PageLayout, release_version
+from .layout import PageLayout, PageLayoutError, release_version
 from .program import TRACKERS, Ctl, LoadedProgram, LoadError, ProgramConfig, tracepoint_fields
 from .scanner import RamMap, ScanPart, Scanner
 from .system import KernelPaths
@@ -227,7 +227,7 @@ OLD_VERIFIER = (6, 4)
 def scan_windows_for(release: str) -> int:
     try:
         return 128 if release_version(release) >= OLD_VERIFIER else 32
-    except LayoutError:
+    except PageLayoutError:
         return 32
 
 
