@@ -74,7 +74,7 @@ class FakeContext:
 def test_abort_maps_each_collector_error_to_its_status(error: CollectorError, status: grpc.StatusCode) -> None:
     ctx = FakeContext()
     with pytest.raises(RuntimeError, match="aborted"):
-        asyncio.run(abort(ctx, error))  # type: ignore[arg-type]
+        asyncio.run(abort(ctx, error))
     assert ctx.aborted == (status, error.message)
     assert error.code == status.name
 
@@ -85,7 +85,7 @@ def test_abort_never_returns_normally() -> None:
             return None
 
     with pytest.raises(AssertionError, match="unreachable"):
-        asyncio.run(abort(Silent(), CollectorError("x")))  # type: ignore[arg-type]
+        asyncio.run(abort(Silent(), CollectorError("x")))
 
 
 def test_a_status_name_that_does_not_exist_is_refused_at_the_raise() -> None:
