@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ..base import FreePageSource, Probe, Snapshot, SourceUnavailable, join_parts, now
+from ..base import FreePageSource, Probe, ScanSummary, SourceUnavailable
 from . import checks, headers, selftest, system, vmemmap
 from .live import EbpfLiveFrees
 from .layout import PageLayout, PageLayoutError, release_version
@@ -182,16 +182,9 @@ class EbpfSource(FreePageSource):
                 if part.ranges:
                     yield part
 
-    def snapshot(self, deadline: float | None = None) -> Snapshot:
-        started = now()
-        ranges, pages = join_parts(self.parts(deadline))
+    def scan_summary(self) -> ScanSummary:
         stats = self.scanner.last
-        return Snapshot(
-            source=self.name,
-            ranges=ranges,
-            pages=pages,
-            started=started,
-            finished=now(),
+        return ScanSummary(
             complete=stats.complete,
             details={
                 "bpf_runs": float(stats.runs + stats.filter_runs),
