@@ -80,7 +80,7 @@ class Part(Protocol):
 
 @dataclass
 class WholeScan:
-    """The default :class:`Part`: a whole snapshot."""
+    """A plain :class:`Part`: its ranges and their page count."""
 
     ranges: Sequence[tuple[int, int]]
     pages: int
