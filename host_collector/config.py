@@ -31,8 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from fphint import addresses
 
+from .errors import CollectorError
 from .layout import LayoutError, RamLayout, RamRange
 
 #: Tokens shorter than this are refused: they only stop cross-VM impersonation
@@ -41,8 +44,10 @@ MIN_TOKEN_LENGTH = 16
 _VM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
-class ConfigError(ValueError):
+class ConfigError(CollectorError):
     """A configuration file the collector refuses to start with."""
+
+    default_status = grpc.StatusCode.INVALID_ARGUMENT
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from fphint import addresses
 from fphint.v1 import admin_pb2, admin_pb2_grpc
 from guest_agent.agent import Agent, Endpoint, Settings
 from guest_agent.facts import GuestSafety, build_facts
-from guest_agent.sources.base import FreePageSource, Probe, Snapshot
+from guest_agent.sources.base import FreePageSource, Part, Probe, WholeScan
 
 from .collector_harness import FixedSource, token
 from .qemu_pair import PAGE, Machine, Vm, free_port
@@ -51,10 +51,10 @@ class StallingSource(FreePageSource):
     def probe(self) -> Probe:
         return Probe(self.name, True)
 
-    def snapshot(self, deadline: float | None = None) -> Snapshot:
+    def parts(self, deadline: float | None = None) -> Iterator[Part]:
         self.calls += 1
         self.release.wait(60)
-        return Snapshot(self.name, [], 0, time.monotonic(), time.monotonic())
+        yield WholeScan([], 0)
 
 
 class Daemon:

@@ -4,6 +4,7 @@ never imports bcc, stays small, and drops the compile's page cache."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import struct
@@ -134,6 +135,55 @@ def test_a_failing_child_is_a_load_error(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(loader, "default_argv", lambda: _child("import sys; sys.exit(9)"))
     with pytest.raises(program.LoadError, match="child died: exit status 9"):
         program.LoadedProgram(program.ProgramConfig(lay, 1 << 20), None)
+
+
+def test_the_real_child_module_runs_cleanly() -> None:
+    """The child is its own module: nothing the agent imports pulls it in, so
+    ``-m`` runs it without runpy's "found in sys.modules" warning (an error here)."""
+    argv = [sys.executable, "-W", "error::RuntimeWarning", "-m", loader.MODULE]
+    got = loader.run({}, timeout=60, argv=argv)  # an empty request: the child answers with why it cannot load
+    assert got.error and not got.programs and not got.maps, got
+    probe = "import sys, guest_agent.sources.ebpf; print(sorted(m for m in sys.modules if 'loader_child' in m or m == 'bcc'))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+
+
+def _imports(path: Path, package: str) -> set[str]:
+    """Modules of ``package`` that ``path`` imports, at any depth of its code (lazy imports count)."""
+    is_pkg = path.name == "__init__.py"
+    here = ".".join(path.relative_to(ROOT).with_suffix("").parts[: -1 if is_pkg else None])
+    parent = here if is_pkg else here.rpartition(".")[0]
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = parent.split(".")[: len(parent.split(".")) - node.level + 1] if node.level else []
+            target = ".".join(base + [node.module] if node.module else base)
+            out |= {f"{target}.{a.name}" for a in node.names} | ({target} if node.module else set())
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+    return {m for m in out if m.startswith(package)}
+
+
+def test_no_module_of_the_agent_imports_in_a_cycle() -> None:
+    files = {".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): f
+             for f in (ROOT / "guest_agent").rglob("*.py")}
+    # A package is initialised before its modules run, so an edge to an ancestor closes no cycle.
+    graph = {m: {d for d in _imports(f, "guest_agent") if d in files and d != m and not m.startswith(d + ".")}
+             for m, f in files.items()}
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            m = todo.pop()
+            if m == goal:
+                return True
+            if m not in seen:
+                seen.add(m)
+                todo.extend(graph[m])
+        return False
+
+    cycles = sorted((a, b) for a in graph for b in graph[a] if reaches(b, a))
+    assert not cycles, cycles
 
 
 # -- the agent process (root, BPF) -------------------------------------------------------

@@ -14,6 +14,9 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+import grpc
+
+from host_collector.errors import CollectorError
 from host_collector.layout import RamRange
 
 _MAX_ALIAS_DEPTH = 16
@@ -27,8 +30,10 @@ _ALIAS = re.compile(r"^alias (?P<name>.*?) @(?P<target>.*) (?P<tstart>[0-9a-f]{1
 _HEAD = re.compile(r"^(?P<kind>address-space|memory-region): (?P<name>.+)$")
 
 
-class MtreeError(ValueError):
+class MtreeError(CollectorError):
     """``info mtree`` text that does not describe a usable memory tree."""
+
+    default_status = grpc.StatusCode.FAILED_PRECONDITION
 
 
 @dataclass
