@@ -23,7 +23,7 @@ import pytest
 from host_collector.migration.gate import NoHints
 from host_collector.migration.proxy import MigrationProxy, Outcome, ProxyResult
 from host_collector.migration.stream import Phase
-from tests.qemu_pair import (
+from fphint_lab.qemu_pair import (
     GiB,
     MiB,
     PAGE,
@@ -45,7 +45,7 @@ pytestmark = pytest.mark.qemu
 def _version() -> tuple[int, int]:
     import subprocess
 
-    from tests.qemu_pair import QEMU
+    from fphint_lab.qemu_pair import QEMU
 
     out = subprocess.run([QEMU, "--version"], capture_output=True, text=True, check=True).stdout
     m = re.search(r"version (\d+)\.(\d+)", out)

@@ -13,7 +13,7 @@ import pytest
 from vmimage.builder import Image
 from vmimage.qemu import FW_CFG_TOKEN, Endpoints, GuestConfig, qemu_argv
 
-from .harness import VM, MigrationError, VMFactory, VMLaunchError, migrate, remove_stale_ram_files
+from fphint_lab.vm.harness import VM, MigrationError, VMFactory, VMLaunchError, migrate, remove_stale_ram_files
 
 
 def _endpoints(tmp: Path, incoming: bool = False, paused: bool = False) -> Endpoints:
