@@ -3,7 +3,7 @@
 Every test compares the two RAM files page by page: equal everywhere except
 the pages the proxy zeroed, which must be hinted pages the source sent with
 content. ``FPH_QEMU``/``FPH_QEMU_DATADIR`` select another QEMU build
-(tests/qemu_pair.py).
+(fphint_lab/qemu_pair.py).
 """
 
 from __future__ import annotations

@@ -126,19 +126,21 @@ class CollectorDaemon:
             lines += ["[[vm]]", f'name = "{name}"', f'token = "{token}"', f'qmp = "unix:{self.qmp_link(name)}"', ""]
         self.config.write_text("\n".join(lines))
 
+    def serve_argv(self) -> list[str]:
+        """The daemon's command line: ``fph-collector serve`` as shipped, or under the witness."""
+        serve = ["-v", "serve", "--config", str(self.config)]
+        if not self.with_witness:
+            return [sys.executable, "-m", "host_collector", *serve]
+        return [sys.executable, "-m", daemon_witness.__name__, "--witness-dir", str(self.witness_dir),
+                "--fault-file", str(self.fault_file), "--", *serve]
+
     def start(self, timeout: float = 30.0) -> CollectorDaemon:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.write_config()
         self._log = self.log_path.open("ab")
-        serve = ["-v", "serve", "--config", str(self.config)]
-        if self.with_witness:
-            argv = [sys.executable, "-m", daemon_witness.__name__, "--witness-dir", str(self.witness_dir),
-                    "--fault-file", str(self.fault_file), "--", *serve]
-        else:
-            argv = [sys.executable, "-m", "host_collector", *serve]
         # Dies with its parent (a killed test run leaves no daemon behind).
-        self._proc = subprocess.Popen([*_pdeathsig_prefix(), *argv], stdin=subprocess.DEVNULL, stdout=self._log,
-                                      stderr=subprocess.STDOUT)
+        self._proc = subprocess.Popen([*_pdeathsig_prefix(), *self.serve_argv()], stdin=subprocess.DEVNULL,
+                                      stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while True:
             if self._proc.poll() is not None:
