@@ -11,11 +11,14 @@ import struct
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
 from guest_agent.sources.ebpf import loader, program
 from guest_agent.sources.ebpf.ringbuf import BUSY_BIT, DISCARD_BIT, HDR_SIZE, RingReader
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 # -- ring buffer consumer -----------------------------------------------------------

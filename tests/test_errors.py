@@ -36,7 +36,7 @@ from host_collector.qmp.mtree import MtreeError
 from host_collector.qmp.ramblock import RamBlockError
 from host_collector.qmp.session import QmpCommandError, QmpError, QmpTimeout
 
-from .collector_harness import make_config, running_collector, token
+from fphint_lab.collector_harness import make_config, running_collector, token
 
 S = grpc.StatusCode
 #: One of each collector error as it is raised, and the status it must end a call with.
