@@ -57,7 +57,7 @@ from typing import Any
 
 import numpy as np
 
-from host_collector.migration import parser as stream_parser
+from host_collector.stream import parser as stream_parser
 from host_collector.migration.gate import NoHints, PageOracle, RewriteGate
 from host_collector.migration.proxy import MigrationProxy
 

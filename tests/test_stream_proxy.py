@@ -14,7 +14,7 @@ import pytest
 
 from host_collector.migration.gate import NoHints
 from host_collector.migration.proxy import MigrationProxy, Outcome, ProxyError
-from host_collector.migration.stream import Phase
+from host_collector.stream.wire import Phase
 from tests.stream_helpers import (
     FixedGate,
     StreamBuilder,

@@ -22,7 +22,7 @@ import pytest
 
 from host_collector.migration.gate import NoHints
 from host_collector.migration.proxy import MigrationProxy, Outcome, ProxyResult
-from host_collector.migration.stream import Phase
+from host_collector.stream.wire import Phase
 from tests.qemu_pair import (
     GiB,
     MiB,

@@ -61,10 +61,10 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from fphint import addresses
-from host_collector.migration import stream as s
+from host_collector.stream import wire as s
 from host_collector.migration.gate import NoHints, PageOracle, RewriteGate
-from host_collector.migration.parser import PageRecord, StreamParser
-from host_collector.migration.stream import Phase
+from host_collector.stream.parser import PageRecord, StreamParser
+from host_collector.stream.wire import Phase
 
 log = logging.getLogger(__name__)
 
