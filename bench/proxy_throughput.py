@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 
 from host_collector.stream import parser as stream_parser
-from host_collector.migration.gate import NoHints, PageOracle, RewriteGate
+from host_collector.rewrite.gate import NoHints, PageOracle, RewriteGate
 from host_collector.migration.proxy import MigrationProxy
 
 PAGE = 4096
@@ -150,7 +150,7 @@ class ImmediateGate(NoHints):
         return self.oracle, 1 << 63
 
 
-class LaggingGate:
+class LaggingGate(RewriteGate):
     """Confirms, every ``tick`` seconds, what had been received one tick earlier."""
 
     def __init__(self, oracle: PageOracle, tick: float = 0.002) -> None:

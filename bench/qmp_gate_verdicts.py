@@ -24,8 +24,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from host_collector.migration.gate import NoHints  # noqa: E402
-from host_collector.qmp.epoch_ledger import EpochLedger  # noqa: E402
+from host_collector.rewrite.gate import NoHints  # noqa: E402
+from host_collector.rewrite.ledger import EpochLedger  # noqa: E402
 
 RECORD = 8 + 4096  # header + page, CONTINUE set (no idstr)
 PAGES = 1 << 18  # a 1 GiB block
@@ -39,6 +39,8 @@ class BitmapEpoch:
     def __init__(self, epoch_id: int, rng: np.random.Generator) -> None:
         self.id = epoch_id
         self.is_open = True
+        self.hints_pending = False
+        self.answered = True
         self._masks = {"pc.ram": rng.random(PAGES) < 0.3}
 
     def is_free(self, block: str, page: int) -> bool:

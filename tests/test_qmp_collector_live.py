@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from host_collector.config import CollectorConfig, Limits, VmEntry
-from host_collector.qmp.epoch_gate import EpochGate
-from host_collector.qmp.epoch_ledger import EpochOracle
+from host_collector.rewrite.epoch_gate import EpochGate
+from host_collector.rewrite.ledger import EpochOracle
 from host_collector.qmp.preflight import check_migration_safety
 from host_collector.qmp.ram_layout import read_layout
 from fphint import addresses

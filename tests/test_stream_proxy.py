@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from host_collector.migration.gate import NoHints
 from host_collector.migration.proxy import MigrationProxy, Outcome, ProxyError
+from host_collector.rewrite.gate import NoHints
 from host_collector.stream.wire import Phase
 from tests.stream_helpers import (
     FixedGate,

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from host_collector.migration.gate import NoHints
+from host_collector.rewrite.gate import NoHints
 from host_collector.migration.proxy import MigrationProxy, Outcome, ProxyResult
 from host_collector.stream.wire import Phase
 from tests.qemu_pair import (

@@ -25,16 +25,17 @@ from typing import Any
 
 from fphint import addresses
 from fphint.v1 import admin_pb2
-from host_collector.epochs import Collector
+from host_collector.epochs import Collector, Epoch
 from host_collector.layout import LayoutError, RamLayout
-from host_collector.migration.gate import NoHints, RewriteGate
 from host_collector.migration.proxy import MigrationProxy, Outcome, ProxyError, ProxyResult
-from host_collector.qmp.epoch_gate import EpochGate
 from host_collector.qmp.preflight import Problem, SafetyReport, check_migration_safety
 from host_collector.qmp.ram_layout import read_layout
 from host_collector.qmp.session import QmpError, QmpSession
+from host_collector.rewrite.epoch_gate import EpochGate
+from host_collector.rewrite.gate import NoHints, RewriteGate
+from host_collector.rewrite.held import HeldGate
+from host_collector.rewrite.recorder import EpochRecorder
 
-from .gates import EpochRecorder, HeldGate
 from .observer import NO_OBSERVER, MigrationObserver
 from .report import preflight_message, progress_message, progress_text
 
@@ -186,8 +187,8 @@ class MigrationRun:
         self.rewriting = False
         self._layout: RamLayout | None = None
         self._watch = observer.migration(plan.vm, number)
-        self._recorder = EpochRecorder(collector, on_release=self._watch.epoch_released)
-        self._epoch_gate: EpochGate | None = None
+        self._recorder = EpochRecorder(on_release=self._watch.epoch_released)
+        self._epoch_gate: EpochGate[Epoch] | None = None
         self._held: HeldGate | None = None
         self._proxy: MigrationProxy | None = None
         self._migrate_sent = False
@@ -299,9 +300,9 @@ class MigrationRun:
         if not self.rewriting:
             return NoHints()
         gate = self._epoch_gate = EpochGate(
-            self.src, self._recorder, self.plan.vm, hint_deadline_s=self.plan.hint_deadline_s
+            self.src, self.collector, self.plan.vm, hint_deadline_s=self.plan.hint_deadline_s,
+            on_release=self._recorder.released,
         )
-        self._recorder.ledger = gate.ledger
         if self.issue_migrate:
             return gate
         self._held = HeldGate(gate)
@@ -448,13 +449,12 @@ class MigrationRun:
         if self._proxy is not None:
             self._proxy.close()
         if self._epoch_gate is not None:
-            await self._epoch_gate.stop()
-        self._recorder.finish()
+            await self._epoch_gate.stop()  # releases every epoch: the recorder has them all
 
     # ---- reporting --------------------------------------------------------------
 
     def _progress(self, info: Mapping[str, Any], proxy: MigrationProxy) -> admin_pb2.MigrateProgress:
-        latest = self._recorder.latest
+        latest = self._epoch_gate.ledger.latest if self._epoch_gate is not None else None
         return progress_message(
             number=self.number,
             elapsed_s=time.monotonic() - self._t0,
@@ -541,7 +541,7 @@ class MigrationRun:
                    "pages_rewritten": r.pages_rewritten, "source_bytes": r.source_bytes},
         )
 
-    async def _note_paused(self, gate: EpochGate) -> None:
+    async def _note_paused(self, gate: EpochGate[Epoch]) -> None:
         """A guest paused before the migration sends no STOP: tell the gate
         (listening by now) so it neither paces the source nor awaits hints."""
         try:

@@ -22,8 +22,8 @@ the ram END section are never held nor judged: QEMU stops the guest and then
 runs a dirty sync before it picks them (migration_completion ->
 ram_save_complete), so no hint can be both later than that sync and earlier
 than the pick, and holding them would only add downtime. When that section
-begins the gate is also told the guest has stopped (``stop_holding``, if it
-has one), so it no longer holds decisions for hints that cannot come.
+begins the gate is also told the guest has stopped (``stop_holding``), so
+it no longer holds decisions for hints that cannot come.
 
 When the parser meets something it does not understand it gives up and the
 rest goes through byte for byte. If pages were already rewritten by then the
@@ -37,10 +37,10 @@ path), one relays the return path, two per extra connection. All gate calls
 come from the parsing thread. Use :meth:`MigrationProxy.wait_async` from
 asyncio code.
 
-A gate may also offer ``oracle_until(end) -> (oracle, valid_through)``
-(:class:`SpanGate`): the answer ``oracle_for(end)`` would give, and the last
-offset through which every record gets that same answer. The proxy then asks
-once per window instead of once per PAGE record.
+The proxy asks ``gate.oracle_until(end) -> (oracle, valid_through)``: the
+answer ``oracle_for(end)`` would give, and the last offset through which
+every record gets that same answer, so it asks once per window instead of
+once per PAGE record (a gate that does not refine it is asked per record).
 """
 
 from __future__ import annotations
@@ -58,11 +58,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Protocol
 
 from fphint import addresses
 from host_collector.stream import wire as s
-from host_collector.migration.gate import NoHints, PageOracle, RewriteGate
+from host_collector.rewrite.gate import PageOracle, RewriteGate
 from host_collector.stream.parser import PageRecord, StreamParser
 from host_collector.stream.wire import Phase
 
@@ -131,14 +130,6 @@ class ProxyResult:
 
 
 PhaseListener = Callable[[Phase, int], None]
-
-
-class SpanGate(Protocol):
-    """Optional extension of :class:`RewriteGate` (see the module docstring)."""
-
-    def oracle_until(self, end: int) -> tuple[PageOracle | None, int]:
-        """(``oracle_for(end)``, last offset >= ``end`` with the same answer)."""
-        ...
 
 
 class ProxyError(RuntimeError):
@@ -507,10 +498,6 @@ class _MainRelay:
         self.src = src
         self.dst = dst
         self.parser = StreamParser()
-        span = getattr(self.gate, "oracle_until", None)
-        if span is None and type(self.gate) is NoHints:
-            span = _never  # one window covering everything: batches are skipped whole
-        self._oracle_until: Callable[[int], tuple[PageOracle | None, int]] | None = span
         self.chunks: collections.deque[_Chunk] = collections.deque([_Chunk(proxy._chunk_size)])
         self.spare: list[_Chunk] = []
         #: Batches with records not judged yet; nothing after the first such
@@ -633,7 +620,7 @@ class _MainRelay:
         if self.src_eof:
             return
         limit = self.proxy._readahead
-        if self._paced and getattr(self.gate, "guest_stopped", False):
+        if self._paced and self.gate.guest_stopped:
             self._paced = False
         want = not self._paced or limit is None or self._held_bytes() < limit
         if want != self._reading:
@@ -718,9 +705,7 @@ class _MainRelay:
                       phase.value, offset, self.received, self.sent_bytes, self._held_bytes())
             if phase is Phase.COMPLETION:
                 self._completion_at = offset
-                stop_holding = getattr(self.gate, "stop_holding", None)
-                if stop_holding is not None:
-                    stop_holding()
+                self.gate.stop_holding()
                 # The guest is stopped: no switchover left to inform, and QEMU
                 # may write the final pass holding the lock its QMP answers
                 # need, so a paced source could not let the gate decide.
@@ -785,8 +770,7 @@ class _MainRelay:
         """Judge held records in order: rewrite, keep, or let go unjudged at a bound."""
         held = self.held
         gate = self.gate
-        oracle_for = gate.oracle_for
-        oracle_until = self._oracle_until
+        oracle_until = gate.oracle_until
         oracle: PageOracle | None = None
         valid_through = -1  # the last record end `oracle` is known to answer for
         decided = gate.decided_through()
@@ -815,11 +799,8 @@ class _MainRelay:
                     end = base + b
                     if end <= decided:
                         if end > valid_through:
-                            if oracle_until is None:
-                                oracle, valid_through = oracle_for(end), end
-                            else:
-                                oracle, valid_through = oracle_until(end)
-                                valid_through = min(max(valid_through, end), decided)
+                            oracle, valid_through = oracle_until(end)
+                            valid_through = min(max(valid_through, end), decided)
                         if oracle is not None and oracle.is_free(blk, pg):
                             buf[a + 7] = (buf[a + 7] & _NOT_PAGE) | _ZERO
                             fill = b - _PAGE
@@ -886,10 +867,6 @@ class _MainRelay:
             old = chunks.popleft()
             if len(self.spare) < 2:
                 self.spare.append(old)
-
-
-def _never(end: int) -> tuple[PageOracle | None, int]:
-    return None, 1 << 63
 
 
 class _SideError(Exception):
