@@ -57,9 +57,9 @@ from typing import Any
 
 import numpy as np
 
-from host_collector.stream import parser as stream_parser
+from host_collector.proxy.migration_proxy import MigrationProxy
 from host_collector.rewrite.gate import NoHints, PageOracle, RewriteGate
-from host_collector.migration.proxy import MigrationProxy
+from host_collector.stream import parser as stream_parser
 
 PAGE = 4096
 MiB = 1 << 20

@@ -15,7 +15,8 @@ import time
 from collections.abc import Callable, Iterable, Set
 from dataclasses import dataclass, field
 
-from host_collector.migration.proxy import MigrationProxy, ProxyResult
+from host_collector.proxy.migration_proxy import MigrationProxy
+from host_collector.proxy.results import ProxyResult
 from host_collector.rewrite.gate import PageOracle, RewriteGate
 
 PAGE = 4096

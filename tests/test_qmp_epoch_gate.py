@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
+from host_collector.qmp.session import EventQueue, QmpError
 from host_collector.rewrite.epoch_gate import EpochGate
 from host_collector.rewrite.gate import NEVER
 from host_collector.rewrite.ledger import EpochOracle
-from host_collector.qmp.session import EventQueue, QmpError
 
 from .qmp_fake_collector import FakeCollector
 from .qmp_launcher import qemu

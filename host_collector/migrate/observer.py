@@ -10,7 +10,7 @@ patches the daemon's classes.
 from __future__ import annotations
 
 from host_collector.epochs import Epoch
-from host_collector.migration.proxy import ProxyResult
+from host_collector.proxy.results import ProxyResult
 from host_collector.rewrite.gate import RewriteGate
 
 

@@ -27,7 +27,8 @@ from fphint import addresses
 from fphint.v1 import admin_pb2
 from host_collector.epochs import Collector, Epoch
 from host_collector.layout import LayoutError, RamLayout
-from host_collector.migration.proxy import MigrationProxy, Outcome, ProxyError, ProxyResult
+from host_collector.proxy.migration_proxy import MigrationProxy, ProxyError
+from host_collector.proxy.results import ProxyOutcome, ProxyResult
 from host_collector.qmp.preflight import Problem, SafetyReport, check_migration_safety
 from host_collector.qmp.ram_layout import read_layout
 from host_collector.qmp.session import QmpError, QmpSession
@@ -435,7 +436,7 @@ class MigrationRun:
             return await asyncio.wait_for(proxy.wait_async(), 10)
         except asyncio.TimeoutError:
             self._notes.append("the proxy did not stop after an abort")
-            return ProxyResult(Outcome.ABORTED, proxy.stats())
+            return ProxyResult(ProxyOutcome.ABORTED, proxy.stats())
 
     async def _abandon(self) -> None:
         """The run itself is cancelled (daemon shutting down): stop the migration safely."""
@@ -523,7 +524,7 @@ class MigrationRun:
         if self.cancel_reason is not None and status != "completed":
             return "cancelled", f"cancelled: {self.cancel_reason}"
         if status == "completed":
-            if result is not None and result.outcome is not Outcome.FINISHED:
+            if result is not None and result.outcome is not ProxyOutcome.FINISHED:
                 return "failed", (f"the source reports completed but the proxy's stream was {result.outcome.value}: "
                                   f"{proxy_problem}; check the destination")
             return "completed", ""
