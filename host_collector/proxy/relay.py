@@ -6,13 +6,13 @@ gate's oracle says its page is free. The relay asks ``gate.oracle_until(end)``
 (the oracle and the last offset it holds for), so it asks once per window,
 not once per record; records of a window without an oracle are skipped whole.
 
-Holding is bounded (docs/safety-rule.md §3.5): a record held longer than
+Holding is bounded (docs/safety-rule.md §3.6): a record held longer than
 ``hold_seconds``, or while more than ``hold_bytes`` are held, goes out
 unchanged. While ``readahead_bytes`` are held the relay stops reading the
 source, so what QEMU counts as sent stays close to what crossed the link (its
 switchover estimate depends on it); pacing ends for good at the first record
 whose time ran out, at the gate's ``guest_stopped`` and at the ram END section.
-Records of that section are never held nor judged (§3.6), and the gate is
+Records of that section are never held nor judged (§3.7), and the gate is
 told to stop holding for hints (``stop_holding``). A give-up of the parser
 before any rewrite lets the rest through verbatim; after one, it aborts (§3.8).
 

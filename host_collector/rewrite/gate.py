@@ -2,9 +2,9 @@
 
 The proxy parses the source's main channel and holds back RAM records for a
 bounded time. A gate implements the timing half of the safety rule
-(docs/safety-rule.md §3): it knows when each epoch's hint
-request was sent (in bytes the proxy had received by then) and what each
-``query-migrate`` poll issued after a given byte offset answered. From that
+(docs/safety-rule.md §3): it knows when each epoch's hint request was sent
+(in bytes the proxy had received by then) and what each ``query-migrate``
+poll issued after a given byte offset answered. From that
 it says, for a record whose last byte was received at stream offset ``end``,
 which free-page hints may turn it into a zero page.
 

@@ -1,6 +1,6 @@
 """The timing half of the safety rule, as plain bookkeeping (no I/O).
 
-docs/safety-rule.md §3 has the proof of every case below.
+docs/safety-rule.md §3.2-3.5 has the proof of every case below.
 
 Inputs, all in main-channel byte offsets (bytes the proxy reported received):
 
