@@ -28,7 +28,7 @@ scripts/bcc-headers.sh
 # is importable only from there.
 VENV=${VENV:-.venv}
 stamp="$VENV/.fphint-installed"
-want=$(cat pyproject.toml lab/pyproject.toml scripts/install-deps.sh host_collector/migration/_fastparse.c | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml lab/pyproject.toml scripts/install-deps.sh host_collector/stream/_fastparse.c | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     exit 0
 fi

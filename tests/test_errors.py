@@ -31,7 +31,7 @@ from host_collector.errors import CollectorError, Refusal, abort, status_code
 from host_collector.hintcheck import HintViolation
 from host_collector.layout import LayoutError
 from host_collector.migrate.run import MigrateError
-from host_collector.migration.proxy import ProxyError
+from host_collector.proxy.migration_proxy import ProxyError
 from host_collector.qmp.mtree import MtreeError
 from host_collector.qmp.ramblock import RamBlockError
 from host_collector.qmp.session import QmpCommandError, QmpError, QmpTimeout
