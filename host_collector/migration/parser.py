@@ -9,6 +9,11 @@ What to do with a give-up after rewrites were made is the proxy's business.
 Items are parsed whole: an item cut by the end of the buffer is parsed again
 from its first byte once more bytes arrived, so the parser keeps no state
 inside an item. No item it accepts is longer than :data:`MAX_ITEM` bytes.
+The one exception is the MEM_SIZE block list, the only item that can be long
+(up to :data:`MAX_ITEM`) and made of many parts: the parser remembers the
+entries it has read, so a list that arrives a byte at a time costs time
+linear in its length, not quadratic. Every other item is at most a few KiB,
+so parsing stays linear in the stream however the source slices it.
 """
 
 from __future__ import annotations
@@ -144,6 +149,9 @@ class StreamParser:
         self._ignore_shared = False
         self._block: str | None = None  # the block CONTINUE refers to
         self._block_len = 0
+        #: A MEM_SIZE list cut by the end of the buffer: (stream offset of
+        #: the item, of its next entry, the blocks read so far, their sum).
+        self._mem_partial: tuple[int, int, dict[str, int], int] | None = None
 
     @property
     def accelerated(self) -> bool:
@@ -441,24 +449,33 @@ class StreamParser:
         if flags != s.FLAG_MEM_SIZE or self._mem_size_seen:
             raise _Unknown(self._odd_record(flags) + " in the ram setup section", pos)
         total = w & _ADDR
-        blocks: dict[str, int] = {}
-        seen = 0
-        p = pos + 8
+        item = self._base + pos
+        partial = self._mem_partial
+        if partial is not None and partial[0] == item:
+            _, resume, blocks, seen = partial
+            p = resume - self._base
+        else:
+            blocks, seen, p = {}, 0, pos + 8
         extra = 8 if self._ignore_shared else 0
-        while seen < total:
-            if p >= end:
-                raise _NeedMore
-            q = self._skip(p + 1, buf[p], end)
-            name = _name(bytes(buf[p + 1 : q]))
-            q, used = self._u64(buf, q, end)
-            q = self._skip(q, extra, end)
-            if not name or name in blocks:
-                raise _Unknown(f"MEM_SIZE entry {bytes(buf[p + 1 : q])!r}", pos)
-            if used == 0 or used % _PAGE:
-                raise _Unknown(f"block {name} of {used:#x} bytes", pos)
-            blocks[name] = used
-            seen += used
-            p = q
+        try:
+            while seen < total:
+                if p >= end:
+                    raise _NeedMore
+                q = self._skip(p + 1, buf[p], end)
+                name = _name(bytes(buf[p + 1 : q]))
+                q, used = self._u64(buf, q, end)
+                q = self._skip(q, extra, end)
+                if not name or name in blocks:
+                    raise _Unknown(f"MEM_SIZE entry {bytes(buf[p + 1 : q])!r}", pos)
+                if used == 0 or used % _PAGE:
+                    raise _Unknown(f"block {name} of {used:#x} bytes", pos)
+                blocks[name] = used
+                seen += used
+                p = q
+        except _NeedMore:
+            self._mem_partial = (item, self._base + p, blocks, seen)
+            raise
+        self._mem_partial = None
         if seen != total or not blocks:
             raise _Unknown(f"MEM_SIZE total {total:#x} but blocks add up to {seen:#x}", pos)
         self.blocks = blocks
