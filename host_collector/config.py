@@ -78,7 +78,7 @@ class Limits:
     max_health_watches: int = 16
     max_reflection_streams: int = 4
     #: TCP connections the guest-facing gRPC server keeps at once; and per
-    #: Unix/vsock bridge, in total and per peer (CID or uid).
+    #: Unix/vsock bridge, in total and per peer (CID or process).
     max_connections: int = 4096
     max_bridge_connections: int = 1024
     max_connections_per_peer: int = 8

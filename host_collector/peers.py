@@ -19,7 +19,7 @@ file exists for exactly that time, so nobody else can bind the same path
 meanwhile. A TCP peer, or any peer string the table does not know, has no
 kernel identity: it must prove itself with a token (docs/security.md).
 
-Each bridge caps its connections in total and per peer (CID or uid), so one
+Each bridge caps its connections in total and per peer (CID or pid), so one
 guest cannot use up another's; relays copy at most 64 KiB at a time and wait
 for the other side to take it, so a peer that never reads holds no more.
 """
@@ -43,7 +43,7 @@ from .ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
-#: Connections one bridge relays at once, and per peer (CID or uid).
+#: Connections one bridge relays at once, and per peer (CID or pid).
 MAX_CONNECTIONS = 1024
 MAX_PER_PEER = 8
 
@@ -62,8 +62,9 @@ class KernelPeer:
 
     @property
     def key(self) -> str:
-        """What the per-peer connection cap counts by."""
-        return f"vsock:{self.cid}" if self.kind == "vsock" else f"unix-uid:{self.uid}"
+        """What the per-peer connection cap counts by: the guest, or the process
+        (many VMs' QEMUs may share one uid)."""
+        return f"vsock:{self.cid}" if self.kind == "vsock" else f"unix-pid:{self.pid}"
 
     def __str__(self) -> str:
         if self.kind == "vsock":

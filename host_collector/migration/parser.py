@@ -374,19 +374,23 @@ class StreamParser:
                     return pos
                 w = _U64(buf, pos)[0]
                 flags = w & _FLAGS
+                # A record is refused as soon as its header says so, even
+                # before the rest of it arrived (as the reference reader does).
                 if flags == _PAGE_CONT:
+                    if block is None or w - flags >= block_len:
+                        raise _Unknown(self._bad_offset(block, w - flags), pos)
                     nxt = pos + 4104
                     if nxt > end:
                         return pos
-                    if block is None or w - flags >= block_len:
-                        raise _Unknown(self._bad_offset(block, w - flags), pos)
                     pages.append((pos, nxt, block, w >> 12))
                     pos = nxt
                     continue
                 if flags == _ZERO_CONT:
+                    if block is None or w - flags >= block_len:
+                        raise _Unknown(self._bad_offset(block, w - flags), pos)
                     if pos + 9 > end:
                         return pos
-                    if block is None or w - flags >= block_len or buf[pos + 8]:
+                    if buf[pos + 8]:
                         raise _Unknown(self._bad_zero(block, w - flags, buf[pos + 8]), pos)
                     zeros += 1
                     pos += 9
@@ -415,18 +419,18 @@ class StreamParser:
                     new_block, new_len = new_name, self.blocks[new_name]
                     p = q
                 addr = w - flags
+                if addr >= new_len:
+                    raise _Unknown(self._bad_offset(new_block, addr), pos)
                 if kind == s.FLAG_PAGE:
                     nxt = p + _PAGE
                     if nxt > end:
                         return pos
-                    if addr >= new_len:
-                        raise _Unknown(self._bad_offset(new_block, addr), pos)
                     pages.append((pos, nxt, new_block, addr >> 12))
                 else:
                     nxt = p + 1
                     if nxt > end:
                         return pos
-                    if addr >= new_len or buf[p]:
+                    if buf[p]:
                         raise _Unknown(self._bad_zero(new_block, addr, buf[p]), pos)
                     zeros += 1
                 block, block_len = new_block, new_len
