@@ -239,7 +239,8 @@ def parse(data: dict[str, Any], source: str = "<config>", base: Path | None = No
     if unknown:
         raise ConfigError(f"{source}: [collector] unknown keys {sorted(unknown)}")
     try:
-        listen = tuple(addresses.parse(_expect(a, str, f"{source}: listen")) for a in col.get("listen", []))
+        listen = tuple(addresses.parse(_expect(a, str, f"{source}: listen"))
+                       for a in _expect(col.get("listen", []), list, f"{source}: listen"))
         admin = addresses.parse(_expect(col["admin"], str, f"{source}: admin")) if "admin" in col else None
     except addresses.AddressError as e:
         raise ConfigError(f"{source}: {e}") from None
