@@ -43,7 +43,7 @@ def main() -> None:
     for name in names:
         work = Path(args.work) / name
         try:
-            stats = run_campaign(name, args.seconds, 1 << 62, work)
+            stats = run_campaign(name, args.seconds, -1, work)  # -runs=-1: until the time is up
             results[name] = {"executions": stats.get("number_of_executed_units", 0), "crashes": 0,
                              "coverage": stats.get("coverage", 0), "exec_per_s": stats.get("average_exec_per_sec", 0),
                              "new_units": stats.get("new_units_added", 0), "peak_rss_mb": stats.get("peak_rss_mb", 0)}

@@ -78,10 +78,12 @@ class Limits:
     max_health_watches: int = 16
     max_reflection_streams: int = 4
     #: TCP connections the guest-facing gRPC server keeps at once; and per
-    #: Unix/vsock bridge, in total and per peer (CID or process).
+    #: Unix/vsock bridge, in total, per guest (vsock CID) and per local
+    #: process (unix pid; a test or a host tool may run many agents in one).
     max_connections: int = 4096
     max_bridge_connections: int = 1024
-    max_connections_per_peer: int = 8
+    max_connections_per_cid: int = 8
+    max_connections_per_process: int = 64
     #: A connection that has not finished its HTTP/2 handshake this soon is
     #: cut, and so is one with no call open this long (an agent always has
     #: its Attach open).

@@ -19,8 +19,8 @@ file exists for exactly that time, so nobody else can bind the same path
 meanwhile. A TCP peer, or any peer string the table does not know, has no
 kernel identity: it must prove itself with a token (docs/security.md).
 
-Each bridge caps its connections in total and per peer (CID or pid), so one
-guest cannot use up another's; relays copy at most 64 KiB at a time and wait
+Each bridge caps its connections in total, per guest (CID) and per local
+process (pid), so one guest cannot use up another's; relays copy at most 64 KiB at a time and wait
 for the other side to take it, so a peer that never reads holds no more.
 """
 
@@ -43,9 +43,10 @@ from .ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
-#: Connections one bridge relays at once, and per peer (CID or pid).
+#: Connections one bridge relays at once, per guest (CID) and per local process.
 MAX_CONNECTIONS = 1024
-MAX_PER_PEER = 8
+MAX_PER_CID = 8
+MAX_PER_PROCESS = 64
 
 _UCRED = struct.Struct("3i")
 
@@ -130,7 +131,8 @@ class Bridge:
         metrics: Metrics,
         *,
         max_connections: int = MAX_CONNECTIONS,
-        max_per_peer: int = MAX_PER_PEER,
+        max_per_cid: int = MAX_PER_CID,
+        max_per_process: int = MAX_PER_PROCESS,
     ) -> None:
         self.name = name
         self.table = table
@@ -140,7 +142,8 @@ class Bridge:
         self.identify = identify
         self.metrics = metrics
         self.max_connections = max_connections
-        self.max_per_peer = max_per_peer
+        self.max_per_cid = max_per_cid
+        self.max_per_process = max_per_process
         self._server: asyncio.AbstractServer | None = None
         self._per_peer: dict[str, int] = {}
         self._open: set[asyncio.StreamWriter] = set()
@@ -196,7 +199,7 @@ class Bridge:
             self._refuse(writer, "bridge_full", "%d connections open; refusing %s", len(self._open), peer)
             return
         n = self._per_peer.get(peer.key, 0)
-        if n >= self.max_per_peer:
+        if n >= (self.max_per_cid if peer.kind == "vsock" else self.max_per_process):
             self._refuse(writer, "peer_full", "%s already has %d connections", peer, n)
             return
         self._per_peer[peer.key] = n + 1

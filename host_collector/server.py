@@ -127,7 +127,8 @@ class CollectorServer:
         backend = str(self._private / "grpc.sock") if self._private is not None else ""
         if backend:
             self.server.add_insecure_port(f"unix:{backend}")
-        caps = {"max_connections": limits.max_bridge_connections, "max_per_peer": limits.max_connections_per_peer}
+        caps = {"max_connections": limits.max_bridge_connections, "max_per_cid": limits.max_connections_per_cid,
+                "max_per_process": limits.max_connections_per_process}
         for addr in cfg.listen:
             if addr.kind in ("unix", "vsock"):
                 assert self.peers is not None

@@ -164,11 +164,11 @@ def test_bridge_caps_connections_per_peer(tmp_path: Path) -> None:
         bridge = srv.bridges[0]
         held = []
         try:
-            for _ in range(bridge.max_per_peer + 3):
+            for _ in range(bridge.max_per_process + 3):
                 r, w = await asyncio.open_unix_connection(f"{tmp_path}/grpc.sock")
                 held.append((r, w))
             await asyncio.sleep(0.3)
-            assert bridge.connections == bridge.max_per_peer
+            assert bridge.connections == bridge.max_per_process
             closed = 0
             for r, _ in held:
                 try:
@@ -205,6 +205,29 @@ def test_server_binds_a_real_vsock_port() -> None:
                 clash.bind((socket.VMADDR_CID_ANY, port))
             clash.close()
         finally:
+            await srv.stop(0.2)
+
+    asyncio.run(asyncio.wait_for(go(), 30))
+
+
+def test_bridge_caps_connections_per_guest(tmp_path: Path) -> None:
+    async def go() -> None:
+        cfg = CollectorConfig(listen=(addresses.parse(f"unix:{tmp_path}/grpc.sock"),),
+                              vms=(VmEntry("seven", token("seven"), vsock_cid=7, layout=LAYOUT),))
+        srv = CollectorServer(cfg)
+        await srv.start()
+        bridge, dialer = await _stand_in(srv, tmp_path, 7)
+        held = []
+        try:
+            for _ in range(bridge.max_per_cid + 2):
+                held.append(await asyncio.open_unix_connection(str(tmp_path / "guest-side-7.sock")))
+            await asyncio.sleep(0.3)
+            assert bridge.connections == bridge.max_per_cid
+        finally:
+            for _, w in held:
+                w.close()
+            dialer.close()
+            bridge.close()
             await srv.stop(0.2)
 
     asyncio.run(asyncio.wait_for(go(), 30))
