@@ -3,8 +3,10 @@
 
 Each target starts from the committed seed corpus (tests/fuzz/corpus) plus
 what earlier runs of this benchmark found (kept in --work, default
-/var/tmp/fphint-fuzz, never in the tree); crashes are written there as
-libFuzzer artifacts and counted. Run it under the shared lock:
+/var/tmp/fphint-fuzz, never in the tree). A crash is written there as a
+libFuzzer artifact, counted, and ends that target's run (libFuzzer stops at
+the first); once fixed, add the input to the corpus as a regression seed.
+Run it under the shared lock:
 
     flock /tmp/fphint-heavy.lock .venv/bin/python bench/fuzz.py --seconds 300
 
@@ -25,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.fuzz.targets import TARGETS  # noqa: E402
-from tests.test_fuzz_campaign import run_campaign  # noqa: E402
+from tests.test_fuzz_campaign import campaign  # noqa: E402
 
 
 def main() -> None:
@@ -42,18 +44,17 @@ def main() -> None:
     t0 = time.monotonic()
     for name in names:
         work = Path(args.work) / name
-        try:
-            stats = run_campaign(name, args.seconds, -1, work)  # -runs=-1: until the time is up
-            results[name] = {"executions": stats.get("number_of_executed_units", 0), "crashes": 0,
-                             "coverage": stats.get("coverage", 0), "exec_per_s": stats.get("average_exec_per_sec", 0),
-                             "new_units": stats.get("new_units_added", 0), "peak_rss_mb": stats.get("peak_rss_mb", 0)}
-        except AssertionError as e:
-            crashes = len(list((work / "artifacts").iterdir()))
-            results[name] = {"executions": None, "crashes": max(1, crashes), "coverage": None,
-                             "artifacts": str(work / "artifacts"), "error": str(e).splitlines()[0]}
+        stats = campaign(name, args.seconds, -1, work)  # -runs=-1: until the time is up (or a crash)
+        results[name] = {"executions": stats.get("number_of_executed_units", 0), "crashes": stats["crashes"],
+                         "coverage": stats.get("coverage", 0), "exec_per_s": stats.get("average_exec_per_sec", 0),
+                         "new_units": stats.get("new_units_added", 0), "peak_rss_mb": stats.get("peak_rss_mb", 0),
+                         "exit": stats["returncode"]}
+        if stats["crashes"] or stats["returncode"]:
+            results[name]["artifacts"] = str(work / "artifacts")
+            print(stats["tail"], file=sys.stderr)
         print(name, results[name], file=sys.stderr)
-    total_exec = sum(int(r["executions"] or 0) for r in results.values())  # type: ignore[call-overload]
-    total_crashes = sum(int(r["crashes"] or 0) for r in results.values())  # type: ignore[call-overload]
+    total_exec = sum(int(str(r["executions"])) for r in results.values())
+    total_crashes = sum(int(str(r["crashes"])) for r in results.values())
     print(json.dumps({"seconds_per_target": args.seconds, "wall_s": round(time.monotonic() - t0, 1),
                       "executions": total_exec, "crashes": total_crashes, "targets": results}))
 

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,8 +43,9 @@ def test_the_corpus_replays_clean(name: str) -> None:
         fn(p.read_bytes())
 
 
-def run_campaign(name: str, seconds: float, runs: int, work: Path, extra: tuple[str, ...] = ()) -> dict[str, int]:
-    """One atheris run; returns libFuzzer's final stats (and 'crashes': artifacts written)."""
+def campaign(name: str, seconds: float, runs: int, work: Path, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One atheris run: libFuzzer's final stats, 'coverage', 'crashes' (artifacts
+    written; libFuzzer stops at the first), 'returncode' and 'tail' (its last lines)."""
     scratch, art = work / "new", work / "artifacts"
     scratch.mkdir(parents=True, exist_ok=True)
     art.mkdir(parents=True, exist_ok=True)
@@ -58,9 +60,16 @@ def run_campaign(name: str, seconds: float, runs: int, work: Path, extra: tuple[
     stats["coverage"] = int(cov[-1]) if cov else 0
     stats["crashes"] = len(list(art.iterdir()))
     stats["returncode"] = p.returncode
-    if p.returncode != 0 or stats["crashes"]:
-        tail = "\n".join(out.splitlines()[-40:])
-        raise AssertionError(f"fuzz target {name} failed (exit {p.returncode}):\n{tail}")
+    out_stats: dict[str, Any] = dict(stats)
+    out_stats["tail"] = "\n".join(out.splitlines()[-40:])
+    return out_stats
+
+
+def run_campaign(name: str, seconds: float, runs: int, work: Path) -> dict[str, Any]:
+    """:func:`campaign`, failing on a crash or any other exit but 0."""
+    stats = campaign(name, seconds, runs, work)
+    if stats["returncode"] != 0 or stats["crashes"]:
+        raise AssertionError(f"fuzz target {name} failed (exit {stats['returncode']}):\n{stats['tail']}")
     return stats
 
 

@@ -306,7 +306,14 @@ class StreamParser:
                 name = s.COMMAND_NAMES.get(cmd, f"#{cmd}")
                 raise _Unknown(f"command {name} (length {length})", pos)
             return self._skip(pos + 5, length, end)
-        if kind == s.SECTION_START or kind == s.SECTION_FULL:
+        if kind == s.SECTION_FULL:
+            # Refused whatever follows; named in the reason if it is here already.
+            try:
+                what = self._section_name(buf, pos, end)
+            except _NeedMore:
+                what = "(cut)"
+            raise _Unknown(f"device section {what} before the end of RAM", pos)
+        if kind == s.SECTION_START:
             p, sid = self._u32(buf, pos + 1, end)
             if p >= end:
                 raise _NeedMore
@@ -315,8 +322,6 @@ class StreamParser:
             q, instance = self._u32(buf, q, end)
             q, version = self._u32(buf, q, end)
             what = f"{idstr.decode('ascii', 'replace')!r} instance {instance} version {version}"
-            if kind == s.SECTION_FULL:
-                raise _Unknown(f"device section {what} before the end of RAM", pos)
             if (
                 idstr != s.RAM_IDSTR
                 or instance != s.RAM_INSTANCE
@@ -331,6 +336,15 @@ class StreamParser:
         if kind == s.EOF:
             raise _Unknown("EOF before the ram END section", pos)
         raise _Unknown(f"item type {kind:#04x}", pos)
+
+    def _section_name(self, buf: bytearray, pos: int, end: int) -> str:
+        p, _ = self._u32(buf, pos + 1, end)
+        if p >= end:
+            raise _NeedMore
+        q = self._skip(p + 1, buf[p], end)
+        q, instance = self._u32(buf, q, end)
+        q, version = self._u32(buf, q, end)
+        return f"{bytes(buf[p + 1 : p + 1 + buf[p]]).decode('ascii', 'replace')!r} instance {instance} version {version}"
 
     def _footer(self, buf: bytearray, pos: int, end: int) -> int:
         if buf[pos] == s.SECTION_FOOTER:
