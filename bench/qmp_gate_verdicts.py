@@ -15,17 +15,12 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from host_collector.migration.gate import NoHints  # noqa: E402
-from host_collector.qmp.epoch_ledger import EpochLedger  # noqa: E402
+from host_collector.migration.gate import NoHints
+from host_collector.qmp.epoch_ledger import EpochLedger
 
 RECORD = 8 + 4096  # header + page, CONTINUE set (no idstr)
 PAGES = 1 << 18  # a 1 GiB block

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import FphintError
 
-class AddressError(ValueError):
+
+class AddressError(FphintError):
     """An endpoint string that names no transport we support."""
 
 

@@ -19,11 +19,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+from .errors import FphintError
+
 #: One past the largest guest-physical address.
 ADDRESS_SPACE_END = 1 << 64
 
 
-class RangeError(ValueError):
+class RangeError(FphintError):
     """A packed range list that no well-behaved agent produces."""
 
 

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 
 import grpc
 
-from fphint import addresses, ranges, vsock
+from fphint import addresses, vsock
 from fphint.v1 import hints_pb2, hints_pb2_grpc
 
+from .chunks import ChunkEncoder
 from .facts import self_usage
 from .sources.base import FreePageSource, LiveFrees, Part
 
@@ -267,10 +268,9 @@ class Agent:
         counts = {"sent": 0, "truncated": 0, "pages": 0}
 
         async def chunks() -> AsyncIterator[hints_pb2.ReportChunk]:
-            state = ranges.CodecState()
-            seq = 0
+            enc = ChunkEncoder(req.epoch, hints_pb2.REPORT_KIND_SNAPSHOT, per_chunk)
             pending: list[tuple[int, int]] = []
-            done = ended = False
+            done = False
             while not done:
                 item = await parts.get()
                 if isinstance(item, BaseException):
@@ -290,10 +290,9 @@ class Agent:
                     batch, pending = pending[:per_chunk], pending[per_chunk:]
                     last = done and not pending
                     counts["sent"] += len(batch)
-                    yield self._chunk(req.epoch, seq, batch, state, last, timing, counts)
-                    seq, ended = seq + 1, last
-            if not ended:  # everything was sent early: close the call with an empty end chunk
-                yield self._chunk(req.epoch, seq, [], state, True, timing, counts)
+                    yield enc.chunk(batch, last, _scan_stats(timing, counts) if last else None)
+            if not enc.ended:  # everything was sent early: close the call with an empty end chunk
+                yield enc.chunk([], True, _scan_stats(timing, counts))
 
         worker = loop.run_in_executor(self._scanner, scan)
         remaining = deadline - time.monotonic()
@@ -305,23 +304,6 @@ class Agent:
             stop.set()
             await asyncio.shield(worker)
         return counts["sent"]
-
-    def _chunk(
-        self, epoch: int, seq: int, batch: Sequence[tuple[int, int]], state: ranges.CodecState, last: bool,
-        timing: dict[str, float], counts: dict[str, int],
-    ) -> hints_pb2.ReportChunk:
-        stats = None
-        if last:
-            cpu, rss = self_usage()
-            scan_s = max(0.0, (timing["end"] or time.monotonic()) - timing["start"])
-            stats = hints_pb2.AgentStats(
-                cpu_seconds=cpu, rss_bytes=rss, snapshot_us=min(int(scan_s * 1e6), 2**32 - 1),
-                snapshot_pages=counts["pages"], truncated_ranges=counts["truncated"],
-            )
-        return hints_pb2.ReportChunk(
-            epoch=epoch, seq=seq, kind=hints_pb2.REPORT_KIND_SNAPSHOT, ranges=ranges.encode(batch, state),
-            end=last, stats=stats,
-        )
 
     async def _send(
         self,
@@ -337,18 +319,12 @@ class Agent:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return None
-        n_chunks = max(1, -(-len(rs) // per_chunk))
 
         async def chunks() -> AsyncIterator[hints_pb2.ReportChunk]:
-            state = ranges.CodecState()
-            for seq in range(n_chunks):
+            for msg in ChunkEncoder(epoch, kind, per_chunk).whole(rs, stats):
                 if time.monotonic() >= deadline:
                     return  # out of time: stop early; what was sent still counts
-                last = seq == n_chunks - 1
-                words = ranges.encode(rs[seq * per_chunk : (seq + 1) * per_chunk], state)
-                yield hints_pb2.ReportChunk(
-                    epoch=epoch, seq=seq, kind=kind, ranges=words, end=last, stats=stats if last else None
-                )
+                yield msg
 
         ack: hints_pb2.ReportAck = await stub.Report(chunks(), timeout=remaining, metadata=md)
         self.reports_sent += 1
@@ -372,3 +348,13 @@ class Agent:
             if freed:
                 budget -= len(freed)
                 await self._send(stub, md, epoch, hints_pb2.REPORT_KIND_LIVE, freed, per_chunk, deadline, None)
+
+
+def _scan_stats(timing: dict[str, float], counts: dict[str, int]) -> hints_pb2.AgentStats:
+    """What the snapshot's last chunk says about the agent and the scan."""
+    cpu, rss = self_usage()
+    scan_s = max(0.0, (timing["end"] or time.monotonic()) - timing["start"])
+    return hints_pb2.AgentStats(
+        cpu_seconds=cpu, rss_bytes=rss, snapshot_us=min(int(scan_s * 1e6), 2**32 - 1),
+        snapshot_pages=counts["pages"], truncated_ranges=counts["truncated"],
+    )

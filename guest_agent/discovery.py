@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import AgentError
+
 FW_CFG_DIR = Path("/sys/firmware/qemu_fw_cfg/by_name")
 DMI_DIR = Path("/sys/firmware/dmi/entries")
 CONFIG_FILE = Path("/etc/fphint/agent.toml")
@@ -25,7 +27,7 @@ OEM_PREFIX = "org.fphint."
 MAX_VALUE = 4096
 
 
-class DiscoveryError(ValueError):
+class DiscoveryError(AgentError):
     """A setting given in a place that cannot be read or parsed."""
 
 

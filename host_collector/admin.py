@@ -13,6 +13,7 @@ from fphint import ranges
 from fphint.v1 import admin_pb2, admin_pb2_grpc
 
 from .epochs import Collector, Epoch
+from .errors import CollectorError, abort
 from .migrate.jobs import Job, Migrations
 from .migrate.observer import NO_OBSERVER, MigrationObserver
 from .migrate.run import MigrateError
@@ -64,8 +65,7 @@ class AdminService(admin_pb2_grpc.CollectorAdminServicer):
         try:
             job = self.migrations.migrate(request)
         except MigrateError as e:
-            await context.abort(getattr(grpc.StatusCode, e.code), e.message)
-            raise
+            await abort(context, e)
         async for ev in _stream(job, context):
             yield ev
 
@@ -75,8 +75,7 @@ class AdminService(admin_pb2_grpc.CollectorAdminServicer):
         try:
             job = self.migrations.proxy(request)
         except MigrateError as e:
-            await context.abort(getattr(grpc.StatusCode, e.code), e.message)
-            raise
+            await abort(context, e)
         async for ev in _stream(job, context):
             yield ev
 
@@ -108,12 +107,8 @@ class AdminService(admin_pb2_grpc.CollectorAdminServicer):
         deadline = request.deadline_ms / 1000 if request.deadline_ms else None
         try:
             ep = col.open_epoch(request.vm, deadline)
-        except KeyError as e:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(e.args[0]))
-            raise
-        except ValueError as e:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-            raise
+        except CollectorError as e:  # UnknownVm: NOT_FOUND; EpochError: FAILED_PRECONDITION
+            await abort(context, e)
         try:
             if request.close_on_snapshot:
                 await ep.snapshot_done.wait()
@@ -134,6 +129,6 @@ async def _stream(job: Job, context: grpc.aio.ServicerContext) -> AsyncIterator[
         async for ev in events:
             yield ev
     except MigrateError as e:
-        await context.abort(getattr(grpc.StatusCode, e.code), e.message)
+        await abort(context, e)
     finally:
         await events.aclose()

@@ -38,8 +38,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from fphint import addresses
 
+from .errors import CollectorError
 from .layout import LayoutError, RamLayout, RamRange
 
 #: Tokens shorter than this are refused: they only stop cross-VM impersonation
@@ -53,8 +56,10 @@ MAX_TOKEN_BYTES = 4096
 _MAX_LIMIT = (1 << 31) - 1
 
 
-class ConfigError(ValueError):
+class ConfigError(CollectorError):
     """A configuration file the collector refuses to start with."""
+
+    default_status = grpc.StatusCode.INVALID_ARGUMENT
 
 
 @dataclass(frozen=True)

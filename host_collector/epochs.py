@@ -15,19 +15,22 @@ epoch is open, or is cleared as a whole when the epoch is poisoned.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import grpc
 import numpy as np
 import numpy.typing as npt
 
 from fphint.v1 import hints_pb2
 
 from .config import CollectorConfig, VmEntry
-from .errors import Refusal
+from .errors import CollectorError, Refusal
 from .hintcheck import LayoutIndex, Pieces
 from .layout import RamLayout
 from .metrics import Metrics
@@ -44,6 +47,18 @@ ATTACH_QUEUE = 8
 WAIT_FIRST_CHUNK_S = 0.25
 #: ...and the whole snapshot this soon.
 WAIT_SNAPSHOT_S = 1.0
+
+
+class UnknownVm(CollectorError):
+    """No VM of that name in the registry."""
+
+    default_status = grpc.StatusCode.NOT_FOUND
+
+
+class EpochError(CollectorError):
+    """An epoch that cannot be opened now: the VM has no RAM layout yet, or the deadline is out of bounds."""
+
+    default_status = grpc.StatusCode.FAILED_PRECONDITION
 
 
 @dataclass
@@ -148,9 +163,18 @@ class Epoch:
     async def wait_closed(self) -> None:
         await self._closed.wait()
 
-    # Section: updates (the collector's loop only)
+    # Section: updates (the collector's loop only; Collector calls these)
 
-    def _merge(self, pieces: Pieces) -> int:
+    def arm_deadline(self, delay_s: float, on_deadline: Callable[[], object]) -> None:
+        """Call ``on_deadline`` on the running loop after ``delay_s``, unless the epoch closes first."""
+        self._timer = asyncio.get_running_loop().call_later(delay_s, on_deadline)
+
+    def merge(self, pieces: Pieces, n_ranges: int, kind: int, end: bool) -> int:
+        """Mark a validated chunk's pages free and count the chunk (``n_ranges``
+        against the epoch's budget); the pages it hinted, repeats included.
+
+        ``kind``/``end``: a SNAPSHOT chunk with ``end`` completes the snapshot.
+        """
         pages = 0
         for b, f, c in zip(pieces.block_idx.tolist(), pieces.first.tolist(), pieces.count.tolist()):
             block = pieces.blocks[b]
@@ -161,22 +185,47 @@ class Epoch:
                 raise AssertionError(f"piece {block}[{f}:{f + c}] beyond {m.shape[0]} pages")
             m[f : f + c] = True
             pages += c
-        return pages
-
-    def _note_chunk(self, kind: int, end: bool) -> None:
+        self.ranges_seen += n_ranges
+        s = self._stats
+        s.chunks += 1
+        s.accepted_ranges += pieces.accepted
+        s.rejected_ranges += pieces.rejected
+        s.hinted_pages += pages
         now = time.monotonic()
         if self._first_chunk_at is None:
             self._first_chunk_at = now
         if kind == hints_pb2.REPORT_KIND_SNAPSHOT and end:
             self._last_snapshot_chunk_at = now
             self.snapshot_done.set()
+        return pages
 
-    def _poison(self) -> None:
+    def note_report(self, stats: hints_pb2.AgentStats | None, source: str) -> None:
+        """A Report call of this epoch ended well; keep the agent's own figures, if it sent any."""
+        self._stats.reports += 1
+        if stats is not None and stats.ByteSize():
+            self._stats.agent = {
+                "cpu_seconds": stats.cpu_seconds,
+                "rss_bytes": float(stats.rss_bytes),
+                "snapshot_us": float(stats.snapshot_us),
+                "snapshot_pages": float(stats.snapshot_pages),
+                "truncated_ranges": float(stats.truncated_ranges),
+            }
+            self._stats.agent_source = source
+
+    def note_rejected_report(self) -> None:
+        """A Report call of this epoch was refused."""
+        self._stats.rejected_reports += 1
+
+    def poison(self) -> None:
         """Forget every hint: the agent broke the protocol, so none is trusted."""
         for m in self._masks.values():
             m[:] = False
 
-    def _close(self, reason: str) -> bool:
+    def close(self, reason: str) -> bool:
+        """Stop accepting hints and wake every waiter; False if already closed.
+
+        Only the epoch's half: :meth:`Collector.close_epoch` also counts it and tells the agent.
+        """
         if not self._open:
             return False
         self._open = False
@@ -257,10 +306,11 @@ class Collector:
         return vm
 
     def vm(self, name: str) -> VmState:
+        """:raise UnknownVm: no VM of that name."""
         try:
             return self.vms[name]
         except KeyError:
-            raise KeyError(f"no VM named {name!r} in the registry") from None
+            raise UnknownVm(f"no VM named {name!r} in the registry") from None
 
     # Section: attachments
 
@@ -317,14 +367,14 @@ class Collector:
         """Open an epoch and queue its hint request; never blocks.
 
         Any epoch of the VM still open is closed first ("superseded").
-        :raise KeyError: unknown VM. :raise ValueError: no layout or bad deadline.
+        :raise UnknownVm: unknown VM. :raise EpochError: no layout or bad deadline.
         """
         vm = self.vm(vm_name)
         if vm.index is None:
-            raise ValueError(f"VM {vm_name!r} has no RAM layout yet")
+            raise EpochError(f"VM {vm_name!r} has no RAM layout yet")
         d = self.config.default_deadline_s if deadline_s is None else deadline_s
         if not 0 < d <= self.limits.max_deadline_s:
-            raise ValueError(f"deadline {d}s outside (0, {self.limits.max_deadline_s}]")
+            raise EpochError(f"deadline {d}s outside (0, {self.limits.max_deadline_s}]")
         for ep in vm.epochs.values():
             if ep.is_open:
                 self._close(ep, "superseded")
@@ -334,7 +384,7 @@ class Collector:
             oldest = next(iter(vm.epochs.values()))
             self._close(oldest, "released")
             del vm.epochs[oldest.id]
-        ep._timer = asyncio.get_running_loop().call_later(d, self._close, ep, "deadline")
+        ep.arm_deadline(d, functools.partial(self._close, ep, "deadline"))
         self.metrics.epochs_opened.labels(vm_name).inc()
         att = vm.attachment
         if att is None:
@@ -375,7 +425,7 @@ class Collector:
             self._close(ep, "released")
 
     def _close(self, ep: Epoch, reason: str) -> None:
-        if not ep._close(reason):
+        if not ep.close(reason):
             return
         self.metrics.epochs_closed.labels(ep.vm, reason.split(":")[0]).inc()
         st = ep.stats()
@@ -416,14 +466,7 @@ class Collector:
                 "too_many_ranges",
                 f"epoch {ep.id} would exceed {self.limits.max_ranges_per_epoch} ranges",
             )
-        ep.ranges_seen += n_ranges
-        pages = ep._merge(pieces)
-        s = ep._stats
-        s.chunks += 1
-        s.accepted_ranges += pieces.accepted
-        s.rejected_ranges += pieces.rejected
-        s.hinted_pages += pages
-        ep._note_chunk(kind, end)
+        pages = ep.merge(pieces, n_ranges, kind, end)
         m = self.metrics
         m.ranges_accepted.labels(ep.vm).inc(pieces.accepted)
         m.ranges_rejected.labels(ep.vm).inc(pieces.rejected)
@@ -431,16 +474,8 @@ class Collector:
         return pages
 
     def report_finished(self, ep: Epoch, stats: hints_pb2.AgentStats | None, source: str) -> None:
-        ep._stats.reports += 1
+        ep.note_report(stats, source)
         if stats is not None and stats.ByteSize():
-            ep._stats.agent = {
-                "cpu_seconds": stats.cpu_seconds,
-                "rss_bytes": float(stats.rss_bytes),
-                "snapshot_us": float(stats.snapshot_us),
-                "snapshot_pages": float(stats.snapshot_pages),
-                "truncated_ranges": float(stats.truncated_ranges),
-            }
-            ep._stats.agent_source = source
             self.metrics.agent_cpu.labels(ep.vm).set(stats.cpu_seconds)
             self.metrics.agent_rss.labels(ep.vm).set(stats.rss_bytes)
 
@@ -455,9 +490,9 @@ class Collector:
             extra={"vm": vm.name, "epoch": ep.id if ep else None, "reason": refusal.tag},
         )
         if ep is not None:
-            ep._stats.rejected_reports += 1
+            ep.note_rejected_report()
             if ep.is_open and refusal.code in ("INVALID_ARGUMENT", "OUT_OF_RANGE", "RESOURCE_EXHAUSTED"):
-                ep._poison()
+                ep.poison()
                 self._close(ep, f"poisoned: {refusal.tag}")
 
     def shutdown(self) -> None:

@@ -12,13 +12,19 @@ import bisect
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+import grpc
+
+from .errors import CollectorError
+
 #: x86 target page size: the unit of RAM records in the migration stream.
 TARGET_PAGE_SIZE = 4096
 _U64_END = 1 << 64
 
 
-class LayoutError(ValueError):
+class LayoutError(CollectorError):
     """A layout that cannot describe real guest RAM."""
+
+    default_status = grpc.StatusCode.FAILED_PRECONDITION
 
 
 @dataclass(frozen=True)

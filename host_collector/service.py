@@ -12,14 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, AsyncIterator, NoReturn
+from typing import Any, AsyncIterator
 
 import grpc
 
 from fphint.v1 import hints_pb2, hints_pb2_grpc
 
 from .epochs import Collector, Epoch, VmState
-from .errors import Refusal
+from .errors import CollectorError, Refusal, abort
 from .hintcheck import ReportDecoder
 from .peers import PeerTable
 
@@ -56,11 +56,6 @@ def sanitize_facts(facts: hints_pb2.AgentFacts) -> hints_pb2.AgentFacts:
     return out
 
 
-async def _abort(context: grpc.aio.ServicerContext, refusal: Refusal) -> NoReturn:
-    await context.abort(getattr(grpc.StatusCode, refusal.code), refusal.message)
-    raise AssertionError("unreachable")  # context.abort raises
-
-
 class FreePageHintsService(hints_pb2_grpc.FreePageHintsServicer):
     def __init__(self, collector: Collector, peers: PeerTable | None = None) -> None:
         self.collector = collector
@@ -83,7 +78,7 @@ class FreePageHintsService(hints_pb2_grpc.FreePageHintsServicer):
             who = str(kernel) if kernel is not None else raw
             self.collector.ratelog.warning(f"unidentified:{r.tag}", "refused call from %s: %s", who, r.message,
                                            extra={"reason": r.tag})
-            await _abort(context, r)
+            await abort(context, r)
 
     async def Attach(  # noqa: N802 (gRPC method name)
         self, request: hints_pb2.AttachRequest, context: grpc.aio.ServicerContext
@@ -97,7 +92,8 @@ class FreePageHintsService(hints_pb2_grpc.FreePageHintsServicer):
                 msg = await att.queue.get()
                 if msg is None:
                     if vm.attachment is not att and vm.attachment is not None:
-                        await context.abort(grpc.StatusCode.ABORTED, "replaced by a newer Attach from the same VM")
+                        await abort(context, CollectorError("replaced by a newer Attach from the same VM",
+                                                            grpc.StatusCode.ABORTED))
                     return
                 yield msg
         finally:
@@ -112,7 +108,7 @@ class FreePageHintsService(hints_pb2_grpc.FreePageHintsServicer):
             r = Refusal("RESOURCE_EXHAUSTED", "attach_too_big", f"AttachRequest of {size} bytes, limit {limit}")
             self.collector.metrics.budget_refused.labels("attach_bytes").inc()
             self.collector.violation(vm, None, r)
-            await _abort(context, r)
+            await abort(context, r)
 
     async def Report(  # noqa: N802
         self, request_iterator: AsyncIterator[hints_pb2.ReportChunk], context: grpc.aio.ServicerContext
@@ -123,7 +119,7 @@ class FreePageHintsService(hints_pb2_grpc.FreePageHintsServicer):
             r = Refusal("RESOURCE_EXHAUSTED", "too_many_reports",
                         f"more than {limits.max_reports_per_vm} Report calls at once")
             self.collector.violation(vm, None, r)
-            await _abort(context, r)
+            await abort(context, r)
         vm.active_reports += 1
         try:
             return await self._report(vm, context)
@@ -173,11 +169,11 @@ class FreePageHintsService(hints_pb2_grpc.FreePageHintsServicer):
                     break
         except Refusal as r:
             col.violation(vm, ep, r)
-            await _abort(context, r)
+            await abort(context, r)
         if ep is None:
             empty = Refusal("INVALID_ARGUMENT", "empty", "Report call carried no chunk")
             col.violation(vm, None, empty)
-            await _abort(context, empty)
+            await abort(context, empty)
         src = vm.attachment.facts.chosen_source if vm.attachment else ""
         col.report_finished(ep, stats, src)
         return ack

@@ -1,20 +1,25 @@
 """Guest-side pieces that need no collector: token discovery, safety facts,
-source selection, backoff, range limiting, kpageflags run extraction."""
+source selection, backoff, range limiting, kpageflags run extraction, the
+chunk encoder, snapshots derived from parts."""
 
 from __future__ import annotations
 
 import gzip
 import random
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from fphint import ranges
+from fphint.v1 import hints_pb2
 from guest_agent import discovery
 from guest_agent.agent import Backoff
+from guest_agent.chunks import ChunkEncoder
 from guest_agent.facts import GuestSafety, Paths, detect_safety
 from guest_agent.selection import select_source
-from guest_agent.sources.base import FreePageSource, Probe, Snapshot, SourceUnavailable
+from guest_agent.sources.base import FreePageSource, Part, Probe, ScanSummary, SourceUnavailable, WholeScan
 from guest_agent.sources.kpageflags import BLOCK_PFNS, KPF_BUDDY, KPF_NOPAGE, KpageflagsSource
 
 
@@ -101,8 +106,8 @@ class Fake(FreePageSource):
         if not self.opens:
             raise SourceUnavailable("self-test failed")
 
-    def snapshot(self, deadline: float | None = None) -> Snapshot:
-        return Snapshot(self.name, [], 0, 0.0, 0.0)
+    def parts(self, deadline: float | None = None) -> Iterator[Part]:
+        yield WholeScan([], 0)
 
 
 def test_selection_falls_back_in_order() -> None:
@@ -152,6 +157,8 @@ def test_kpageflags_runs_cross_block_boundaries(tmp_path: Path) -> None:
     assert snap.pages == len(buddy) and snap.complete
     assert list(snap.ranges) == [
         (0, 3 * 4096), (10 * 4096, 4096), ((BLOCK_PFNS - 5) * 4096, 8 * 4096), ((n - 1) * 4096, 4096)]
+    assert snap.details == {"pfns_read": float(n), "blocks": 2.0}
+    assert snap.source == "kpageflags" and snap.started <= snap.finished
     src.close()
 
 
@@ -164,3 +171,64 @@ def test_kpageflags_stops_at_deadline(tmp_path: Path) -> None:
 def test_kpageflags_probe_explains(tmp_path: Path) -> None:
     p = KpageflagsSource(str(tmp_path / "missing")).probe()
     assert not p.available and "cannot open" in p.reason
+
+
+def test_one_encoder_makes_the_chunks_of_a_call() -> None:
+    rs = [(i * 8192, 4096) for i in range(5)]
+    stats = hints_pb2.AgentStats(cpu_seconds=1.0)
+    enc = ChunkEncoder(9, hints_pb2.REPORT_KIND_LIVE, per_chunk=2)
+    msgs = list(enc.whole(rs, stats))
+    assert [(m.epoch, m.seq, m.kind, m.end, m.HasField("stats")) for m in msgs] == [
+        (9, 0, hints_pb2.REPORT_KIND_LIVE, False, False),
+        (9, 1, hints_pb2.REPORT_KIND_LIVE, False, False),
+        (9, 2, hints_pb2.REPORT_KIND_LIVE, True, True),
+    ]
+    state = ranges.CodecState()  # the collector decodes the call with one state
+    assert [r for m in msgs for r in ranges.decode(list(m.ranges), state)] == rs
+    assert enc.ended and enc.seq == 3
+    with pytest.raises(ValueError, match="already ended"):
+        enc.chunk([])
+    empty = list(ChunkEncoder(1, hints_pb2.REPORT_KIND_SNAPSHOT, 4).whole([]))
+    assert [(m.seq, m.end, list(m.ranges)) for m in empty] == [(0, True, [])]
+    # Chunks made one by one continue the same state: starts are deltas across chunks.
+    step = ChunkEncoder(1, hints_pb2.REPORT_KIND_SNAPSHOT, 4)
+    first, second = step.chunk(rs[:1]), step.chunk(rs[1:2], end=True)
+    assert list(second.ranges) == [8192, 4096] and (first.seq, second.seq) == (0, 1)
+    with pytest.raises(ValueError, match="at most 4"):
+        ChunkEncoder(1, hints_pb2.REPORT_KIND_SNAPSHOT, 4).chunk(rs)
+    with pytest.raises(ValueError, match="stats"):
+        ChunkEncoder(1, hints_pb2.REPORT_KIND_SNAPSHOT, 4).chunk(rs[:1], stats=stats)
+    with pytest.raises(ranges.RangeError):  # unsorted across chunks is refused before it is sent
+        bad = ChunkEncoder(1, hints_pb2.REPORT_KIND_SNAPSHOT, 4)
+        bad.chunk(rs[2:3])
+        bad.chunk(rs[:1])
+
+
+class TwoParts(FreePageSource):
+    """Parts only, as every source is written: the snapshot is derived in the base class."""
+
+    name = "two"
+
+    def __init__(self) -> None:
+        self.scans = 0
+
+    def probe(self) -> Probe:
+        return Probe(self.name, True)
+
+    def parts(self, deadline: float | None = None) -> Iterator[Part]:
+        self.scans += 1
+        yield WholeScan([(0, 4096), (8192, 4096)], 2)
+        yield WholeScan([(12288, 4096)], 1)  # touches the run before it, across the part boundary
+
+    def scan_summary(self) -> ScanSummary:
+        return ScanSummary(complete=False, details={"scans": float(self.scans)})
+
+
+def test_snapshot_is_the_parts_joined() -> None:
+    src = TwoParts()
+    snap = src.snapshot()
+    assert list(snap.ranges) == [(0, 4096), (8192, 8192)] and snap.pages == 3
+    assert not snap.complete and snap.details == {"scans": 1.0} and snap.source == "two"
+    plain = Fake().snapshot()  # the default summary: complete, no figures
+    assert plain.complete and plain.details == {} and list(plain.ranges) == [] and plain.pages == 0
+

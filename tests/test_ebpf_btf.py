@@ -16,7 +16,7 @@ import subprocess
 import pytest
 
 from guest_agent.sources.ebpf.btf import VMLINUX, Btf, BtfError, Kind
-from guest_agent.sources.ebpf.layout import BuddyEncoding, LayoutError, choose_encoding, page_layout
+from guest_agent.sources.ebpf.layout import BuddyEncoding, PageLayoutError, choose_encoding, page_layout
 from guest_agent.sources.ebpf.program import tracepoint_problems
 from tests.ebpf_btf_builder import BtfBuilder, kernel_btf
 
@@ -150,14 +150,14 @@ def test_mapcount_used_when_page_type_has_another_name() -> None:
     ],
 )
 def test_bad_layouts_are_refused(kwargs: dict[str, int], message: str) -> None:
-    with pytest.raises(LayoutError, match=message):
+    with pytest.raises(PageLayoutError, match=message):
         page_layout(Btf(kernel_btf(enum_pagetype=None, **kwargs)), "6.1.0")
 
 
 def test_missing_struct_page_is_named() -> None:
     b = BtfBuilder()
     b.int_("int", 4)
-    with pytest.raises(LayoutError, match="no struct 'page'"):
+    with pytest.raises(PageLayoutError, match="no struct 'page'"):
         page_layout(Btf(b.build()), "6.1.0")
 
 

@@ -12,7 +12,7 @@ from host_collector.migrate.console import parse_size
 from host_collector.qmp.epoch_gate import EpochGate
 from host_collector.qmp.epoch_ledger import EpochOracle
 
-from .migrate_harness import Daemon
+from fphint_lab.migrate_harness import Daemon
 from .qmp_fake_collector import FakeCollector
 
 

@@ -23,7 +23,7 @@ from host_collector.qmp.preflight import check_migration_safety
 from host_collector.qmp.ram_layout import read_layout
 from fphint import addresses
 
-from .collector_harness import FixedSource, running_agent, running_collector, token, wait_attached
+from fphint_lab.collector_harness import FixedSource, running_agent, running_collector, token, wait_attached
 from .qmp_launcher import qemu
 from .test_qmp_migration_live import RAM_MIB, Relay, fill_pattern, wait_status
 

@@ -25,7 +25,7 @@ import pytest
 from host_collector.migration.parser import StreamParser
 from host_collector.migration.proxy import Outcome
 from host_collector.migration.stream import Phase
-from tests.qemu_pair import MiB, PAGE, Machine, Tap, Vm, boot_image, pattern, wait_loop_running, write_gpa
+from fphint_lab.qemu_pair import MiB, PAGE, Machine, Tap, Vm, boot_image, pattern, wait_loop_running, write_gpa
 from tests.stream_helpers import FixedGate, run_proxy
 from tests.stream_reference import reference_read
 

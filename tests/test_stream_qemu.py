@@ -3,7 +3,7 @@
 Every test compares the two RAM files page by page: equal everywhere except
 the pages the proxy zeroed, which must be hinted pages the source sent with
 content. ``FPH_QEMU``/``FPH_QEMU_DATADIR`` select another QEMU build
-(tests/qemu_pair.py).
+(fphint_lab/qemu_pair.py).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pytest
 from host_collector.migration.gate import NoHints
 from host_collector.migration.proxy import MigrationProxy, Outcome, ProxyResult
 from host_collector.migration.stream import Phase
-from tests.qemu_pair import (
+from fphint_lab.qemu_pair import (
     GiB,
     MiB,
     PAGE,
@@ -45,7 +45,7 @@ pytestmark = pytest.mark.qemu
 def _version() -> tuple[int, int]:
     import subprocess
 
-    from tests.qemu_pair import QEMU
+    from fphint_lab.qemu_pair import QEMU
 
     out = subprocess.run([QEMU, "--version"], capture_output=True, text=True, check=True).stdout
     m = re.search(r"version (\d+)\.(\d+)", out)

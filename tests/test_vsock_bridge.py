@@ -21,7 +21,7 @@ from host_collector.config import CollectorConfig, VmEntry
 from host_collector.peers import Bridge, KernelPeer, PeerTable, unix_peer
 from host_collector.server import CollectorServer
 
-from .collector_harness import LAYOUT, token
+from fphint_lab.collector_harness import LAYOUT, token
 
 
 def test_unix_peer_reads_so_peercred() -> None:

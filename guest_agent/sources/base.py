@@ -2,9 +2,11 @@
 
 A source answers one question, "which guest-physical pages are free in the
 buddy allocator right now?", without allocating or writing guest memory. The
-agent calls :meth:`FreePageSource.snapshot` once per hint request, after the
+agent calls :meth:`FreePageSource.parts` once per hint request, after the
 request arrived: a source must scan afresh every time and never serve a result
-computed earlier (shared/reference/safety-rule.md, guest side).
+computed earlier (shared/reference/safety-rule.md, guest side). A source
+implements only :meth:`~FreePageSource.parts`; :meth:`~FreePageSource.snapshot`
+(the command line, benches) is the same scan joined, derived here once.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
+from ..errors import AgentError
 
-class SourceUnavailable(RuntimeError):
+
+class SourceUnavailable(AgentError):
     """The source cannot run on this kernel; the message says why, for the logs
     and the attach facts."""
 
@@ -54,6 +58,16 @@ class Snapshot:
         return self.finished - self.started
 
 
+@dataclass
+class ScanSummary:
+    """What a source says about its last scan besides the ranges."""
+
+    #: False when the scan stopped early (deadline).
+    complete: bool = True
+    #: Source-specific figures worth logging.
+    details: dict[str, float] = field(default_factory=dict)
+
+
 class Part(Protocol):
     """Free (start, length) byte ranges of one stretch of a scan, sorted."""
 
@@ -66,7 +80,7 @@ class Part(Protocol):
 
 @dataclass
 class WholeScan:
-    """The default :class:`Part`: a whole snapshot."""
+    """A plain :class:`Part`: its ranges and their page count."""
 
     ranges: Sequence[tuple[int, int]]
     pages: int
@@ -111,16 +125,23 @@ class FreePageSource(abc.ABC):
         """
 
     @abc.abstractmethod
-    def snapshot(self, deadline: float | None = None) -> Snapshot:
-        """Scan now. Stop early, returning ``complete=False``, once
-        ``time.monotonic()`` passes ``deadline``."""
-
     def parts(self, deadline: float | None = None) -> Iterator[Part]:
         """Scan now, yielding parts in address order as soon as each is ready,
         so the agent can send before the scan ends. Each part is sound on its
-        own. The default is the whole snapshot as one part."""
-        snap = self.snapshot(deadline)
-        yield WholeScan(list(snap.ranges), snap.pages)
+        own. Stop early once ``time.monotonic()`` passes ``deadline`` (and say
+        so in :meth:`scan_summary`)."""
+
+    def scan_summary(self) -> ScanSummary:
+        """About the scan :meth:`parts` last finished; the default: complete, no figures."""
+        return ScanSummary()
+
+    def snapshot(self, deadline: float | None = None) -> Snapshot:
+        """Scan now, all at once: every part of :meth:`parts`, runs touching
+        across parts merged, with :meth:`scan_summary`'s verdict and figures."""
+        started = now()
+        ranges, pages = join_parts(self.parts(deadline))
+        summary = self.scan_summary()
+        return Snapshot(self.name, ranges, pages, started, now(), summary.complete, summary.details)
 
     def live_frees(self) -> LiveFrees | None:
         """A tracker of pages freed after a point in time, if the source has one."""

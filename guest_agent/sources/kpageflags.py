@@ -19,7 +19,7 @@ import re
 import resource
 from collections.abc import Iterator
 
-from .base import FreePageSource, Probe, Snapshot, SourceUnavailable, WholeScan, join_parts, now
+from .base import FreePageSource, Probe, ScanSummary, SourceUnavailable, WholeScan, now
 
 KPAGEFLAGS = "/proc/kpageflags"
 #: Bit numbers from include/uapi/linux/kernel-page-flags.h.
@@ -54,6 +54,7 @@ class KpageflagsSource(FreePageSource):
         self._fd: int | None = None
         self._complete = True
         self._pfns = 0
+        self._blocks = 0
 
     def probe(self) -> Probe:
         try:
@@ -87,7 +88,7 @@ class KpageflagsSource(FreePageSource):
         self.open()
         assert self._fd is not None
         fd, ps = self._fd, self.page_size
-        pfn = 0
+        pfn = self._pfns = self._blocks = 0
         self._complete = True
         while True:
             if deadline is not None and now() >= deadline:
@@ -97,24 +98,12 @@ class KpageflagsSource(FreePageSource):
             if not raw:
                 return
             runs = buddy_runs(raw, pfn)
+            self._blocks += 1
             yield WholeScan([(p * ps, n * ps) for p, n in runs], sum(n for _, n in runs))
             pfn += len(raw) // ENTRY
             self._pfns = pfn
             if len(raw) < BLOCK_PFNS * ENTRY:
                 return
 
-    def snapshot(self, deadline: float | None = None) -> Snapshot:
-        started = now()
-        self._pfns = 0
-        parts = list(self.parts(deadline))
-        ranges, pages = join_parts(parts)
-        blocks = len(parts)
-        return Snapshot(
-            source=self.name,
-            ranges=ranges,
-            pages=pages,
-            started=started,
-            finished=now(),
-            complete=self._complete,
-            details={"pfns_read": float(self._pfns), "blocks": float(blocks)},
-        )
+    def scan_summary(self) -> ScanSummary:
+        return ScanSummary(self._complete, {"pfns_read": float(self._pfns), "blocks": float(self._blocks)})

@@ -23,9 +23,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
+
 from fphint import addresses
 from fphint.v1 import admin_pb2
-from host_collector.epochs import Collector
+from host_collector.epochs import Collector, UnknownVm
+from host_collector.errors import CollectorError
 from host_collector.layout import LayoutError, RamLayout
 from host_collector.migration.gate import NoHints, RewriteGate
 from host_collector.migration.proxy import MigrationProxy, Outcome, ProxyError, ProxyResult
@@ -61,13 +64,11 @@ _RUNNING = "migration state"
 Emit = Callable[[admin_pb2.MigrateEvent], None]
 
 
-class MigrateError(Exception):
-    """A request that cannot start: a gRPC status code name and a message for the operator."""
+class MigrateError(CollectorError):
+    """A request that cannot start: a gRPC status (named at each raise) and a message for the operator."""
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+    def __init__(self, code: grpc.StatusCode | str, message: str) -> None:
+        super().__init__(message, code)
 
 
 @dataclass(frozen=True)
@@ -110,8 +111,8 @@ def make_plan(
     """Check a request against the registry. :raise MigrateError: with a message naming what is wrong."""
     try:
         entry = collector.vm(vm).entry
-    except KeyError as e:
-        raise MigrateError("NOT_FOUND", str(e.args[0])) from None
+    except UnknownVm as e:
+        raise MigrateError("NOT_FOUND", e.message) from None
     if not entry.qmp:
         raise MigrateError(
             "FAILED_PRECONDITION",

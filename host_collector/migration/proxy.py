@@ -60,7 +60,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+import grpc
+
 from fphint import addresses
+from host_collector.errors import CollectorError
 from host_collector.migration import stream as s
 from host_collector.migration.gate import NoHints, PageOracle, RewriteGate
 from host_collector.migration.parser import PageRecord, StreamParser
@@ -141,8 +144,10 @@ class SpanGate(Protocol):
         ...
 
 
-class ProxyError(RuntimeError):
+class ProxyError(CollectorError):
     """The proxy could not start (bad address, port in use)."""
+
+    default_status = grpc.StatusCode.UNAVAILABLE
 
 
 class MigrationProxy:

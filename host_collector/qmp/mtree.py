@@ -22,6 +22,9 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+import grpc
+
+from host_collector.errors import CollectorError
 from host_collector.layout import RamRange
 
 _MAX_ALIAS_DEPTH = 16
@@ -44,8 +47,10 @@ _SPAN = re.compile(r"^(?P<tstart>[0-9a-f]{16})-(?P<tend>[0-9a-f]{16})$")
 _HEAD = re.compile(r"^(?P<kind>address-space|memory-region): (?P<name>.+)$")
 
 
-class MtreeError(ValueError):
+class MtreeError(CollectorError):
     """``info mtree`` text that does not describe a usable memory tree."""
+
+    default_status = grpc.StatusCode.FAILED_PRECONDITION
 
 
 @dataclass

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from host_collector.layout import TARGET_PAGE_SIZE, LayoutError, RamLayout, RamRange
-from host_collector.qmp.mtree import Hidden, Piece, Region, map_ram, parse_mtree, subtract
-from host_collector.qmp.ramblock import RamBlockInfo, parse_ramblocks
+from host_collector.qmp.mtree import Hidden, MtreeError, Piece, Region, map_ram, parse_mtree, subtract
+from host_collector.qmp.ramblock import RamBlockError, RamBlockInfo, parse_ramblocks
 from host_collector.qmp.session import QmpCommandError, QmpSession
 
 MIB = 1 << 20
@@ -119,7 +119,7 @@ def build_layout(facts: MemoryFacts) -> LearnedLayout:
         sections = parse_mtree(facts.mtree)
         blocks = parse_ramblocks(facts.ramblocks)
         ram = map_ram(sections)
-    except ValueError as err:
+    except (MtreeError, RamBlockError, ValueError) as err:
         raise LayoutError(str(err)) from err
     if len(ram.mapped) > MAX_PIECES or len(ram.hidden) > MAX_PIECES:
         raise LayoutError(f"info mtree maps {len(ram.mapped)} RAM pieces and hides {len(ram.hidden)}: "

@@ -13,24 +13,32 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
+import grpc
 from qemu.qmp import ConnectError, EventListener, ExecuteError, Message, QMPClient, QMPError
 
 from fphint.addresses import AddressError
 from fphint.addresses import parse as parse_address
+from host_collector.errors import CollectorError
 
 DEFAULT_TIMEOUT_S = 5.0
 
 
-class QmpError(RuntimeError):
+class QmpError(CollectorError):
     """A QMP call failed, timed out, or the monitor went away."""
+
+    default_status = grpc.StatusCode.UNAVAILABLE
 
 
 class QmpTimeout(QmpError):
     """QEMU did not answer within the deadline."""
 
+    default_status = grpc.StatusCode.DEADLINE_EXCEEDED
+
 
 class QmpCommandError(QmpError):
     """QEMU answered with an error object (``class`` is QEMU's error class)."""
+
+    default_status = grpc.StatusCode.FAILED_PRECONDITION
 
     def __init__(self, message: str, error_class: str) -> None:
         super().__init__(message)

@@ -36,7 +36,7 @@ from __future__ import annotations
 from ..base import SourceUnavailable
 from . import program, system
 from .btf import Btf, BtfError
-from .layout import LayoutError, page_layout
+from .layout import PageLayoutError, page_layout
 from .live import EbpfLiveFrees
 from .scanner import ScanPart
 from .source import EbpfSource, Options, program_config
@@ -64,6 +64,6 @@ def bpf_program_text(source: EbpfSource | None = None) -> str:
     options = source.options if source is not None else Options()
     try:
         layout = page_layout(Btf.load(paths.btf), system.kernel_release())
-    except (OSError, BtfError, LayoutError) as e:
+    except (OSError, BtfError, PageLayoutError) as e:
         raise SourceUnavailable(f"cannot compute the BPF program's flags: {e}") from e
     return program.render(program_config(layout, paths, options))

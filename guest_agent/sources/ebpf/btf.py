@@ -16,6 +16,8 @@ import enum
 import struct
 from dataclasses import dataclass
 
+from ...errors import AgentError
+
 VMLINUX = "/sys/kernel/btf/vmlinux"
 MAGIC = 0xEB9F
 _HEADER = struct.Struct("<HBBIIIII")
@@ -23,7 +25,7 @@ _TYPE = struct.Struct("<III")
 _U32 = struct.Struct("<I")
 
 
-class BtfError(ValueError):
+class BtfError(AgentError):
     """Malformed BTF, or a type the caller needs is missing."""
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from ... import facts
 from . import bpfsys, headers, program, system
 from .btf import Btf, BtfError
-from .layout import LayoutError, PageLayout, page_layout
+from .layout import PageLayout, PageLayoutError, page_layout
 from .system import KernelPaths
 
 
@@ -66,7 +66,7 @@ def run(paths: KernelPaths, release: str | None = None) -> Findings:
         found.btf = Btf.load(paths.btf)
         found.layout = page_layout(found.btf, release)
         problems, missing = program.tracepoint_problems(found.btf)
-    except (OSError, BtfError, LayoutError) as e:
+    except (OSError, BtfError, PageLayoutError) as e:
         found.reason = f"cannot use BTF at {paths.btf}: {e}"
         return found
     if problems:

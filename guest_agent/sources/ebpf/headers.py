@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import os
 
+from ...errors import AgentError
+
 CACHE_TREE = "/var/cache/fphint/kernel-headers/current"
 KHEADERS = "/sys/kernel/kheaders.tar.xz"
 SETUP_HINT = "run scripts/bcc-headers.sh (needs linux-headers-amd64)"
 
 
-class HeadersMissing(RuntimeError):
-    pass
+class HeadersMissing(AgentError):
+    """No kernel headers bcc could compile against; the message says how to get them."""
 
 
 def _complete(tree: str) -> bool:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ...errors import AgentError
 from .btf import Btf, BtfError, Kind
 
 LEGACY_BASE = 0xF0000000
@@ -33,8 +34,8 @@ V611_PG_BUDDY = 0x40000000
 PGTY_BUDDY_DEFAULT = 0xF0
 
 
-class LayoutError(RuntimeError):
-    """The kernel's BTF lacks something the scanner needs."""
+class PageLayoutError(AgentError):
+    """The kernel's BTF lacks something the scanner needs (in struct page, mostly)."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def release_version(release: str) -> tuple[int, int]:
     """(major, minor) of a ``uname -r`` string such as ``6.1.0-56-amd64``."""
     m = re.match(r"(\d+)\.(\d+)", release)
     if not m:
-        raise LayoutError(f"cannot read a kernel version from {release!r}")
+        raise PageLayoutError(f"cannot read a kernel version from {release!r}")
     return int(m.group(1)), int(m.group(2))
 
 
@@ -78,12 +79,12 @@ def choose_encoding(btf: Btf, release: str) -> BuddyEncoding:
         if "PGTY_buddy" in values:
             v = values["PGTY_buddy"]
             if not 0 < v <= 0xFF:
-                raise LayoutError(f"enum {enum_name}: PGTY_buddy={v:#x} is not a byte")
+                raise PageLayoutError(f"enum {enum_name}: PGTY_buddy={v:#x} is not a byte")
             return BuddyEncoding(0xFF000000, v << 24, f"BTF enum {enum_name}: PGTY_buddy={v:#x}")
         if "PG_buddy" in values and "PAGE_TYPE_BASE" in values:
             base, bit = values["PAGE_TYPE_BASE"] & 0xFFFFFFFF, values["PG_buddy"] & 0xFFFFFFFF
             if not base or not bit or base & bit:
-                raise LayoutError(f"enum {enum_name}: odd PAGE_TYPE_BASE/PG_buddy {base:#x}/{bit:#x}")
+                raise PageLayoutError(f"enum {enum_name}: odd PAGE_TYPE_BASE/PG_buddy {base:#x}/{bit:#x}")
             return BuddyEncoding(
                 base | bit, base, f"BTF enum {enum_name}: PAGE_TYPE_BASE={base:#x} PG_buddy={bit:#x}"
             )
@@ -108,7 +109,7 @@ def choose_encoding(btf: Btf, release: str) -> BuddyEncoding:
 def page_layout(btf: Btf, release: str) -> PageLayout:
     """Read the struct page layout the scanner needs from BTF.
 
-    :raise LayoutError: naming what is missing.
+    :raise PageLayoutError: naming what is missing.
     """
     try:
         page = btf.get(Kind.STRUCT, "page")
@@ -122,16 +123,16 @@ def page_layout(btf: Btf, release: str) -> PageLayout:
         zone = btf.get(Kind.STRUCT, "zone")
         max_order = btf.array_len(btf.member(zone, "free_area").type_id) - 1
     except BtfError as e:
-        raise LayoutError(f"BTF: {e}") from e
+        raise PageLayoutError(f"BTF: {e}") from e
     for what, off, size in (
         ("page_type", off_type, 4),
         ("private", off_private, 8),
         ("_refcount", off_refcount, 4),
     ):
         if off % size or off + size > sizeof_page:
-            raise LayoutError(f"struct page.{what} at offset {off} does not fit a {size}-byte read")
+            raise PageLayoutError(f"struct page.{what} at offset {off} does not fit a {size}-byte read")
     if not 0 < max_order <= 15:
-        raise LayoutError(f"zone.free_area implies max order {max_order}; expected 1..15")
+        raise PageLayoutError(f"zone.free_area implies max order {max_order}; expected 1..15")
     return PageLayout(
         sizeof_page=sizeof_page,
         off_page_type=off_type,

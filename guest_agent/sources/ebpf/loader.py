@@ -1,13 +1,13 @@
-"""Compile and load the BPF program in a short-lived child process.
+"""Compile and load the BPF program in a short-lived child process: the parent side.
 
 bcc compiles with LLVM/clang inside whatever process imports it, and the
 libraries, their page cache and the compiler's heap stay for that process's
 life: 131 MiB RSS in the agent, 100-130 MiB more guest memory for every
-migration to send. So the agent never imports bcc: it runs this module as
-``python -m guest_agent.sources.ebpf.loader FD``; the child compiles, loads
-the programs, and passes their fds and the map fds back over a Unix socket
-(SCM_RIGHTS) with a small JSON manifest, then exits. The kernel objects live
-on through the parent's fds.
+migration to send. So the agent never imports bcc: :func:`run` starts
+``python -m guest_agent.sources.ebpf.loader_child FD`` (loader_child.py); the
+child compiles, loads the programs, and passes their fds and the map fds back
+over a Unix socket (SCM_RIGHTS) with a small JSON manifest, then exits. The
+kernel objects live on through the parent's fds.
 
 Request (child's stdin, JSON): ``cflags``, ``kernel_source``, ``programs``
 (name -> "raw_tracepoint" | "tracepoint"), ``required`` (names whose refusal
@@ -29,10 +29,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .bpfsys import bpf_refusal
-from .pagecache import mapped_files
+from ...errors import AgentError
 
-MODULE = "guest_agent.sources.ebpf.loader"
+MODULE = "guest_agent.sources.ebpf.loader_child"
 #: Compiling under TCG in a guest takes ~30 s; a refusal costs more.
 TIMEOUT_S = 120.0
 MANIFEST_MAX = 64 * 1024
@@ -40,7 +39,7 @@ MAX_FDS = 64
 _STDERR_TAIL = 2000
 
 
-class LoaderError(RuntimeError):
+class LoaderError(AgentError):
     """The child failed, timed out or sent something unusable."""
 
 
@@ -61,9 +60,6 @@ class Loaded:
             os.close(fd)
         self.programs.clear()
         self.maps.clear()
-
-
-# -- parent side -------------------------------------------------------------------
 
 
 def _package_root() -> str:
@@ -161,71 +157,3 @@ def _index(v: object, fds: list[int]) -> int:
     if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < len(fds):
         raise ValueError(f"fd index {v!r} out of range (got {len(fds)} fds)")
     return v
-
-
-# -- child side --------------------------------------------------------------------
-
-
-def _load(req: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
-    """Compile and load; the manifest and the fds it indexes."""
-    from .program import SOURCE_FILE, program_source
-
-    try:
-        from bcc import BPF
-    except ImportError as e:
-        return {"error": f"bcc is not importable ({e}); use Debian's python3 with python3-bpfcc"}, []
-    if req.get("kernel_source"):
-        os.environ["BCC_KERNEL_SOURCE"] = req["kernel_source"]
-    try:
-        bpf = BPF(text=program_source().encode(), cflags=list(req["cflags"]))
-    except Exception as e:
-        refused = bpf_refusal()  # bcc creates the maps while compiling
-        if refused:
-            return {"error": f"BPF not permitted: {refused}"}, []
-        return {"error": f"bcc could not compile {SOURCE_FILE}: {e}"}, []
-    fds: list[int] = []
-    progs: dict[str, int] = {}
-    errors: dict[str, str] = {}
-    kinds = {"raw_tracepoint": BPF.RAW_TRACEPOINT, "tracepoint": BPF.TRACEPOINT}
-    for name, kind in req["programs"].items():
-        try:
-            fds.append(int(bpf.load_func(name.encode(), kinds[kind]).fd))
-            progs[name] = len(fds) - 1
-        except Exception as e:
-            if name in req["required"]:
-                return {"error": f"the kernel refused to load the scanner: {e}", "refused": True}, []
-            errors[name] = str(e)
-    maps: dict[str, int] = {}
-    for name in req["maps"]:
-        fds.append(int(bpf[name.encode()].map_fd))
-        maps[name] = len(fds) - 1
-    return {"programs": progs, "maps": maps, "errors": errors}, fds
-
-
-def _encode(manifest: dict[str, Any]) -> bytes:
-    """JSON within MANIFEST_MAX: the file list is what gives way."""
-    files: list[str] = manifest.get("mapped_files", [])
-    while True:
-        data = json.dumps(manifest).encode()
-        if len(data) <= MANIFEST_MAX or not files:
-            return data
-        del files[len(files) // 2 :]
-
-
-def main(argv: list[str]) -> int:
-    sock = socket.socket(fileno=int(argv[1]))
-    try:
-        manifest, fds = _load(json.load(sys.stdin))
-    except Exception as e:  # a bug here must still reach the parent as a reason
-        manifest, fds = {"error": f"the BPF loader child failed: {e!r}"}, []
-    manifest.setdefault("programs", {})
-    manifest.setdefault("maps", {})
-    manifest["mapped_files"] = mapped_files()
-    socket.send_fds(sock, [_encode(manifest)], fds)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # skip bcc's and LLVM's teardown: the parent has the fds
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import importlib.resources
 import logging
 import mmap
 import os
 import re
 from dataclasses import dataclass
 
-from . import pagecache, perf
+from ...errors import AgentError
+from . import loader, pagecache, perf
 from .bpfsys import (
     BPF_MAP_TYPE_ARRAY,
     BPF_MAP_TYPE_RINGBUF,
@@ -30,12 +30,11 @@ from .bpfsys import (
 )
 from .btf import Btf, BtfError, Kind
 from .layout import PageLayout
+from .program_text import SOURCE_FILE, program_source
 from .ringbuf import RingBuffer
 from .system import PAGE_SHIFT
 
 log = logging.getLogger(__name__)
-
-SOURCE_FILE = "scan.bpf.c"
 
 
 class Ctl(enum.IntEnum):
@@ -202,10 +201,6 @@ class ProgramConfig:
         return [f"-D{k}={spell(v)}" for k, v in self.defines().items()]
 
 
-def program_source() -> str:
-    return importlib.resources.files(__package__).joinpath(SOURCE_FILE).read_text()
-
-
 def render(config: ProgramConfig) -> str:
     """The program exactly as bcc compiles it, flags first (for --show-bpf)."""
     lines = [f"// {SOURCE_FILE}, compiled by bcc with:"]
@@ -213,7 +208,7 @@ def render(config: ProgramConfig) -> str:
     return "\n".join(lines) + "\n\n" + program_source()
 
 
-class LoadError(RuntimeError):
+class LoadError(AgentError):
     """The loader child could not compile or load the program, or sent
     something unusable."""
 
@@ -258,8 +253,6 @@ class LoadedProgram:
         tracefs: str = "/sys/kernel/tracing",
         timeout: float | None = None,
     ) -> None:
-        from . import loader
-
         self._tracefs = tracefs
         self._timeout = loader.TIMEOUT_S if timeout is None else timeout
         self._loaded = loader.Loaded()
@@ -302,8 +295,6 @@ class LoadedProgram:
             log.info("BPF loader: %.2f s; dropped the page cache of %d files", self.load_s, self.dropped.files)
 
     def _compile_and_load(self, cfg: ProgramConfig, kernel_source: str | None) -> None:
-        from . import loader
-
         request = {
             "cflags": cfg.cflags(),
             "kernel_source": kernel_source,

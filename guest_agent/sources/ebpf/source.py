@@ -8,10 +8,10 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ..base import FreePageSource, Probe, Snapshot, SourceUnavailable, join_parts, now
+from ..base import FreePageSource, Probe, ScanSummary, SourceUnavailable
 from . import checks, headers, selftest, system, vmemmap
 from .live import EbpfLiveFrees
-from .layout import LayoutError, PageLayout, release_version
+from .layout import PageLayout, PageLayoutError, release_version
 from .program import TRACKERS, Ctl, LoadedProgram, LoadError, ProgramConfig, tracepoint_fields
 from .scanner import RamMap, ScanPart, Scanner
 from .system import KernelPaths
@@ -182,16 +182,9 @@ class EbpfSource(FreePageSource):
                 if part.ranges:
                     yield part
 
-    def snapshot(self, deadline: float | None = None) -> Snapshot:
-        started = now()
-        ranges, pages = join_parts(self.parts(deadline))
+    def scan_summary(self) -> ScanSummary:
         stats = self.scanner.last
-        return Snapshot(
-            source=self.name,
-            ranges=ranges,
-            pages=pages,
-            started=started,
-            finished=now(),
+        return ScanSummary(
             complete=stats.complete,
             details={
                 "bpf_runs": float(stats.runs + stats.filter_runs),
@@ -227,7 +220,7 @@ OLD_VERIFIER = (6, 4)
 def scan_windows_for(release: str) -> int:
     try:
         return 128 if release_version(release) >= OLD_VERIFIER else 32
-    except LayoutError:
+    except PageLayoutError:
         return 32
 
 

@@ -18,6 +18,7 @@ import mmap
 import time
 from dataclasses import dataclass
 
+from ...errors import AgentError
 from . import bpfsys, system
 from .program import Ctl, LoadedProgram
 
@@ -28,8 +29,8 @@ MIN_VOTES = 32
 AGREEMENT = 0.9
 
 
-class VmemmapError(RuntimeError):
-    pass
+class VmemmapError(AgentError):
+    """vmemmap_base could not be found, or what was found does not hold struct pages."""
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -15,7 +15,7 @@ from fphint import addresses, ranges
 from fphint.v1 import hints_pb2, hints_pb2_grpc
 from guest_agent.agent import Agent, Endpoint, Settings
 from guest_agent.facts import GuestSafety, build_facts
-from guest_agent.sources.base import FreePageSource, Probe, Snapshot
+from guest_agent.sources.base import FreePageSource, Part, Probe, WholeScan
 from host_collector.config import CollectorConfig, Limits, VmEntry
 from host_collector.layout import RamLayout, RamRange
 from host_collector.server import CollectorServer
@@ -53,12 +53,11 @@ class FixedSource(FreePageSource):
     def probe(self) -> Probe:
         return Probe(self.name, True)
 
-    def snapshot(self, deadline: float | None = None) -> Snapshot:
-        t = time.monotonic()
-        self.calls.append(t)
+    def parts(self, deadline: float | None = None) -> Iterator[Part]:
+        self.calls.append(time.monotonic())
         if self.delay:
             time.sleep(self.delay)
-        return Snapshot(self.name, self.rs, sum(n for _, n in self.rs) // 4096, t, time.monotonic())
+        yield WholeScan(self.rs, sum(n for _, n in self.rs) // 4096)
 
 
 def pages_of(rs: Sequence[tuple[int, int]]) -> int:
@@ -125,7 +124,8 @@ class RawGuest:
             if msg is grpc.aio.EOF:
                 raise EOFError("the collector ended the attach stream")
             if msg.WhichOneof("kind") == "request":
-                return msg.request
+                request: hints_pb2.HintRequest = msg.request
+                return request
 
     async def report(self, chunks: Sequence[hints_pb2.ReportChunk], stall: float = 0.0,
                      timeout: float | None = 10.0) -> hints_pb2.ReportAck:

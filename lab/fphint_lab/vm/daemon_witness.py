@@ -1,7 +1,7 @@
 """``fph-collector`` for end-to-end tests, with a witness (and, on request, a
 planted fault) in its migration proxy.
 
-    python -m tests.vm.daemon_witness --witness-dir DIR [--fault-file F] -- serve --config ...
+    python -m fphint_lab.vm.daemon_witness --witness-dir DIR [--fault-file F] -- serve --config ...
 
 runs the real daemon (``host_collector.cli.main``) with a migration observer
 (host_collector.migrate.observer), the daemon's explicit hook for watchers:

@@ -3,7 +3,7 @@ and `fph-collector migrate`/`proxy` run through the command-line entry point.
 
 The agent is the real :class:`guest_agent.agent.Agent` on its own asyncio loop
 in a thread of the test process, with a test source (fixed ranges, or one
-that never finishes a scan). QEMU comes from tests/qemu_pair.py, with a
+that never finishes a scan). QEMU comes from :mod:`fphint_lab.qemu_pair`, with a
 second QMP monitor for the collector (``Vm.extra_args``).
 """
 
@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +29,12 @@ from fphint import addresses
 from fphint.v1 import admin_pb2, admin_pb2_grpc
 from guest_agent.agent import Agent, Endpoint, Settings
 from guest_agent.facts import GuestSafety, build_facts
-from guest_agent.sources.base import FreePageSource, Probe, Snapshot
+from guest_agent.sources.base import FreePageSource, Part, Probe, WholeScan
 
 from .collector_harness import FixedSource, token
 from .qemu_pair import PAGE, Machine, Vm, free_port
 
 PY = sys.executable
-ROOT = Path(__file__).resolve().parent.parent
 QEMU10 = "/var/cache/fphint/qemu-10.0/bin/qemu-system-x86_64"
 
 
@@ -51,10 +50,10 @@ class StallingSource(FreePageSource):
     def probe(self) -> Probe:
         return Probe(self.name, True)
 
-    def snapshot(self, deadline: float | None = None) -> Snapshot:
+    def parts(self, deadline: float | None = None) -> Iterator[Part]:
         self.calls += 1
         self.release.wait(60)
-        return Snapshot(self.name, [], 0, time.monotonic(), time.monotonic())
+        yield WholeScan([], 0)
 
 
 class Daemon:
@@ -87,7 +86,7 @@ class Daemon:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [PY, "-m", "host_collector", "-v", "serve", "--config", str(self.config)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )
         end = time.monotonic() + 30
         while True:
@@ -140,12 +139,12 @@ class Daemon:
 
     def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """An ``fph-collector`` subcommand against this daemon, to completion."""
-        return subprocess.run(self.cli(*args), capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        return subprocess.run(self.cli(*args), capture_output=True, text=True, timeout=timeout,
                               stdin=subprocess.DEVNULL)
 
     def popen(self, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen(self.cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                cwd=ROOT, stdin=subprocess.DEVNULL)
+                                stdin=subprocess.DEVNULL)
 
 
 def report_of(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:

@@ -1,0 +1,59 @@
+"""The one place ranges become ``ReportChunk`` messages.
+
+A Report call is a sequence of chunks whose packed ranges continue one codec
+state (fphint.ranges) and whose sequence numbers count from 0; the last one
+says ``end`` and may carry the agent's stats. Both the snapshot stream and
+live hints build their calls here, so the two can never disagree on that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from fphint import ranges
+from fphint.v1 import hints_pb2
+
+
+class ChunkEncoder:
+    """The chunks of one Report call, at most ``per_chunk`` ranges each."""
+
+    def __init__(self, epoch: int, kind: hints_pb2.ReportKind, per_chunk: int) -> None:
+        if per_chunk < 1:
+            raise ValueError(f"per_chunk must be at least 1, not {per_chunk}")
+        self.epoch = epoch
+        self.kind = kind
+        self.per_chunk = per_chunk
+        #: The sequence number of the next chunk (= chunks made so far).
+        self.seq = 0
+        self.ended = False
+        self._state = ranges.CodecState()
+
+    def chunk(
+        self, batch: Sequence[tuple[int, int]], end: bool = False, stats: hints_pb2.AgentStats | None = None
+    ) -> hints_pb2.ReportChunk:
+        """The next chunk: ``batch`` (sorted, after every range sent before); ``end`` closes the call.
+
+        :raise ValueError: the call already ended, the batch is too big, or stats on a chunk that does not end.
+        """
+        if self.ended:
+            raise ValueError(f"epoch {self.epoch}: the Report call already ended")
+        if len(batch) > self.per_chunk:
+            raise ValueError(f"{len(batch)} ranges in one chunk, at most {self.per_chunk}")
+        if stats is not None and not end:
+            raise ValueError("stats go on the chunk that ends the call")
+        msg = hints_pb2.ReportChunk(
+            epoch=self.epoch, seq=self.seq, kind=self.kind, ranges=ranges.encode(batch, self._state), end=end,
+            stats=stats,
+        )
+        self.seq += 1
+        self.ended = end
+        return msg
+
+    def whole(
+        self, rs: Sequence[tuple[int, int]], stats: hints_pb2.AgentStats | None = None
+    ) -> Iterator[hints_pb2.ReportChunk]:
+        """``rs`` as the rest of the call: at least one chunk, the last ends it and carries ``stats``."""
+        n = max(1, -(-len(rs) // self.per_chunk))
+        for i in range(n):
+            last = i == n - 1
+            yield self.chunk(rs[i * self.per_chunk : (i + 1) * self.per_chunk], last, stats if last else None)
