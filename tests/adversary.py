@@ -236,7 +236,7 @@ async def _run_agent(target: str, tok: str) -> None:
     from fphint import addresses
     from guest_agent.agent import Agent, Endpoint, Settings
     from guest_agent.facts import GuestSafety, build_facts
-    from tests.collector_harness import FixedSource
+    from fphint_lab.collector_harness import FixedSource
 
     src = FixedSource(GOOD)
     facts = build_facts(GuestSafety(), [], src.name, "")

@@ -155,6 +155,9 @@ def test_a_refusal_flood_does_not_flood_the_log(tmp_path: Path) -> None:
                       if ln.startswith('fphint_rejects_total{reason="unknown_token"'))
         assert counted >= n, (counted, n)
         assert refusals  # the first ones are still logged
+        left_out = sum(float(ln.rsplit(" ", 1)[1]) for ln in metrics.splitlines()
+                       if ln.startswith("fphint_log_lines_suppressed_total{"))
+        assert left_out >= n - len(refusals), (left_out, n)
 
 
 async def _refused(stub: hints_pb2_grpc.FreePageHintsStub, tok: str | None) -> grpc.StatusCode:
