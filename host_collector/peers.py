@@ -176,6 +176,12 @@ class Bridge:
     def stop_accepting(self) -> None:
         if self._server is not None:
             self._server.close()
+            self._server = None
+            if self.family == socket.AF_UNIX and isinstance(self.address, str) and not self.address.startswith("\0"):
+                try:
+                    os.unlink(self.address)
+                except OSError:
+                    pass
 
     def close(self) -> None:
         """Stop accepting and cut every relayed connection."""
