@@ -216,11 +216,14 @@ class StreamParser:
         self.transitions.append((phase, pos_or_offset))
 
     def _header(self, buf: bytearray, pos: int, end: int) -> int:
+        if end - pos < 4:
+            raise _NeedMore
+        magic = _U32(buf, pos)[0]
+        if magic != s.FILE_MAGIC:  # judged as soon as the word is here (e.g. a TLS hello)
+            raise _Unknown(f"no QEVM magic (first word {magic:#010x}): TLS or not a migration stream", pos)
         if end - pos < 8:
             raise _NeedMore
-        magic, version = _U32(buf, pos)[0], _U32(buf, pos + 4)[0]
-        if magic != s.FILE_MAGIC:
-            raise _Unknown(f"no QEVM magic (first word {magic:#010x}): TLS or not a migration stream", pos)
+        version = _U32(buf, pos + 4)[0]
         if version != s.FILE_VERSION:
             raise _Unknown(f"stream version {version}", pos)
         self._state = _CONFIG
