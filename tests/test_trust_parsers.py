@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from fphint import ranges
 from host_collector import config
 from host_collector.layout import LayoutError
-from host_collector.migration import stream as s
-from host_collector.migration.parser import StreamParser
+from host_collector.stream import wire as s
+from host_collector.stream.parser import StreamParser
 from host_collector.qmp.mtree import MtreeError, map_ram, parse_mtree
 from host_collector.qmp.ram_layout import MemoryFacts, build_layout
 

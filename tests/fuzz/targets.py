@@ -76,7 +76,7 @@ def stream(data: bytes) -> None:
         assert (pc.zero_records, pc.page_records) == (p.zero_records, p.page_records)
 
 
-class _ThirdGate:
+class _ThirdGate(S.RewriteGate):
     """Decides at once; pages whose index is a multiple of 3 are free, in every block."""
 
     def __init__(self) -> None:
@@ -88,7 +88,7 @@ class _ThirdGate:
     def decided_through(self) -> int:
         return 1 << 62
 
-    def oracle_for(self, end: int) -> _ThirdGate:
+    def oracle_for(self, end: int) -> S.PageOracle | None:
         return self
 
     def add_listener(self, callback: Callable[[], None]) -> None:
