@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""Sums the reliability records of test and benchmark runs for docs/reliability.md.
+
+Reads any mix of junit XML files (pytest --junitxml: the ``fphint_migration``
+properties) and text files ($FPHINT_TALLY files, saved pytest -s output,
+bench/faults.py's stderr: lines ``fphint-migration {...}`` / ``fphint-fault
+{...}``), and prints one JSON object: migrations checked under churn, how
+many with a page-by-page RAM comparison, corrupted pages, bytes the workload
+verified, and faults injected and survived per kind and phase.
+
+    FPHINT_TALLY=/tmp/tally.jsonl make test
+    .venv/bin/python scripts/reliability_tally.py /tmp/tally.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "lab"))
+
+from fphint_lab.vm import tally  # noqa: E402
+
+
+def records(path: Path) -> dict[str, list[dict[str, Any]]]:
+    text = path.read_text(errors="replace")
+    if text.lstrip().startswith("<"):
+        found: dict[str, list[dict[str, Any]]] = {tally.MIGRATION: [], tally.FAULT: []}
+        for prop in ET.fromstring(text).iter("property"):
+            if prop.get("name") == "fphint_migration":
+                found[tally.MIGRATION].append(json.loads(prop.get("value") or "{}"))
+        return found
+    return tally.parse(text.splitlines())
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print(__doc__, file=sys.stderr)
+        return 2
+    migrations: list[dict[str, Any]] = []
+    faults: list[dict[str, Any]] = []
+    for name in argv:
+        found = records(Path(name))
+        migrations += found[tally.MIGRATION]
+        faults += found[tally.FAULT]
+    per: dict[str, dict[str, int]] = {}
+    for f in faults:
+        key = f"{f.get('kind')}@{f.get('aimed')}"
+        slot = per.setdefault(key, {"injected": 0, "survived": 0})
+        slot["injected"] += 1
+        slot["survived"] += int(bool(f.get("survived")))
+    print(json.dumps({
+        "migrations_checked": len(migrations),
+        "ram_compared": sum(bool(m.get("ram_compared")) for m in migrations),
+        "workload_ok": sum(bool(m.get("workload_ok")) for m in migrations),
+        "corrupted_pages": sum(int(m.get("corrupted_pages", 0)) for m in migrations),
+        "verified_mib": round(sum(int(m.get("verified_bytes", 0)) for m in migrations) / (1 << 20)),
+        "faults_injected": len(faults),
+        "faults_survived": sum(bool(f.get("survived")) for f in faults),
+        "per_case": dict(sorted(per.items())),
+    }, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
