@@ -36,7 +36,7 @@ import grpc
 from fphint import ranges
 from fphint.v1 import admin_pb2, admin_pb2_grpc
 
-from vmimage.accel import MODES
+from vmimage.accel import MODES, AccelError
 
 from .vm.fphint_daemon import FphintMigrator
 from .vm.scenarios import (
@@ -130,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="allowed relative difference to /proc/buddyinfo (churn between the reads)")
     args = ap.parse_args(argv)
     if not args.host_only:
-        return guest_demo(args)
+        try:
+            return guest_demo(args)
+        except AccelError as exc:
+            print(f"demo: error: {exc}", file=sys.stderr)
+            return 2
     return host_demo(args)
 
 

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from vmimage.accel import choose
+from vmimage.accel import ACCEL_ENV, choose, parse_mode
 from vmimage.builder import ensure_image
 from vmimage.qemu import Balloon, default_binary
 
@@ -299,6 +299,7 @@ def vm_session(label: str, keep: bool = False, accel: str | None = None) -> Iter
     :param accel: kvm, tcg or auto (an --accel option); None: ``$FPH_ACCEL``,
         else auto (vmimage.accel.choose, decided here once for every guest).
     """
+    parse_mode(accel if accel is not None else os.environ.get(ACCEL_ENV))  # a bad value fails before any build
     remove_stale_ram_files()
     image = ensure_image()
     chosen = choose(default_binary(), image.kernel, accel)
