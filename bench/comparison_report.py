@@ -17,6 +17,8 @@ from fphint_lab.vm.scenarios import SCENARIOS, RunResult
 
 MiB = 1 << 20
 SCHEMA = 1
+#: The full campaign (issue 13).
+REGENERATE = "sudo .venv/bin/python bench/migration_comparison.py --runs 3 --sizes 1,4,8 --busy"
 
 #: Published figures the 8 GiB setup reproduces (a guest that filled ~6 GiB
 #: and freed it, migrated plainly and with free pages skipped).
@@ -174,6 +176,10 @@ def markdown(doc: Mapping[str, Any], png_name: str | None) -> str:
         "a clean kernel log; *corrupted*: the workload found bytes that were not what it wrote. Every scenario "
         "migrates with QEMU's `return-path` on (fph-collector migrate needs it), so *total time* and *downtime*, "
         "from the source's query-migrate, end when the destination has loaded the last byte.",
+        "",
+        f"Regenerate: `{REGENERATE}` as root (`--plan` prints the campaign and its estimated time first; every "
+        "option in docs/e2e.md, \"The benchmark and the demo\"). The accelerator is chosen by vmimage.accel (KVM "
+        "where a probe guest runs on it, else TCG; `--accel` or `$FPH_ACCEL` force one).",
         "",
     ]
     if png_name:
