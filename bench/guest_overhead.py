@@ -81,7 +81,7 @@ def boot_all(factory: VMFactory, mem_mib: int) -> tuple[dict[str, VM], FphintMig
         if SCENARIOS[CONFIGS[name][1]].balloon != "none":
             vm.run("for i in $(seq 50); do [ -d /sys/bus/virtio/drivers/virtio_balloon ] && break; sleep 0.2; done; "
                    "modprobe virtio_balloon")
-    hinted.daemon.wait_attached(FphintMigrator.VM_NAME, 240)
+    hinted.wait_ready(vms["fphint_idle"], 900)
     return vms, hinted
 
 

@@ -127,7 +127,8 @@ def estimate_chain_s(group: Group, scenario: str, runs: int, link_mbit: float, k
     w = group.workload
     fill_rate = 400.0 if kvm else 50.0
     boot = 25 + 2 * gib + (0 if kvm else 5 * gib if scenario == "init_on_free" else 0)
-    boot += 30 if SCENARIOS[scenario].fphint else 0  # daemon, the agent's first attach (eBPF compile)
+    if SCENARIOS[scenario].fphint:  # the agent's first attach: its BPF loader takes ~50-70 s under TCG
+        boot += 10 if kvm else 70
     sent = w.fill_mib + 250 if scenario == "plain" else 0.4 * w.fill_mib + 250
     per_run = (w.fill_mib / fill_rate + w.settle_s + (10 if w.busy else 3) + sent / (link_mbit / 8) + 4
                + (25 if w.busy else 10) + 3)
@@ -183,7 +184,8 @@ def real_runner(factory: Any, runs: int, link_mbit: float) -> ChainRunner:
         try:
             return run_chain(factory, scenario, runs, migrator, workload=group.workload,
                              link_rate_bps=link_mbit * 1e6, guest_fields=getattr(migrator, "guest_fields", None),
-                             on_result=show, mem_mib=group.guest_mib)
+                             on_result=show, mem_mib=group.guest_mib, label=f"{group.key}-{name}",
+                             after_boot=getattr(migrator, "wait_ready", None))
         finally:
             close = getattr(migrator, "close", None)
             if close:

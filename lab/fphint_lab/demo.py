@@ -156,7 +156,8 @@ def guest_demo(args: argparse.Namespace) -> int:
         hinted = FphintMigrator(factory)
         try:
             vm = boot_for(factory, SCENARIOS["fphint"], "boot", guest_fields=hinted.guest_fields)
-            info = hinted.daemon.wait_attached(FphintMigrator.VM_NAME, 180)
+            hinted.wait_ready(vm)
+            info = hinted.daemon.vm_info(FphintMigrator.VM_NAME)
             boot_id = vm.boot_id()
             print(f"   guest booted (QEMU {vm.qemu_version}, kernel {info.get('kernel_release')}); "
                   f"agent attached, free-page source {info.get('chosen_source')!r}", flush=True)

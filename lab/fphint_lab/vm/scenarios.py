@@ -494,6 +494,8 @@ def run_chain(
     on_result: Callable[[RunResult], None] | None = None,
     before_migrate: Callable[[VM], None] | None = None,
     mem_mib: int = 1024,
+    label: str | None = None,
+    after_boot: Callable[[VM], None] | None = None,
 ) -> list[RunResult]:
     """Boot a guest of ``mem_mib`` for ``scenario`` and migrate it ``runs``
     times in a chain.
@@ -501,8 +503,12 @@ def run_chain(
     A run whose destination did not survive (or whose migration failed) ends
     the chain; the next run boots a fresh guest. Before each boot the host
     must have room for a source and a destination (:func:`pair_fits`); a run
-    without it is recorded with the reason, nothing is booted.
+    without it is recorded with the reason, nothing is booted. VMs are named
+    after ``label`` (default: the scenario's name; unique per factory).
+    ``after_boot`` runs once per boot, before the first fill (e.g. wait for
+    the agent: a user's guest has had its agent up long before a migration).
     """
+    label = label or scenario.name
     results: list[RunResult] = []
     src: VM | None = None
     boot_id = ""
@@ -518,9 +524,11 @@ def run_chain(
                     on_result(res)
                 continue
             boots += 1
-            src = boot_for(factory, scenario, f"{scenario.name}-boot{boots}", mem_mib=mem_mib,
+            src = boot_for(factory, scenario, f"{label}-boot{boots}", mem_mib=mem_mib,
                            guest_fields=guest_fields)
             boot_id = src.boot_id()
+            if after_boot is not None:
+                after_boot(src)
         try:
             prepare(src, workload)
             if before_migrate is not None:
@@ -534,7 +542,7 @@ def run_chain(
             _retire(src)
             src = None
             continue
-        res, dst = migrate_once(factory, src, f"{scenario.name}-r{run}", migrator, scenario=scenario, run=run,
+        res, dst = migrate_once(factory, src, f"{label}-r{run}", migrator, scenario=scenario, run=run,
                                 boot_id=boot_id, link_rate_bps=link_rate_bps, workload=workload)
         results.append(res)
         if on_result:
