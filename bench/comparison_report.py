@@ -98,12 +98,12 @@ def goals(scenarios: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
 
     wire, time_, down = ratios("wire_mib"), ratios("total_ms"), ratios("downtime_ms")
     peers = [n for n in time_ if not n.startswith("fphint")]
+    balloons = [n for n in ("balloon_hint", "balloon_hint_ioa0", "balloon_report") if n in wire]
     checks = {
         "wire_within_1.05x_init_on_free": wire["init_on_free"] <= 1.05 if "init_on_free" in wire else None,
-        "wire_below_balloon_and_reporting": all(wire[n] < 1 for n in ("balloon_hint", "balloon_hint_ioa0",
-                                                                      "balloon_report") if n in wire),
+        "wire_below_balloon_and_reporting": all(wire[n] < 1 for n in balloons) if balloons else None,
         "downtime_at_most_plain": down["plain"] <= 1 if "plain" in down else None,
-        "time_below_every_peer": all(time_[n] < 1 for n in peers),
+        "time_below_every_peer": all(time_[n] < 1 for n in peers) if peers else None,
         "no_corruption": all(s["corrupted"] == 0 for s in scenarios.values()),
         "no_crash": all(s["survived"] == len(s["runs"]) for s in scenarios.values()),
     }
