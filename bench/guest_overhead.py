@@ -188,7 +188,7 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--workloads", default="alloc,forkexec", help="comma-separated: alloc, forkexec")
     ap.add_argument("--rounds", type=int, default=8, help="alloc: maps per run (default 8)")
     ap.add_argument("--mib", type=int, default=32, help="alloc: MiB per map (default 32)")
-    ap.add_argument("--count", type=int, default=60, help="forkexec: fork+spawn pairs per run (default 60)")
+    ap.add_argument("--count", type=int, default=150, help="forkexec: fork+spawn pairs per run (default 150)")
     ap.add_argument("--child-kib", type=int, default=512, help="forkexec: KiB each forked child touches")
     ap.add_argument("--mem-mib", type=int, default=1024, help="guest RAM (default 1024)")
     ap.add_argument("--accel", choices=MODES, help="kvm, tcg or auto (default: $FPH_ACCEL, else auto)")

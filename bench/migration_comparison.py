@@ -121,17 +121,20 @@ def campaign(sizes: Sequence[int], names: Sequence[str], big: Sequence[str], *, 
 
 
 def estimate_chain_s(group: Group, scenario: str, runs: int, link_mbit: float, kvm: bool) -> float:
-    """Rough seconds for one chain (calibrated on the 2-core host under TCG:
-    a boot ~25 s, a fill+verify ~50 MiB/s, a plain 1 GiB run ~40 s)."""
+    """Rough seconds for one chain, calibrated on the 2-core host under TCG
+    (one run: 1 GiB plain 1.4 min, fphint 3.1, busy plain 3.0, busy fphint
+    4.5; 4 GiB plain 2.7): a boot ~25 s, the agent's first attach ~110 s
+    (its BPF loader), a fill+verify ~30 MiB/s, the busy workload's start and
+    check ~100 s."""
     gib = group.guest_mib / 1024
     w = group.workload
-    fill_rate = 400.0 if kvm else 50.0
+    fill_rate = 400.0 if kvm else 30.0
     boot = 25 + 2 * gib + (0 if kvm else 5 * gib if scenario == "init_on_free" else 0)
-    if SCENARIOS[scenario].fphint:  # the agent's first attach: its BPF loader takes ~50-70 s under TCG
-        boot += 10 if kvm else 70
+    if SCENARIOS[scenario].fphint:
+        boot += 15 if kvm else 110
     sent = w.fill_mib + 250 if scenario == "plain" else 0.4 * w.fill_mib + 250
-    per_run = (w.fill_mib / fill_rate + w.settle_s + (10 if w.busy else 3) + sent / (link_mbit / 8) + 4
-               + (25 if w.busy else 10) + 3)
+    per_run = (w.fill_mib / fill_rate + w.settle_s + (30 if w.busy else 3) + sent / (link_mbit / 8) * 1.3 + 4
+               + (70 if w.busy else 10) + 5)
     return boot + runs * per_run
 
 

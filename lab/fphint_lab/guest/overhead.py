@@ -2,8 +2,9 @@
 steady state (bench/guest_overhead.py runs them under each scheme).
 
 * ``alloc``: allocate, touch and free memory in a loop (ROUNDS maps of MIB
-  MiB, one write per page, unmap): every page is allocated, faulted in and
-  freed again, so init_on_free's zeroing, free-page reporting's discards
+  MiB, huge pages off for them, one write per page, unmap): every 4 KiB page
+  is allocated, faulted in and freed again (with THP "always", Debian's
+  default, a 2 MiB fault would hide 511 of them), so init_on_free's zeroing, free-page reporting's discards
   (and the faults that bring the pages back) and an agent's allocation/free
   tracepoints all show up here.
 * ``forkexec``: a page-fault-heavy process mix: COUNT times, fork a child
@@ -14,7 +15,7 @@ of this process and its children.
 
 Run as ``python3 -m fphint_lab.guest.overhead``.
 
-usage: overhead.py alloc [--rounds 8] [--mib 32] | forkexec [--count 100] [--child-kib 512]
+usage: overhead.py alloc [--rounds 8] [--mib 32] | forkexec [--count 150] [--child-kib 512]
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def alloc(rounds: int, mib: int) -> dict[str, object]:
     touched = 0
     for _ in range(rounds):
         m = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        m.madvise(mmap.MADV_NOHUGEPAGE)
         for off in range(0, length, PAGE):
             m[off] = 0x5A
         touched += length // PAGE
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--rounds", type=int, default=8)
     a.add_argument("--mib", type=int, default=32)
     f = sub.add_parser("forkexec", help="fork children that touch memory, spawn /bin/true")
-    f.add_argument("--count", type=int, default=100)
+    f.add_argument("--count", type=int, default=150)
     f.add_argument("--child-kib", type=int, default=512)
     args = p.parse_args(argv)
     if min(vars(args).get(k, 1) for k in ("rounds", "mib", "count", "child_kib")) < 1:
