@@ -185,8 +185,12 @@ def test_stall_forwards_nothing_until_resumed() -> None:
         link.resume()
         client.settimeout(5)
         assert client.recv(10) == b"back" and conn.recv(10) == b"more"
-        st = link.stats().main
-        assert (st.forward_bytes, st.backward_bytes) == (1004, 4)
+        # The counts are updated just after each send, so they may trail the
+        # receiver by a moment.
+        deadline = time.monotonic() + 5
+        while (link.stats().main.forward_bytes, link.stats().main.backward_bytes) != (1004, 4):
+            assert time.monotonic() < deadline, link.stats().main
+            time.sleep(0.01)
         client.close()
         conn.close()
     server.close()
