@@ -2,14 +2,20 @@
 spotter finds hint requests in a real collector's HTTP/2 stream to an agent
 (frames split anywhere), the phase classifier reads QEMU's event
 timestamps, the matrix covers every kind in every phase, and the Unix relay
-cuts a QMP-like session while accepting the next one."""
+cuts a QMP-like session while accepting the next one. The rig's own checks
+are shown to catch planted faults: a guest left stopped on the source, a
+workload that lost bytes, an outcome the case does not allow, a corrupted or
+unhinted-zeroed page on the destination."""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 
@@ -127,3 +133,110 @@ def test_tally_lines_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     found = tally.parse((tmp_path / "t.jsonl").read_text().splitlines() + ["noise fphint-migration {bad"])
     assert [m["verified_bytes"] for m in found[tally.MIGRATION]] == [5]
     assert found[tally.FAULT] == [{"kind": "link_reset", "survived": True}]
+
+
+# Section: the rig's checks catch planted faults (no guest: stand-in VMs whose
+# RAM files and answers the test chooses)
+
+
+class StandInVM:
+    """Answers what FaultRig's checks ask a VM; ``state`` and ``ok`` are the plants."""
+
+    def __init__(self, name: str, ram: Path, state: str = "running", ok: bool = True) -> None:
+        self.name, self.ram_path, self.state, self.ok = name, ram, state, ok
+        self.exitcode: int | None = None
+        self.commands: list[str] = []
+
+    def is_running(self) -> bool:
+        return True
+
+    def status(self) -> str:
+        return self.state
+
+    def boot_id(self) -> str:
+        return "boot-1"
+
+    def kernel_trouble(self) -> list[str]:
+        return []
+
+    def workload(self, script: str, *args: str, timeout: float = 0, check: bool = True) -> dict[str, object]:
+        return {"ok": self.ok, "workers": [{"bytes_verified": 4096}]}
+
+    def cmd(self, name: str, *args: object, **kw: object) -> dict[str, object]:
+        self.commands.append(name)
+        return {}
+
+    def shutdown(self, hard: bool = False) -> None:
+        pass
+
+
+def stand_in_rig(tmp_path: Path) -> Any:
+    from fphint_lab.vm import fault_rig
+
+    rig = fault_rig.FaultRig(cast(Any, SimpleNamespace(rundir=tmp_path)))
+    rig.boot_id = "boot-1"
+    return rig
+
+
+def settle(rig: Any, src: StandInVM, dst: StandInVM, status: str, kind: Kind = Kind.RESET) -> Any:
+    from fphint_lab.vm.fault_rig import CaseResult
+
+    res = CaseResult(kind.value, Phase.LATER_PASS.value, observed=Phase.LATER_PASS.value,
+                     allowed=sorted(faults.outcomes(kind, Phase.SWITCHOVER)), source_outcome=status)
+    res.problems += rig._settle(res, src, dst, status, "planted", witness_ok=True)
+    return res
+
+
+def test_a_guest_stopped_on_the_source_is_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fphint_lab.vm import fault_rig
+    from fphint_lab.vm.fphint_daemon import Witness
+
+    rig = stand_in_rig(tmp_path)
+    monkeypatch.setattr(fault_rig, "wait_incoming", lambda vm, timeout: None)
+    monkeypatch.setattr(rig.daemon, "witness", lambda vm: Witness({}, {}))
+    try:
+        ram = tmp_path / "src.ram"
+        ram.write_bytes(b"\1" * 4096 * 4)
+        good = settle(rig, StandInVM("src", ram), StandInVM("dst", ram), "failed")
+        assert good.problems == [] and good.survived and good.guest_on == "source"
+        stopped = settle(rig, StandInVM("src", ram, state="paused"), StandInVM("dst", ram), "failed")
+        assert not stopped.survived
+        assert any("paused on the source" in p for p in stopped.problems), stopped.problems
+        lost = settle(rig, StandInVM("src", ram, ok=False), StandInVM("dst", ram), "failed")
+        assert not lost.survived and any("workload verification failed" in p for p in lost.problems)
+        wrong = settle(rig, StandInVM("src", ram), StandInVM("dst", ram), "completed", kind=Kind.STALL)
+        assert not wrong.survived and any("allowed" in p for p in wrong.problems)  # a stall must not complete
+    finally:
+        rig.qmp.close()
+
+
+@pytest.mark.parametrize("plant", ["flipped", "zeroed_unhinted"])
+def test_a_corrupted_page_on_the_destination_is_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      plant: str) -> None:
+    from fphint_lab.vm import fault_rig
+    from fphint_lab.vm.fphint_daemon import Witness
+
+    rig = stand_in_rig(tmp_path)
+    monkeypatch.setattr(fault_rig, "wait_incoming", lambda vm, timeout: None)
+    monkeypatch.setattr(rig.daemon, "witness", lambda vm: Witness({}, {}))  # nothing was rewritten
+    try:
+        page = 4096
+        data = bytes(range(1, 256)) * (page * 8 // 255) + b"\1" * (page * 8 % 255)
+        src, dst = tmp_path / "src.ram", tmp_path / "dst.ram"
+        src.write_bytes(data)
+        dst.write_bytes(data)
+        clean = settle(rig, StandInVM("src", src), StandInVM("dst", dst), "completed")
+        assert clean.problems == [] and clean.guest_on == "destination"
+        assert json.loads(clean.migrations[0])["corrupted_pages"] == 0
+        bad = bytearray(data)
+        if plant == "flipped":
+            bad[5 * page + 17] ^= 0xFF
+        else:
+            bad[5 * page : 6 * page] = bytes(page)  # zeroed without a hint: not allowed either
+        dst.write_bytes(bytes(bad))
+        res = settle(rig, StandInVM("src", src), StandInVM("dst", dst), "completed")
+        assert not res.survived
+        assert any("RAM comparison after the fault" in p for p in res.problems), res.problems
+        assert json.loads(res.migrations[0])["corrupted_pages"] == 1
+    finally:
+        rig.qmp.close()
