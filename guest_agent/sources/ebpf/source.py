@@ -12,8 +12,9 @@ from ..base import FreePageSource, Probe, ScanSummary, SourceUnavailable
 from . import checks, headers, selftest, system, vmemmap
 from .live import EbpfLiveFrees
 from .layout import PageLayout, PageLayoutError, release_version
-from .program import TRACKERS, Ctl, LoadedProgram, LoadError, ProgramConfig, tracepoint_fields
+from .program import ISOLATE_KPROBE, TRACKERS, Ctl, LoadedProgram, LoadError, ProgramConfig, tracepoint_fields
 from .scanner import RamMap, ScanPart, Scanner
+from .tracked import TrackedAnswer
 from .system import KernelPaths
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,9 @@ class Options:
     #: Seconds the loader child may take to compile and load (TCG guests
     #: need ~30 s).
     load_timeout: float = 120.0
+    #: Allow scan once, then track (docs/safety-rule-tracked.md); it is used
+    #: only where every exit from the free lists is marked.
+    tracking: bool = True
 
 
 class EbpfSource(FreePageSource):
@@ -59,6 +63,9 @@ class EbpfSource(FreePageSource):
         self._live: EbpfLiveFrees | None = None
         self._facts: dict[str, str] = {}
         self._lock = threading.Lock()
+        self._track_why = "not open"
+        #: Bumped by cancel_scans(); a scan that began before stops.
+        self._scan_gen = 0
 
     # -- setup -----------------------------------------------------------------
 
@@ -111,6 +118,13 @@ class EbpfSource(FreePageSource):
             except Exception as e:
                 if required:
                     raise SourceUnavailable(f"cannot attach to tracepoint {tp}: {e}") from e
+        kprobe, kfn = ISOLATE_KPROBE
+        try:
+            prog.attach_kprobe(kprobe, kfn)
+            attached.append(f"kprobe:{kprobe}")
+        except (OSError, LoadError) as e:
+            log.info("no kprobe on %s (%s)", kprobe, e)
+        self._track_why = tracking_refusal(attached, opts)
         self._scanner = Scanner(prog, RamMap(self.paths, config.bitmap_pfns))
         self._facts = {
             "encoding": found.layout.encoding.source,
@@ -123,6 +137,7 @@ class EbpfSource(FreePageSource):
             "headers": headers.describe(found.kernel_source),
             "tracepoints": ",".join(attached),
             "scan_windows": str(prog.config.scan_windows),
+            "tracking": f"off: {self._track_why}" if self._track_why else "on",
         }
         if found.notes:
             self._facts["notes"] = "; ".join(found.notes)
@@ -175,12 +190,34 @@ class EbpfSource(FreePageSource):
         """Scan now, yielding non-empty parts as soon as each is ready.
 
         Each part is sound on its own; send it before asking for the next to
-        keep the time from request to first chunk short.
+        keep the time from request to first chunk short. :meth:`cancel_scans`
+        stops it between two BPF runs.
         """
+        gen = self._scan_gen
         with self._lock:  # one scan at a time: they share the BPF arrays
-            for part in self.scanner.parts(deadline):
+            for part in self.scanner.parts(deadline, lambda: self._scan_gen != gen):
                 if part.ranges:
                     yield part
+
+    def cancel_scans(self) -> None:
+        self._scan_gen += 1
+
+    @property
+    def can_track(self) -> bool:
+        return not self._track_why
+
+    def set_tracking(self, on: bool) -> bool:
+        """Scan once, then track (on) or not (off); False when this kernel
+        does not allow it (``facts['tracking']`` says why)."""
+        if on and self._track_why:
+            return False
+        self.scanner.set_tracking(on)
+        return on
+
+    def tracked(self) -> TrackedAnswer | None:
+        """The pages free now by tracking, without a scan; None when not tracking
+        or no scan has run since tracking began."""
+        return self.scanner.answer() if self._scanner is not None else None
 
     def scan_summary(self) -> ScanSummary:
         stats = self.scanner.last
@@ -208,6 +245,26 @@ class EbpfSource(FreePageSource):
                 self._live = None
                 raise SourceUnavailable(f"cannot attach to tracepoint mm_page_free: {e}") from e
         return self._live
+
+
+def tracking_refusal(attached: list[str], options: Options) -> str:
+    """Why this kernel's attached hooks do not allow tracking, or "".
+
+    Tracking needs every exit from the buddy free lists marked
+    (docs/safety-rule-tracked.md): the allocation tracepoints (required to
+    open at all) and every isolation of a free block, either from the kprobe
+    on ``__isolate_free_page`` or from both compaction tracepoints (Linux 6.1
+    isolates blocks in ``fast_isolate_freepages`` with no tracepoint).
+    """
+    if not options.tracking:
+        return "turned off (Options.tracking)"
+    if f"kprobe:{ISOLATE_KPROBE[0]}" in attached:
+        return ""
+    need = ("mm_compaction_isolate_freepages", "mm_compaction_fast_isolate_freepages")
+    missing = [tp for tp in need if tp not in attached]
+    if missing:
+        return f"no kprobe on {ISOLATE_KPROBE[0]} and no tracepoint {', '.join(missing)}"
+    return ""
 
 
 #: Scan windows per BPF run the verifier accepts, by kernel: 6.1's verifier
