@@ -23,7 +23,8 @@ from fphint import addresses
 from fphint import logs
 
 from . import discovery
-from .agent import Agent, Endpoint, Settings
+from . import priority
+from .agent import TRACK_MODES, Agent, Endpoint, Settings
 from .facts import build_facts, detect_safety
 from .selection import PREFERENCES, select_source
 from .sources.base import SourceUnavailable
@@ -44,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--token-file", help="file holding this VM's token")
     run.add_argument("--config", default=str(discovery.CONFIG_FILE), help="agent config file (TOML)")
     run.add_argument("--chunk-ranges", type=int, default=Settings.chunk_ranges, help="ranges per chunk")
+    run.add_argument("--priority", choices=priority.MODES, default=os.environ.get("FPHINT_PRIORITY", "rt"),
+                     help="the answering path's scheduling: rt (SCHED_FIFO, bounded), nice (-20) or off; "
+                          "memory is locked unless off (default: $FPHINT_PRIORITY or rt)")
+    run.add_argument("--track", choices=TRACK_MODES, default=os.environ.get("FPHINT_TRACK", "migration"),
+                     help="scan once, then track: from the first request until requests stop (migration), "
+                          "always, or off (default: $FPHINT_TRACK or migration)")
     sub.add_parser("probe", help="print the facts the agent would attach with (JSON)")
     sub.add_parser("snapshot", help="scan once and print totals (JSON)")
     return ap
@@ -86,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
                           "ms": round((time.monotonic() - t) * 1000, 2), "complete": snap.complete}))
         return 0
 
+    for name, value, allowed in (("priority", args.priority, priority.MODES), ("track", args.track, TRACK_MODES)):
+        if value not in allowed:  # a bad $FPHINT_* default escapes argparse's choices
+            print(f"fph-agent: --{name} {value!r}: choose from {', '.join(allowed)}", file=sys.stderr)
+            return 2
     if args.token and args.token_file:
         print("fph-agent: give --token or --token-file, not both", file=sys.stderr)
         return 2
@@ -118,7 +129,11 @@ def main(argv: list[str] | None = None) -> int:
                 said[key] = where
         return Endpoint(addresses.parse(addr.value), token.value if token else None)
 
-    agent = Agent(sel.source, facts, endpoint, Settings(chunk_ranges=args.chunk_ranges))
+    agent = Agent(sel.source, facts, endpoint, Settings(chunk_ranges=args.chunk_ranges, track=args.track))
+    # After the imports and the source's loader child, before serving: the
+    # answering path first, its pages locked (guest_agent/priority.py).
+    prio = priority.raise_agent(args.priority)
+    facts.source_details["priority"] = prio.describe()
 
     async def serve() -> None:
         stop = asyncio.Event()

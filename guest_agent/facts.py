@@ -142,15 +142,31 @@ def build_facts(
     )
 
 
-def self_usage() -> tuple[float, int]:
-    """This process's CPU seconds (user + system, all threads) and current RSS bytes."""
+def self_usage() -> tuple[float, int, int]:
+    """This process's CPU seconds (user + system, all threads), current RSS
+    and PSS bytes (PSS 0 where /proc/self/smaps_rollup is missing)."""
     ru = resource.getrusage(resource.RUSAGE_SELF)
     try:
         with open("/proc/self/statm") as f:
             rss = int(f.read().split()[1]) * resource.getpagesize()
     except (OSError, ValueError, IndexError):
         rss = ru.ru_maxrss * 1024
-    return ru.ru_utime + ru.ru_stime, rss
+    return ru.ru_utime + ru.ru_stime, rss, memory_usage().get("Pss", 0)
+
+
+def memory_usage(path: str = "/proc/self/smaps_rollup") -> dict[str, int]:
+    """Bytes by kind from smaps_rollup (Rss, Pss, Pss_Anon, Pss_File, Anonymous, Locked, ...)."""
+    out: dict[str, int] = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                words = rest.split()
+                if len(words) == 2 and words[1] == "kB" and words[0].isdigit():
+                    out[key] = int(words[0]) * 1024
+    except OSError:
+        pass
+    return out
 
 
 def is_root() -> bool:

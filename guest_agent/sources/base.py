@@ -87,16 +87,22 @@ class WholeScan:
 
 
 class TrackedPart(Protocol):
-    """A :class:`Part` computed from tracking, with how long that took."""
+    """Pages free now by tracking, already in the wire's packed form."""
 
     @property
-    def ranges(self) -> Sequence[tuple[int, int]]: ...
+    def nranges(self) -> int: ...
 
     @property
     def pages(self) -> int: ...
 
+    #: Seconds it took to compute.
     @property
     def compute_s(self) -> float: ...
+
+    def packed(self, limit: int) -> tuple[Sequence[int], int]:
+        """The first ``limit`` ranges as ``fphint.ranges.encode`` words from
+        a fresh codec state, and how many ranges that is."""
+        ...
 
 
 class LiveFrees(abc.ABC):

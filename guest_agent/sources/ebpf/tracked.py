@@ -55,6 +55,13 @@ class TrackedAnswer:
     age_s: float = 0.0
     compute_s: float = 0.0
 
+    def packed(self, limit: int) -> tuple[array[int], int]:
+        """The first ``limit`` ranges' words (a prefix of a sorted list is one)."""
+        if limit >= self.nranges:
+            return self.words, self.nranges
+        n = max(0, limit)
+        return self.words[: 2 * n], n
+
     @property
     def ranges(self) -> list[tuple[int, int]]:
         """The byte ``(start, length)`` ranges (decoded; tests and logs)."""
