@@ -38,9 +38,11 @@ import grpc
 from fphint import addresses, vsock
 from fphint.v1 import hints_pb2, hints_pb2_grpc
 
-from . import priority
+from . import memory, priority
 from .chunks import ChunkEncoder
 from .facts import self_usage
+from .settings import TRACK_MODES as TRACK_MODES  # re-exported: the agent's settings
+from .settings import Settings as Settings
 from .sources.base import FreePageSource, LiveFrees, Part, TrackedPart
 
 log = logging.getLogger(__name__)
@@ -60,32 +62,16 @@ CHANNEL_OPTIONS = [
 ]
 
 
-@dataclass(frozen=True)
-class Settings:
-    chunk_ranges: int = 4096
-    backoff_initial_s: float = 0.5
-    backoff_max_s: float = 30.0
-    #: Live hints: how often frees are drained, and at most how many ranges a second.
-    live_interval_s: float = 0.1
-    live_max_ranges_per_s: int = 20000
-    #: Scan once, then track: "migration" (from a request until requests stop
-    #: for track_idle_s), "always" (rescanning every refresh_s meanwhile) or "off".
-    track: str = "migration"
-    track_idle_s: float = 30.0
-    refresh_s: float = 10.0
-
-    def __post_init__(self) -> None:
-        if self.track not in TRACK_MODES:
-            raise ValueError(f"track={self.track!r}: choose from {', '.join(TRACK_MODES)}")
-
-
-TRACK_MODES = ("migration", "always", "off")
 
 
 @dataclass(frozen=True)
 class Endpoint:
     address: addresses.Address
     token: str | None
+
+
+#: Seconds of no request in flight before the agent gives its heap back.
+TRIM_AFTER_S = 1.0
 
 
 class Backoff:
@@ -127,6 +113,7 @@ class Agent:
         self._last_request = 0.0
         self._track_timer: asyncio.TimerHandle | None = None
         self._refresher: asyncio.Task[None] | None = None
+        self._trim: asyncio.TimerHandle | None = None
         #: Counters for tests and logs.
         self.attaches = 0
         self.requests = 0
@@ -244,12 +231,21 @@ class Agent:
     def _done(self, epoch: int, task: asyncio.Task[None]) -> None:
         if self._tasks.get(epoch) is task:
             del self._tasks[epoch]
+        if not self._tasks:  # idle again: give back what the answer used, soon
+            if self._trim is not None:
+                self._trim.cancel()
+            self._trim = asyncio.get_running_loop().call_later(TRIM_AFTER_S, self._give_back)
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
             if isinstance(exc, grpc.aio.AioRpcError):
                 log.info("report for epoch %d ended: %s %s", epoch, exc.code().name, exc.details())
             else:
                 log.error("answering epoch %d failed: %r", epoch, exc)
+
+    def _give_back(self) -> None:
+        self._trim = None
+        if not self._tasks:
+            memory.give_back()
 
     def _track(self) -> bool:
         """Tracking on for this request (per Settings.track); schedules it off

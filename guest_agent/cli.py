@@ -8,7 +8,6 @@ comparing sources).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -17,16 +16,14 @@ import sys
 import time
 from pathlib import Path
 
-from google.protobuf import json_format
-
 from fphint import addresses
 from fphint import logs
 
 from . import discovery
 from . import priority
-from .agent import TRACK_MODES, Agent, Endpoint, Settings
 from .facts import build_facts, detect_safety
 from .selection import PREFERENCES, select_source
+from .settings import TRACK_MODES, Settings
 from .sources.base import SourceUnavailable
 
 log = logging.getLogger("guest_agent")
@@ -81,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     facts = build_facts(safety, sel.statuses, sel.name, sel.refusal,
                         details={str(k): str(v) for k, v in details.items()} if isinstance(details, dict) else None)
     if args.cmd == "probe":
+        from google.protobuf import json_format  # ~2.5 MiB the serving agent never needs
+
         print(json.dumps(json_format.MessageToDict(facts, preserving_proto_field_name=True), indent=2))
         return 0
     if args.cmd == "snapshot":
@@ -114,6 +113,16 @@ def main(argv: list[str] | None = None) -> int:
         except addresses.AddressError as e:
             print(f"fph-agent: --collector: {e}", file=sys.stderr)
             return 2
+    # The serving process: nothing in it speaks TLS (gRPC to the collector is
+    # plaintext over vsock or the host's loopback; gRPC has its own TLS in
+    # C), so asyncio's optional `import ssl` is refused: OpenSSL's libraries
+    # and their start-up heap (~4 MiB RSS) would otherwise sit in the guest.
+    if "ssl" not in sys.modules:
+        sys.modules["ssl"] = None  # type: ignore[assignment]
+    import asyncio
+
+    from .agent import Agent, Endpoint
+
     places = discovery.Places(env=os.environ, config_file=Path(args.config))
     said: dict[str, str] = {}
 

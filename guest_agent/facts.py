@@ -25,6 +25,8 @@ from pathlib import Path
 import fphint
 from fphint.v1 import hints_pb2
 
+from . import memory
+
 _TRUE = {"1", "on", "y", "yes", "true"}
 
 
@@ -151,22 +153,7 @@ def self_usage() -> tuple[float, int, int]:
             rss = int(f.read().split()[1]) * resource.getpagesize()
     except (OSError, ValueError, IndexError):
         rss = ru.ru_maxrss * 1024
-    return ru.ru_utime + ru.ru_stime, rss, memory_usage().get("Pss", 0)
-
-
-def memory_usage(path: str = "/proc/self/smaps_rollup") -> dict[str, int]:
-    """Bytes by kind from smaps_rollup (Rss, Pss, Pss_Anon, Pss_File, Anonymous, Locked, ...)."""
-    out: dict[str, int] = {}
-    try:
-        with open(path) as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                words = rest.split()
-                if len(words) == 2 and words[1] == "kB" and words[0].isdigit():
-                    out[key] = int(words[0]) * 1024
-    except OSError:
-        pass
-    return out
+    return ru.ru_utime + ru.ru_stime, rss, memory.usage().get("Pss", 0)
 
 
 def is_root() -> bool:

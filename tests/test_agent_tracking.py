@@ -31,7 +31,7 @@ TRACKED = [(0x100000, 32 * MiB), (4 * GiB, 8 * MiB)]
 
 
 def run(coro: Awaitable[None], timeout: float = 60) -> None:
-    asyncio.run(asyncio.wait_for(coro, timeout))  # type: ignore[arg-type]
+    asyncio.run(asyncio.wait_for(coro, timeout))  # type: ignore[arg-type,unused-ignore]
 
 
 @dataclass
@@ -123,8 +123,9 @@ def test_tracked_answer_first_then_the_scan() -> None:
                 # The tracked call came first: its chunk long before the scan's end.
                 scan_end = src.scans[-1][1] - ep.opened_at
                 assert st.request_to_first_chunk_s < scan_end <= st.request_to_last_chunk_s + 0.05
+                scanned = first.stats().request_to_first_chunk_s or 0.0
                 print(f"\nrequest to first chunk: {st.request_to_first_chunk_s * 1000:.1f} ms tracked, "
-                      f"{first.stats().request_to_first_chunk_s * 1000:.1f} ms scan (fake scan of 300 ms)")
+                      f"{scanned * 1000:.1f} ms scan (fake scan of 300 ms)")
                 assert src.tracking_calls and all(src.tracking_calls)
 
     run(go())
@@ -172,8 +173,8 @@ def test_tracking_stops_when_requests_stop_and_off_means_off() -> None:
                 await wait_for(lambda: not src.tracking, 3, "tracking to stop")
                 assert src.tracking_calls[-1] is False
             off = TrackingSource()
-            async with running_agent(srv, "a", off, Settings(backoff_initial_s=0.05, track="off")):
-                await wait_attached(srv, "a")
+            async with running_agent(srv, "a", off, Settings(backoff_initial_s=0.05, track="off")) as agent:
+                await wait_for(lambda: agent.attaches >= 1, 5, "the second agent to attach")
                 for _ in range(2):
                     ep = srv.collector.open_epoch("a", 0.5, live_hints=False)
                     await asyncio.wait_for(ep.snapshot_done.wait(), 2)

@@ -36,6 +36,7 @@ class Options:
     #: Tests only, to show what the checks catch. Never turn off in the agent.
     crosscheck: bool = True
     recheck: bool = True
+    tracked_subtraction: bool = True
     #: Seconds the loader child may take to compile and load (TCG guests
     #: need ~30 s).
     load_timeout: float = 120.0
@@ -126,6 +127,7 @@ class EbpfSource(FreePageSource):
             log.info("no kprobe on %s (%s)", kprobe, e)
         self._track_why = tracking_refusal(attached, opts)
         self._scanner = Scanner(prog, RamMap(self.paths, config.bitmap_pfns))
+        self._scanner.tracked.subtract = opts.tracked_subtraction
         self._facts = {
             "encoding": found.layout.encoding.source,
             "struct_page": (

@@ -54,6 +54,9 @@ class TrackedAnswer:
     #: Seconds since the scan that found the runs began, and to compute this.
     age_s: float = 0.0
     compute_s: float = 0.0
+    #: time.monotonic() just before the bitmap was read: what the answer says
+    #: held then (exits after it were not seen).
+    read_at: float = 0.0
 
     def packed(self, limit: int) -> tuple[array[int], int]:
         """The first ``limit`` ranges' words (a prefix of a sorted list is one)."""
@@ -163,9 +166,12 @@ class TrackedSet:
     Byte addresses throughout; 40 bytes a run, plus a bitmap of its pages.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, subtract: bool = True) -> None:
         self.began = 0.0
         self.valid = False
+        #: Tests only: False answers with the runs as scanned (what the churn
+        #: test's checker must catch).
+        self.subtract = subtract
         self._reset(0)
 
     def _reset(self, nbytes: int) -> None:
@@ -250,6 +256,8 @@ class TrackedSet:
         t0 = time.monotonic()
         bs, be, words, cum = self._bs, self._be, self._words, self._cum
         n = len(bs)
+        if not self.subtract:
+            return TrackedAnswer(array("Q", words), n, self.pages, self.pages, 0, 0, t0 - self.began, 0.0, t0)
         # Runs a set bit touches (in order), and runs wholly inside a wide range.
         hit: list[int] = []
         last = -1
@@ -313,7 +321,7 @@ class TrackedSet:
             if j > pos:
                 pos = j
         t1 = time.monotonic()
-        return TrackedAnswer(out, nr, pages, self.pages, len(stops) - 1, len(wide), t1 - self.began, t1 - t0)
+        return TrackedAnswer(out, nr, pages, self.pages, len(stops) - 1, len(wide), t1 - self.began, t1 - t0, t0)
 
 
 _ONES = b"\xff" * 4096
