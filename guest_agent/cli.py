@@ -19,8 +19,7 @@ from pathlib import Path
 from fphint import addresses
 from fphint import logs
 
-from . import discovery
-from . import priority
+from . import discovery, memory, priority
 from .facts import build_facts, detect_safety
 from .selection import PREFERENCES, select_source
 from .settings import TRACK_MODES, Settings
@@ -139,8 +138,12 @@ def main(argv: list[str] | None = None) -> int:
         return Endpoint(addresses.parse(addr.value), token.value if token else None)
 
     agent = Agent(sel.source, facts, endpoint, Settings(chunk_ranges=args.chunk_ranges, track=args.track))
-    # After the imports and the source's loader child, before serving: the
-    # answering path first, its pages locked (guest_agent/priority.py).
+    # After the imports and the source's loader child, before serving: file
+    # pages loading touched go back (what is used returns), then the
+    # answering path first, its pages locked (guest_agent/memory.py, priority.py).
+    before = memory.usage().get("Rss", 0)
+    memory.page_out_libraries()
+    log.info("paged out library pages: RSS %.1f -> %.1f MiB", before / 2**20, memory.usage().get("Rss", 0) / 2**20)
     prio = priority.raise_agent(args.priority)
     facts.source_details["priority"] = prio.describe()
 

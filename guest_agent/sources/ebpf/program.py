@@ -421,6 +421,9 @@ class LoadedProgram:
         key = self._unattached("kprobe:" + function)
         self._links[key] = perf.attach_kprobe(function, self._prog_fd(fn, BPF_PROG_TYPE_KPROBE))
 
+    def detach_kprobe(self, function: str) -> None:
+        self._unlink("kprobe:" + function)
+
     def attached(self, key: str) -> bool:
         """``raw:NAME``, ``tp:CAT:NAME`` or ``kprobe:FUNCTION`` is attached."""
         return key in self._links

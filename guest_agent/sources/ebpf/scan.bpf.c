@@ -374,10 +374,16 @@ static __always_inline void mark_range(struct fph_ctl *c, u64 start, u64 end)
 		u64 mask = (n >= 64 ? ~0ULL : ((1ULL << n) - 1)) << (start & 63);
 		u32 k = w0;
 		u64 *w = dirty.lookup(&k);
-		if (w)
-			__sync_fetch_and_or(w, mask);
-		else
+		/* The locked OR only when a bit is missing: a page allocated
+		 * again since the scan began costs a load. A bit seen set just
+		 * before a scan clears it belongs to an exit before that scan
+		 * reads (the same argument as for a mark the clearing erases). */
+		if (w) {
+			if ((*w & mask) != mask)
+				__sync_fetch_and_or(w, mask);
+		} else {
 			mark_wide(c, start, end);
+		}
 		return;
 	}
 	if (w1 - w0 >= FPH_MARK_WORDS) {
