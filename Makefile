@@ -7,7 +7,7 @@ setup:
 	VENV=$(VENV) scripts/install-deps.sh
 
 demo: setup
-	$(PY) -m host_collector.demo $(DEMO_ARGS)
+	$(PY) -m fphint_lab.demo $(DEMO_ARGS)
 
 # The QEMU integration tests run twice: against Debian's QEMU 7.2 (the default
 # binary) and against 10.0 from bookworm-backports (scripts/install-qemu10.sh).

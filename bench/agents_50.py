@@ -25,13 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import grpc
 
-import grpc  # noqa: E402
-
-from fphint import addresses  # noqa: E402
-from fphint.v1 import admin_pb2, admin_pb2_grpc  # noqa: E402
+from fphint import addresses
+from fphint.v1 import admin_pb2, admin_pb2_grpc
 
 GiB = 1 << 30
 TOKEN = "bench-token-{}-0123456789abcdef"
@@ -65,7 +62,7 @@ async def worker(socket: str, first: int, count: int, n_ranges: int) -> None:
     """Run agents vm{first}..vm{first+count-1} until killed."""
     from guest_agent.agent import Agent, Endpoint, Settings
     from guest_agent.facts import GuestSafety, build_facts
-    from tests.collector_harness import FixedSource
+    from fphint_lab.collector_harness import FixedSource
 
     agents = []
     for i in range(first, first + count):
@@ -86,13 +83,13 @@ def run_load(n_agents: int, rounds: int, n_ranges: int, workers: int) -> dict[st
         work = Path(tmp)
         cfg = write_config(work, n_agents)
         col = subprocess.Popen([sys.executable, "-m", "host_collector", "serve", "--config", str(cfg)],
-                               stderr=open(work / "collector.log", "w"), cwd=ROOT)
+                               stderr=open(work / "collector.log", "w"))
         procs = []
         per = -(-n_agents // workers)
         for w in range(0, n_agents, per):
             procs.append(subprocess.Popen(
                 [sys.executable, __file__, "--worker", str(work / "agents.sock"), str(w), str(min(per, n_agents - w)),
-                 str(n_ranges)], cwd=ROOT, stderr=open(work / f"worker{w}.log", "w")))
+                 str(n_ranges)], stderr=open(work / f"worker{w}.log", "w")))
         try:
             ch = grpc.insecure_channel(f"unix:{work}/admin.sock")
             stub = admin_pb2_grpc.CollectorAdminStub(ch)

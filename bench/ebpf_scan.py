@@ -28,14 +28,10 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from guest_agent.sources.base import FreePageSource  # noqa: E402
-from guest_agent.sources.ebpf import EbpfSource, system  # noqa: E402
-from guest_agent.sources.kpageflags import KpageflagsSource  # noqa: E402
+from guest_agent.sources.base import FreePageSource
+from guest_agent.sources.ebpf import EbpfSource, system
+from guest_agent.sources.kpageflags import KpageflagsSource
 
 GiB = 1 << 30
 
@@ -81,7 +77,7 @@ def first_part(ebpf: EbpfSource, runs: int) -> dict[str, float]:
 
 async def _agent_latency(source: FreePageSource, epochs: int) -> list[float]:
     from host_collector.layout import RamLayout, RamRange
-    from tests.collector_harness import make_config, running_agent, running_collector, wait_attached
+    from fphint_lab.collector_harness import make_config, running_agent, running_collector, wait_attached
 
     offset, rr = 0, []
     for s, e in system.ram_pfn_ranges():
@@ -115,11 +111,10 @@ def agent_latency(source: FreePageSource, epochs: int) -> float | None:
 
 RSS_PROBE = """
 import json, mmap, sys, time
-sys.path.insert(0, {root!r})
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
-out = {{"baseline": rss()}}
+out = {"baseline": rss()}
 from guest_agent.sources.ebpf import EbpfSource
 s = EbpfSource(); s.open()
 out["open"] = rss()
@@ -138,7 +133,7 @@ print(json.dumps(out))
 
 
 def rss_profile() -> dict[str, float]:
-    proc = subprocess.run([sys.executable, "-c", RSS_PROBE.format(root=str(ROOT))], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", RSS_PROBE], capture_output=True, text=True,
                           timeout=120)
     if proc.returncode:
         raise RuntimeError(proc.stderr[-2000:])

@@ -15,12 +15,9 @@ import resource
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from guest_agent.sources.kpageflags import KpageflagsSource  # noqa: E402
-from host_collector.demo import buddyinfo_pages  # noqa: E402
+from fphint_lab.demo import buddyinfo_pages
+from guest_agent.sources.kpageflags import KpageflagsSource
 
 
 def cpu() -> float:

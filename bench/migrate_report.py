@@ -22,16 +22,13 @@ import json
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tests.migrate_harness import Daemon, dest_vm, fixed_agent, report_of, source_vm  # noqa: E402
-from tests.qemu_pair import MiB, Machine, Vm, compare_ram, pattern, write_gpa  # noqa: E402
+from fphint_lab.migrate_harness import Daemon, dest_vm, fixed_agent, report_of, source_vm
+from fphint_lab.qemu_pair import MiB, Machine, Vm, compare_ram, pattern, write_gpa
 
 VM = "bench"
 ARGS = ("--max-bandwidth", "8G", "--downtime-limit", "0")

@@ -3,7 +3,7 @@
 plain QEMU, init_on_free=1, QEMU's virtio-balloon free-page hinting (default
 init_on_alloc and init_on_alloc=0), free-page reporting, and fphint.
 
-Every scenario crosses the same rate-limited relay (tests/linkrelay.py) in
+Every scenario crosses the same rate-limited relay (fphint_lab/linkrelay.py) in
 front of the destination, where the bytes on the wire are counted; QEMU's own
 bandwidth limit is off. Before each migration the guest fills and frees
 --fill-mib of memory (garbage in free memory) and runs a light
@@ -34,11 +34,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from vmimage.qemu import default_binary, qemu_version
 
-from tests.linkrelay import GIGABIT  # noqa: E402
-from tests.vm.scenarios import (  # noqa: E402
+from fphint_lab.linkrelay import GIGABIT
+from fphint_lab.vm.fphint_daemon import FphintMigrator
+from fphint_lab.vm.scenarios import (
     MiB,
     SCENARIOS,
     Migrator,
@@ -53,7 +53,9 @@ from tests.vm.scenarios import (  # noqa: E402
     table,
     vm_session,
 )
-from vmimage.qemu import default_binary, qemu_version  # noqa: E402
+
+#: Where the default report goes (docs/comparison.md, .png).
+ROOT = Path(__file__).resolve().parent.parent
 
 LOG = logging.getLogger("bench.migration_comparison")
 ORDER = ("plain", "init_on_free", "balloon_hint", "balloon_hint_ioa0", "balloon_report", "fphint", "fphint_kpageflags")
@@ -62,9 +64,8 @@ REQUIRED = ORDER[:6]
 
 
 def fphint_migrator(session: Any) -> Migrator:
-    """The daemon path (``fph-collector migrate``); see tests/vm/fphint_daemon.py."""
-    from tests.vm.fphint_daemon import FphintMigrator
-
+    """The daemon path (``fph-collector migrate``), the daemon run as shipped;
+    see fphint_lab/vm/fphint_daemon.py."""
     return FphintMigrator(session)
 
 

@@ -57,9 +57,9 @@ from typing import Any
 
 import numpy as np
 
-from host_collector.migration import parser as stream_parser
-from host_collector.migration.gate import NoHints, PageOracle, RewriteGate
-from host_collector.migration.proxy import MigrationProxy
+from host_collector.proxy.migration_proxy import MigrationProxy
+from host_collector.rewrite.gate import NoHints, PageOracle, RewriteGate
+from host_collector.stream import parser as stream_parser
 
 PAGE = 4096
 MiB = 1 << 20
@@ -150,7 +150,7 @@ class ImmediateGate(NoHints):
         return self.oracle, 1 << 63
 
 
-class LaggingGate:
+class LaggingGate(RewriteGate):
     """Confirms, every ``tick`` seconds, what had been received one tick earlier."""
 
     def __init__(self, oracle: PageOracle, tick: float = 0.002) -> None:

@@ -15,17 +15,14 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import numpy as np
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from host_collector.migration.gate import NoHints  # noqa: E402
-from host_collector.qmp.epoch_ledger import EpochLedger  # noqa: E402
+from host_collector.rewrite.gate import NoHints
+from host_collector.rewrite.ledger import EpochLedger
 
 RECORD = 8 + 4096  # header + page, CONTINUE set (no idstr)
 PAGES = 1 << 18  # a 1 GiB block
@@ -39,6 +36,8 @@ class BitmapEpoch:
     def __init__(self, epoch_id: int, rng: np.random.Generator) -> None:
         self.id = epoch_id
         self.is_open = True
+        self.hints_pending = False
+        self.answered = True
         self._masks = {"pc.ram": rng.random(PAGES) < 0.3}
 
     def is_free(self, block: str, page: int) -> bool:

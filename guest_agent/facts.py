@@ -1,7 +1,7 @@
 """What the agent tells the collector about its guest, and when it refuses to hint.
 
-Two guest settings make skipped pages unsafe (shared/reference/safety-rule.md,
-last section; ebpf.md §5-6):
+Two guest settings make skipped pages unsafe (docs/safety-rule.md §5.3-5.4;
+shared/reference/ebpf.md §5-6):
 
 * page poisoning (``page_poison=1``): free pages hold 0xaa and the kernel
   checks the pattern on allocation, but a skipped page arrives as zeros;

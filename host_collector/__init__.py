@@ -18,7 +18,7 @@ raise names); every service ends a call with one through
     │   ├── QmpTimeout                        DEADLINE_EXCEEDED    QEMU did not answer in time
     │   └── QmpCommandError                   FAILED_PRECONDITION  QEMU answered with an error
     ├── MigrateError      migrate/run.py      (each raise)     a migration request that cannot start
-    └── ProxyError        migration/proxy.py  UNAVAILABLE      the proxy could not start
+    └── ProxyError        proxy/migration_proxy.py  UNAVAILABLE      the proxy could not start
 
 Private control flow (``_SideError`` in the proxy, ``_Unknown`` and
 ``_NeedMore`` in the stream parser) never leaves its module.

@@ -28,12 +28,14 @@ scripts/bcc-headers.sh
 # is importable only from there.
 VENV=${VENV:-.venv}
 stamp="$VENV/.fphint-installed"
-want=$(cat pyproject.toml scripts/install-deps.sh host_collector/migration/_fastparse.c | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml lab/pyproject.toml scripts/install-deps.sh host_collector/stream/_fastparse.c | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     exit 0
 fi
 echo "== creating $VENV"
 /usr/bin/python3 -m venv --system-site-packages "$VENV"
 "$VENV/bin/pip" install -q --upgrade pip
-"$VENV/bin/pip" install -q -e '.[collector,dev,bench]'
+# The lab (lab/: VM harness, scenarios, guest workloads, demo; and vm-images/'s
+# builder) is a second, dev-only distribution: editable here, never in the wheel.
+"$VENV/bin/pip" install -q -e '.[collector,dev,bench]' -e ./lab
 echo "$want" > "$stamp"

@@ -1,8 +1,10 @@
 """Capture what read_memory_facts() sees, for the offline layout tests.
 
-    .venv/bin/python tests/qmp_capture.py 72            # the system QEMU (7.2)
+    .venv/bin/python -m tests.qmp_capture 72            # the system QEMU (7.2)
     FPH_QEMU=/path/qemu-system-x86_64 FPH_QEMU_DATA=/path/share/qemu \
-        .venv/bin/python tests/qmp_capture.py 100       # e.g. 10.0 from bookworm-backports
+        .venv/bin/python -m tests.qmp_capture 100       # e.g. 10.0 from bookworm-backports
+
+(from the repository's top directory, as the test helpers it uses are tests.*).
 
 Writes tests/data/qmp/<tag>-<case>.json.
 """
@@ -15,13 +17,10 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent.parent))
+from host_collector.qmp.ram_layout import read_memory_facts
 
-from qmp_expected import CASES  # noqa: E402
-from qmp_launcher import qemu  # noqa: E402
-
-from host_collector.qmp.ram_layout import read_memory_facts  # noqa: E402
+from .qmp_expected import CASES
+from .qmp_launcher import qemu
 
 
 async def main(tag: str) -> None:

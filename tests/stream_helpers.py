@@ -15,8 +15,9 @@ import time
 from collections.abc import Callable, Iterable, Set
 from dataclasses import dataclass, field
 
-from host_collector.migration.gate import PageOracle
-from host_collector.migration.proxy import MigrationProxy, ProxyResult
+from host_collector.proxy.migration_proxy import MigrationProxy
+from host_collector.proxy.results import ProxyResult
+from host_collector.rewrite.gate import PageOracle, RewriteGate
 
 PAGE = 4096
 
@@ -169,7 +170,7 @@ def typical_stream(hinted: Set[tuple[str, int]] = frozenset(), *, return_path: b
     return b
 
 
-class FixedGate:
+class FixedGate(RewriteGate):
     """Everything is decided at once; ``free`` says which pages may be zeroed.
 
     Records every page it was asked about and every one it freed.
@@ -247,7 +248,7 @@ class SteppedGate(FixedGate):
 
 
 class SpanSteppedGate(SteppedGate):
-    """A :class:`SteppedGate` that also answers per window (proxy.SpanGate)."""
+    """A :class:`SteppedGate` that also answers per window (``RewriteGate.oracle_until``)."""
 
     def __init__(self, free: dict[str, set[int]] | set[tuple[str, int]]) -> None:
         super().__init__(free)

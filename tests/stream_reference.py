@@ -1,7 +1,7 @@
 """A slow, plain reference reader of the main channel, for differential fuzzing.
 
 Written from the byte layouts (qemu-stream.md, QEMU 7.2's loader) separately
-from host_collector/migration/parser.py and without its fast paths,
+from host_collector/stream/parser.py and without its fast paths,
 incremental state or buffer handover: one pass over a complete byte string.
 It applies the same acceptance rules (what the proxy may prove), so on any
 input both must report the same PAGE records and stop at the same byte.

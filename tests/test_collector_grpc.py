@@ -19,7 +19,7 @@ from guest_agent.sources.base import LiveFrees, Part, WholeScan
 from host_collector.config import Limits
 from host_collector.server import CollectorServer
 
-from .collector_harness import (
+from fphint_lab.collector_harness import (
     GiB,
     FixedSource,
     RawGuest,

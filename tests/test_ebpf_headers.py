@@ -66,7 +66,6 @@ def test_bcc_compiles_with_a_native_split_tree(tmp_path: Path) -> None:
     (fake / "source").symlink_to(common)
     code = f"""
 import json, os, sys
-sys.path.insert(0, {str(ROOT)!r})
 os.environ.pop("BCC_KERNEL_SOURCE", None)
 from guest_agent.sources.ebpf import headers, program, system
 from guest_agent.sources.ebpf.btf import Btf

@@ -18,7 +18,7 @@ import pytest
 from guest_agent.sources.ebpf import loader, program
 from guest_agent.sources.ebpf.ringbuf import BUSY_BIT, DISCARD_BIT, HDR_SIZE, RingReader
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parent.parent
 
 
 # -- ring buffer consumer -----------------------------------------------------------
@@ -190,7 +190,6 @@ def test_no_module_of_the_agent_imports_in_a_cycle() -> None:
 
 AGENT = """
 import json, sys
-sys.path.insert(0, {root!r})
 from guest_agent.sources.ebpf import EbpfSource
 def status(key):
     with open("/proc/self/status") as f:
@@ -198,13 +197,13 @@ def status(key):
 s = EbpfSource()
 s.open()
 prog = s.scanner.prog
-print(json.dumps({{
+print(json.dumps({
     "bcc": sorted(m for m in sys.modules if m == "bcc" or m.startswith("bcc.")),
     "rss": status("VmRSS"), "anon": status("RssAnon"), "file": status("RssFile"),
     "open_s": float(s.facts["open_s"]), "load_s": prog.load_s,
     "child_files": sorted(prog._files), "dropped": prog.dropped.files,
     "maps": open("/proc/self/maps").read(),
-}}))
+}))
 s.close()
 """
 
@@ -213,7 +212,7 @@ s.close()
 def agent() -> dict[str, object]:
     if os.geteuid() != 0:
         pytest.skip("needs root")
-    proc = subprocess.run([sys.executable, "-c", AGENT.format(root=str(ROOT))], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", AGENT], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out: dict[str, object] = json.loads(proc.stdout.strip().splitlines()[-1])

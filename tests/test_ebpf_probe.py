@@ -22,7 +22,6 @@ from guest_agent.sources.ebpf import checks, headers, system
 from guest_agent.sources.ebpf.source import EbpfSource
 from guest_agent.sources.ebpf.system import KernelPaths
 
-ROOT = Path(__file__).resolve().parent.parent
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 IOMEM = """\
@@ -185,7 +184,6 @@ def test_tracefs_unmountable_without_kallsyms_symbol(tmp_path: Path) -> None:
 
 PROBE_SNIPPET = """
 import json, sys
-sys.path.insert(0, {root!r})
 from guest_agent.sources.ebpf.source import EbpfSource
 from guest_agent.sources.base import SourceUnavailable
 src = EbpfSource()
@@ -207,7 +205,7 @@ print(json.dumps(out))
 
 
 def _run_python(prefix: list[str], open_it: bool = False) -> dict[str, object]:
-    code = PROBE_SNIPPET.format(root=str(ROOT), open_it=open_it)
+    code = PROBE_SNIPPET.format(open_it=open_it)
     proc = subprocess.run(prefix + [sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     result: dict[str, object] = json.loads(proc.stdout.strip().splitlines()[-1])

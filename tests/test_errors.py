@@ -31,12 +31,12 @@ from host_collector.errors import CollectorError, Refusal, abort, status_code
 from host_collector.hintcheck import HintViolation
 from host_collector.layout import LayoutError
 from host_collector.migrate.run import MigrateError
-from host_collector.migration.proxy import ProxyError
+from host_collector.proxy.migration_proxy import ProxyError
 from host_collector.qmp.mtree import MtreeError
 from host_collector.qmp.ramblock import RamBlockError
 from host_collector.qmp.session import QmpCommandError, QmpError, QmpTimeout
 
-from .collector_harness import make_config, running_collector, token
+from fphint_lab.collector_harness import make_config, running_collector, token
 
 S = grpc.StatusCode
 #: One of each collector error as it is raised, and the status it must end a call with.

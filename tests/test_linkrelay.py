@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from .linkrelay import LinkRelay, TokenBucket, parse_target
+from fphint_lab.linkrelay import LinkRelay, TokenBucket, parse_target
 
 
 class EchoSink:

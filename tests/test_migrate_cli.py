@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from .migrate_harness import (
+from fphint_lab.migrate_harness import (
     QEMU10,
     AgentThread,
     Daemon,
@@ -34,7 +34,7 @@ from .migrate_harness import (
     source_vm,
 )
 from .qmp_launcher import TCG_FIXED, qemu_version
-from .qemu_pair import MiB, Machine, Vm, boot_image, compare_ram, free_port, pattern, wait_loop_running, write_gpa
+from fphint_lab.qemu_pair import MiB, Machine, Vm, boot_image, compare_ram, free_port, pattern, wait_loop_running, write_gpa
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 

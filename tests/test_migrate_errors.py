@@ -7,13 +7,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from host_collector.migrate.gates import NEVER, HeldGate
 from host_collector.migrate.console import parse_size
-from host_collector.qmp.epoch_gate import EpochGate
-from host_collector.qmp.epoch_ledger import EpochOracle
+from host_collector.rewrite.epoch_gate import EpochGate
+from host_collector.rewrite.gate import NEVER
+from host_collector.rewrite.held import HeldGate
+from host_collector.rewrite.ledger import EpochOracle
 
-from .migrate_harness import Daemon
-from .qmp_fake_collector import FakeCollector
+from fphint_lab.migrate_harness import Daemon
+from .qmp_fake_collector import FakeCollector, FakeEpoch
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ def test_parse_size() -> None:
             parse_size(bad)
 
 
-def _gate() -> tuple[HeldGate, EpochGate]:
+def _gate() -> tuple[HeldGate, EpochGate[FakeEpoch]]:
     inner = EpochGate(None, FakeCollector(), "vm1")  # type: ignore[arg-type]  # never started: no QMP needed
     led = inner.ledger
     led.on_pass(1)

@@ -19,8 +19,8 @@ import grpc
 import pytest
 
 from fphint.v1 import admin_pb2, admin_pb2_grpc
+from fphint_lab.demo import buddyinfo_pages, write_config
 from guest_agent.sources.kpageflags import KpageflagsSource
-from host_collector.demo import buddyinfo_pages, write_config
 
 PY = sys.executable
 

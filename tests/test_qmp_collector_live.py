@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 
 from host_collector.config import CollectorConfig, Limits, VmEntry
-from host_collector.qmp.epoch_gate import EpochGate
-from host_collector.qmp.epoch_ledger import EpochOracle
 from host_collector.qmp.preflight import check_migration_safety
 from host_collector.qmp.ram_layout import read_layout
+from host_collector.rewrite.epoch_gate import EpochGate
+from host_collector.rewrite.ledger import EpochOracle
 from fphint import addresses
 
-from .collector_harness import FixedSource, running_agent, running_collector, token, wait_attached
+from fphint_lab.collector_harness import FixedSource, running_agent, running_collector, token, wait_attached
 from .qmp_launcher import qemu
 from .test_qmp_migration_live import RAM_MIB, Relay, fill_pattern, wait_status
 

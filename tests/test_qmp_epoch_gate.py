@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 
-from host_collector.qmp.epoch_gate import EpochGate
-from host_collector.qmp.epoch_ledger import NEVER_DECIDED_LIMIT, EpochOracle
 from host_collector.qmp.session import EventQueue, QmpError
+from host_collector.rewrite.epoch_gate import EpochGate
+from host_collector.rewrite.gate import NEVER
+from host_collector.rewrite.ledger import EpochOracle
 
 from .qmp_fake_collector import FakeCollector
 from .qmp_launcher import qemu
@@ -178,7 +179,7 @@ def test_bad_answers_end_rewriting_and_release_the_proxy(reply: Any, reason: str
         await until(lambda: gate.failure is not None)
         assert reason in (gate.failure or "")
         assert woken.is_set()
-        assert gate.decided_through() == NEVER_DECIDED_LIMIT
+        assert gate.decided_through() == NEVER
         assert gate.oracle_for(150) is None  # never a verdict past the last good poll
         assert gate.oracle_for(100) is not None  # what was confirmed stays confirmed
         assert not any(e.is_open for e in coll.epochs.values())
@@ -221,7 +222,7 @@ def test_frozen_qemu_ends_rewriting_within_the_poll_timeout() -> None:
                 await until(lambda: gate.failure is not None, timeout_s=5)
                 assert time.monotonic() - t0 < 2
                 assert "not answered within 0.3 s" in (gate.failure or "")
-                assert gate.decided_through() == NEVER_DECIDED_LIMIT and gate.oracle_for(4096) is None
+                assert gate.decided_through() == NEVER and gate.oracle_for(4096) is None
             finally:
                 q.proc.send_signal(signal.SIGCONT)
             await gate.stop()

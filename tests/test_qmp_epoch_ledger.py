@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from host_collector.qmp.epoch_ledger import NEVER_DECIDED_LIMIT, EpochEntry, EpochLedger, EpochOracle
+from host_collector.rewrite.gate import NEVER
+from host_collector.rewrite.ledger import EpochEntry, EpochLedger, EpochOracle
 
 from .qmp_fake_collector import FakeCollector, FakeEpoch
 
@@ -26,12 +27,12 @@ VM = "vm1"
 BLOCK = "pc.ram"
 
 
-def ledger(**kw: object) -> tuple[EpochLedger, FakeCollector]:
+def ledger(**kw: object) -> tuple[EpochLedger[FakeEpoch], FakeCollector]:
     c = FakeCollector()
     return EpochLedger(c, VM, **kw), c  # type: ignore[arg-type]
 
 
-def epoch(c: FakeCollector, entry: EpochEntry | None) -> FakeEpoch:
+def epoch(c: FakeCollector, entry: EpochEntry[FakeEpoch] | None) -> FakeEpoch:
     assert entry is not None
     return c.epochs[entry.epoch.id]
 
@@ -135,7 +136,7 @@ def test_pass_going_backwards_stops_rewriting() -> None:
     led.on_poll(1000, 1)
     led.on_pass(1)
     assert led.failure and "went from 1 to 1" in led.failure
-    assert led.decided_through() == NEVER_DECIDED_LIMIT
+    assert led.decided_through() == NEVER
     assert syncs(led.oracle_for(1000)) == (1,)  # confirmed before the failure: still valid
     led.received(5000)
     assert led.oracle_for(1001) is None
@@ -242,7 +243,7 @@ class SimResult:
     mismatches: list[str] = field(default_factory=list)
 
 
-def simulate(seed: int, make: type[EpochLedger] = EpochLedger, span: bool = False) -> SimResult:
+def simulate(seed: int, make: type[EpochLedger[FakeEpoch]] = EpochLedger, span: bool = False) -> SimResult:
     """``span``: judge like the proxy with ``oracle_until``, one window at a time."""
     rnd = random.Random(seed)
     pages = rnd.choice([4, 8, 16])
@@ -280,7 +281,7 @@ def simulate(seed: int, make: type[EpochLedger] = EpochLedger, span: bool = Fals
     poll: tuple[int, int, int] | None = None  # (compute_at, x, passes_before)
     poll_busy = False
     last_issue = -(10**9)
-    judged: list[tuple[Record, tuple[EpochEntry, ...], bool]] = []
+    judged: list[tuple[Record, tuple[EpochEntry[FakeEpoch], ...], bool]] = []
     mismatches: list[str] = []
     deliveries = 0
 
@@ -377,7 +378,7 @@ def test_simulated_verdicts_follow_the_rule() -> None:
     assert rewritten > judged // 20  # the rule still lets plenty through
 
 
-class StalePollLedger(EpochLedger):
+class StalePollLedger(EpochLedger[FakeEpoch]):
     """Planted fault: judges a record by the last poll issued *before* it was received."""
 
     def oracle_for(self, end: int):  # type: ignore[no-untyped-def]
@@ -392,7 +393,7 @@ class StalePollLedger(EpochLedger):
         return EpochOracle(usable) if usable else None
 
 
-class IgnoresLargerSyncLedger(EpochLedger):
+class IgnoresLargerSyncLedger(EpochLedger[FakeEpoch]):
     """Planted fault: any unreleased epoch may zero any confirmed record."""
 
     def oracle_for(self, end: int):  # type: ignore[no-untyped-def]
@@ -402,10 +403,10 @@ class IgnoresLargerSyncLedger(EpochLedger):
         return EpochOracle(usable) if usable else None
 
 
-class LateOffsetLedger(EpochLedger):
+class LateOffsetLedger(EpochLedger[FakeEpoch]):
     """Planted fault: takes the request offset a little after the request was sent."""
 
-    def on_pass(self, count: int) -> EpochEntry | None:
+    def on_pass(self, count: int) -> EpochEntry[FakeEpoch] | None:
         entry = super().on_pass(count)
         if entry is not None:
             entry.request_offset += 50
@@ -413,7 +414,7 @@ class LateOffsetLedger(EpochLedger):
 
 
 @pytest.mark.parametrize("fault", [StalePollLedger, IgnoresLargerSyncLedger, LateOffsetLedger])
-def test_simulator_catches_planted_faults(fault: type[EpochLedger]) -> None:
+def test_simulator_catches_planted_faults(fault: type[EpochLedger[FakeEpoch]]) -> None:
     caught = sum(1 for seed in SEEDS if simulate(seed, fault).violations)
     assert caught > 0, f"{fault.__name__} was never caught"
 
@@ -445,10 +446,10 @@ def test_oracle_until_window_ends_at_the_next_poll_and_request_offset() -> None:
     assert (o, through) == (None, 300)
     assert led.oracle_until(301) == (None, 301)  # not decided: nothing, and no promise beyond it
     led.fail("test")
-    assert led.oracle_until(301) == (None, NEVER_DECIDED_LIMIT)
+    assert led.oracle_until(301) == (None, NEVER)
 
 
-class LongWindowLedger(EpochLedger):
+class LongWindowLedger(EpochLedger[FakeEpoch]):
     """Planted fault: a window runs on to the poll after the one that decides it."""
 
     def oracle_until(self, end: int):  # type: ignore[no-untyped-def]
@@ -457,7 +458,7 @@ class LongWindowLedger(EpochLedger):
         return o, (self._poll_x[i] if i < len(self._poll_x) else through)
 
 
-class NoRequestCutLedger(EpochLedger):
+class NoRequestCutLedger(EpochLedger[FakeEpoch]):
     """Planted fault: a window ignores that records after a request offset lose that epoch."""
 
     def oracle_until(self, end: int):  # type: ignore[no-untyped-def]
@@ -467,7 +468,7 @@ class NoRequestCutLedger(EpochLedger):
 
 
 @pytest.mark.parametrize("fault", [LongWindowLedger, NoRequestCutLedger])
-def test_simulator_catches_planted_window_faults(fault: type[EpochLedger]) -> None:
+def test_simulator_catches_planted_window_faults(fault: type[EpochLedger[FakeEpoch]]) -> None:
     # A stale request cut only matters when a sync starts within a few ticks of
     # a request; about 1 seed in 500 plays that out.
     results = [simulate(seed, fault, span=True) for seed in range(600)]

@@ -23,10 +23,10 @@ from typing import Any
 
 import pytest
 
-from host_collector.qmp.epoch_gate import EpochGate
-from host_collector.qmp.epoch_ledger import EpochOracle
 from host_collector.qmp.preflight import check_migration_safety
 from host_collector.qmp.session import QmpSession
+from host_collector.rewrite.epoch_gate import EpochGate
+from host_collector.rewrite.ledger import EpochOracle
 
 from .qmp_fake_collector import FakeCollector
 from .qmp_launcher import TCG_FIXED, qemu, qemu_version

@@ -26,15 +26,15 @@ from typing import NamedTuple
 
 import pytest
 
-from host_collector.migration import parser as parser_mod
-from host_collector.migration.parser import NO_C_ENV, PageRecord, StreamParser
-from host_collector.migration.stream import Phase
+from host_collector.stream import parser as parser_mod
+from host_collector.stream.parser import NO_C_ENV, PageRecord, StreamParser
+from host_collector.stream.wire import Phase
 from tests.stream_helpers import PAGE, StreamBuilder, be32, be64, typical_stream
 from tests.test_stream_fuzz import captured  # noqa: F401  (the fixture: a real QEMU stream)
 from tests.test_stream_parser import FALLBACKS
 
 try:
-    from host_collector.migration import _fastparse
+    from host_collector.stream import _fastparse
 except ImportError:  # pragma: no cover - see test_the_c_extension_is_built
     _fastparse = None  # type: ignore[assignment]
 
@@ -199,7 +199,7 @@ def test_continue_records_reads_nothing_past_end() -> None:
 
 _GUARD_PAGE_CHECK = """
 import ctypes, mmap
-from host_collector.migration._fastparse import continue_records
+from host_collector.stream._fastparse import continue_records
 
 PAGE = 4096
 libc = ctypes.CDLL(None, use_errno=True)
@@ -398,7 +398,7 @@ def test_a_real_stream_truncated_and_flipped(captured: bytes) -> None:  # noqa: 
 @pytest.mark.slow
 def test_parser_and_fuzz_tests_pass_with_the_python_loop() -> None:
     env = {**os.environ, NO_C_ENV: "1"}
-    check = "from host_collector.migration.parser import StreamParser; assert not StreamParser().accelerated"
+    check = "from host_collector.stream.parser import StreamParser; assert not StreamParser().accelerated"
     subprocess.run([sys.executable, "-c", check], env=env, check=True, cwd=ROOT)
     r = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from host_collector.migration.parser import StreamParser
-from host_collector.migration.proxy import Outcome
-from host_collector.migration.stream import Phase
-from tests.qemu_pair import MiB, PAGE, Machine, Tap, Vm, boot_image, pattern, wait_loop_running, write_gpa
+from host_collector.proxy.results import ProxyOutcome
+from host_collector.stream.parser import StreamParser
+from host_collector.stream.wire import Phase
+from fphint_lab.qemu_pair import MiB, PAGE, Machine, Tap, Vm, boot_image, pattern, wait_loop_running, write_gpa
 from tests.stream_helpers import FixedGate, run_proxy
 from tests.stream_reference import reference_read
 
@@ -174,7 +174,7 @@ def test_the_proxy_on_damaged_streams_ends_cleanly(captured: bytes, seed: int) -
     o = Original(captured)
     hinted = {(blk, pg) for _, _, blk, pg in o.pages}
     rng = random.Random(2000 + seed)
-    seen: set[Outcome] = set()
+    seen: set[ProxyOutcome] = set()
     for _ in range(8):
         data = bytearray(captured)
         cut = len(data) if rng.random() < 0.6 else rng.randrange(1, len(data))
@@ -191,16 +191,16 @@ def test_the_proxy_on_damaged_streams_ends_cleanly(captured: bytes, seed: int) -
         res, out, _ = run_proxy(bytes(data), gate, chunks=chunks, timeout=20)
         st = res.stats
         seen.add(res.outcome)
-        assert res.outcome in (Outcome.FINISHED, Outcome.ABORTED), res
+        assert res.outcome in (ProxyOutcome.FINISHED, ProxyOutcome.ABORTED), res
         assert not (st.abort_reason or "").startswith("internal error"), st.abort_reason
         # every record the gate was asked about ended where a real record ends
         for end, _, _ in gate.asked:
             assert end in set(o.ends)
-        if res.outcome is Outcome.FINISHED:
+        if res.outcome is ProxyOutcome.FINISHED:
             # everything arrived, less 4095 bytes per zeroed page
             assert len(data) - len(out) == st.pages_rewritten * 4095
             gave_up = st.fallback_reason is not None and "source closed" not in st.fallback_reason
             assert not (gave_up and st.pages_rewritten), st  # a give-up after rewrites must abort
         else:
             assert st.pages_rewritten > 0 and st.abort_reason
-    assert Outcome.FINISHED in seen
+    assert ProxyOutcome.FINISHED in seen

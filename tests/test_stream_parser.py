@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from host_collector.migration.parser import MAX_ITEM, StreamParser
-from host_collector.migration.stream import Phase
+from host_collector.stream.parser import MAX_ITEM, StreamParser
+from host_collector.stream.wire import Phase
 from tests.stream_helpers import BLOCKS, StreamBuilder, be16, be32, be64, typical_stream
 from tests.stream_reference import reference_read
 

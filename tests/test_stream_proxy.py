@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from host_collector.migration.gate import NoHints
-from host_collector.migration.proxy import MigrationProxy, Outcome, ProxyError
-from host_collector.migration.stream import Phase
+from host_collector.proxy.migration_proxy import MigrationProxy, ProxyError
+from host_collector.proxy.results import ProxyOutcome
+from host_collector.rewrite.gate import NoHints
+from host_collector.stream.wire import Phase
 from tests.stream_helpers import (
     FixedGate,
     StreamBuilder,
@@ -40,7 +41,7 @@ def test_no_hints_relays_byte_for_byte_both_ways() -> None:
     b = typical_stream()
     data = bytes(b.orig)
     res, out, back = run_proxy(data, NoHints(), chunks=[7, 100, 5000, 3], reply=b"\x00\x02\x00\x04\x00\x00\x00\x01")
-    assert res.outcome is Outcome.FINISHED
+    assert res.outcome is ProxyOutcome.FINISHED
     assert out == data
     assert back == b"\x00\x02\x00\x04\x00\x00\x00\x01"
     st = res.stats
@@ -53,7 +54,7 @@ def test_hinted_page_records_become_zero_records() -> None:
     b = typical_stream(HINTED)
     gate = FixedGate(HINTED | {("pc.rom", 0), ("pc.ram", 3)})  # pc.ram 3 is sent as ZERO anyway
     res, out, _ = run_proxy(bytes(b.orig), gate)
-    assert res.outcome is Outcome.FINISHED
+    assert res.outcome is ProxyOutcome.FINISHED
     assert out == bytes(b.want)
     assert res.stats.pages_rewritten == 5  # pc.ram 41 once: its re-send in the END section is never judged
     assert len(b.orig) - len(out) == 5 * 4095
@@ -225,7 +226,7 @@ def test_windows_decided_while_the_stream_flows_through_small_recycled_buffers()
         hold_bytes=1 << 30,
     )
     assert stepped.wait(10)
-    assert res.outcome is Outcome.FINISHED and res.stats.pages_released_unjudged == 0
+    assert res.outcome is ProxyOutcome.FINISHED and res.stats.pages_released_unjudged == 0
     assert res.stats.pages_held > 1000
     assert out == bytes(want)
     assert res.stats.pages_rewritten == len(zeroed) > 100
@@ -243,7 +244,7 @@ def test_records_of_the_end_section_are_neither_held_nor_judged() -> None:
     t0 = time.monotonic()
     res, out, _ = run_proxy(bytes(b.orig), gate, hold_seconds=30, timeout=10)
     assert time.monotonic() - t0 < 5
-    assert out == bytes(b.orig) and res.outcome is Outcome.FINISHED
+    assert out == bytes(b.orig) and res.outcome is ProxyOutcome.FINISHED
     assert res.stats.pages_held == 0 and not gate.asked and not gate.none_windows_asked
 
 
@@ -296,7 +297,7 @@ def test_unknown_record_before_any_rewrite_falls_back_to_pass_through() -> None:
     b, bad_at = _with_bad_record(hinted_before=False)
     gate = FixedGate({("pc.ram", 4)})  # only a page after the XBZRLE record is hinted
     res, out, _ = run_proxy(bytes(b.orig), gate)
-    assert res.outcome is Outcome.FINISHED
+    assert res.outcome is ProxyOutcome.FINISHED
     assert out == bytes(b.orig)
     assert res.stats.fallback_reason is not None and "XBZRLE" in res.stats.fallback_reason
     assert f"offset {bad_at}" in res.stats.fallback_reason
@@ -307,7 +308,7 @@ def test_unknown_record_in_the_same_read_as_a_hinted_page_wins() -> None:
     """Parsing runs ahead of judging: a give-up found in the same read comes first, so no rewrite."""
     b, _ = _with_bad_record(hinted_before=True)
     res, out, _ = run_proxy(bytes(b.orig), FixedGate({("pc.ram", 1)}))
-    assert res.outcome is Outcome.FINISHED and out == bytes(b.orig)
+    assert res.outcome is ProxyOutcome.FINISHED and out == bytes(b.orig)
     assert res.stats.pages_released_unjudged == 2
 
 
@@ -321,7 +322,7 @@ def test_unknown_record_after_a_rewrite_aborts_both_connections() -> None:
             time.sleep(0.01)
 
     res, out, _ = run_proxy(bytes(b.orig), gate, chunks=[bad_at], after_chunk=wait_for_rewrite)
-    assert res.outcome is Outcome.ABORTED
+    assert res.outcome is ProxyOutcome.ABORTED
     assert res.stats.abort_reason is not None and "XBZRLE" in res.stats.abort_reason
     # the destination got the rewritten prefix and not one byte of the XBZRLE record
     assert out == bytes(b.want)[: bad_at - 4095]
@@ -332,7 +333,7 @@ def test_give_up_sends_held_records_unchanged() -> None:
     b, _ = _with_bad_record(hinted_before=True)
     gate = SteppedGate({("pc.ram", 1), ("pc.ram", 2)})  # holds, never decides
     res, out, _ = run_proxy(bytes(b.orig), gate, hold_seconds=30, timeout=10)
-    assert res.outcome is Outcome.FINISHED
+    assert res.outcome is ProxyOutcome.FINISHED
     assert out == bytes(b.orig)
     assert res.stats.pages_released_unjudged == 2 and res.stats.pages_rewritten == 0
 
@@ -341,7 +342,7 @@ def test_source_closing_mid_stream_forwards_what_came() -> None:
     b = typical_stream(HINTED)
     data = bytes(b.orig)[: len(b.orig) // 2 + 10]
     res, out, _ = run_proxy(data, FixedGate(HINTED))
-    assert res.outcome is Outcome.FINISHED
+    assert res.outcome is ProxyOutcome.FINISHED
     assert res.stats.fallback_reason is not None and "source closed the stream" in res.stats.fallback_reason
     # complete records were judged; the torn one at the end went out as it came
     n = res.stats.pages_rewritten
@@ -378,7 +379,7 @@ def test_on_phase_abort_cuts_the_stream_before_that_phase() -> None:
     src.sendall(data)
     res = px.wait(10)
     t.join(5)
-    assert res is not None and res.outcome is Outcome.ABORTED and res.stats.abort_reason == "test cut"
+    assert res is not None and res.outcome is ProxyOutcome.ABORTED and res.stats.abort_reason == "test cut"
     assert data[cut["at"]] == 0x03
     assert bytes(got) == data[: len(got)] and len(got) <= cut["at"]
     # the source's connection is gone too
@@ -398,7 +399,7 @@ def test_destination_unreachable_breaks_the_migration() -> None:
         px.start()
         src = socket.create_connection(("127.0.0.1", int(px.listen_address.rsplit(":", 1)[1])))
         res = px.wait(10)
-    assert res is not None and res.outcome is Outcome.BROKEN
+    assert res is not None and res.outcome is ProxyOutcome.BROKEN
     assert res.stats.error is not None and "cannot connect to the destination" in res.stats.error
     src.settimeout(5)
     try:
@@ -429,7 +430,7 @@ def test_destination_vanishing_mid_stream_closes_the_source_at_once() -> None:
         src.sendall(data)
         src.sendall(data)
     res = px.wait(10)
-    assert res is not None and res.outcome is Outcome.BROKEN
+    assert res is not None and res.outcome is ProxyOutcome.BROKEN
     assert res.stats.error is not None
 
 
@@ -437,7 +438,7 @@ def test_return_path_stays_open_after_the_source_finished_sending() -> None:
     b = typical_stream()
     reply = b"\x00\x01\x00\x04\x00\x00\x00\x00"  # SHUT 0, sent after the whole stream
     res, out, back = run_proxy(bytes(b.orig), NoHints(), reply=reply)
-    assert out == bytes(b.orig) and back == reply and res.outcome is Outcome.FINISHED
+    assert out == bytes(b.orig) and back == reply and res.outcome is ProxyOutcome.FINISHED
 
 
 def test_extra_connections_are_relayed_in_accept_order_and_stop_rewriting() -> None:
@@ -487,7 +488,7 @@ def test_extra_connections_are_relayed_in_accept_order_and_stop_rewriting() -> N
     main.shutdown(socket.SHUT_WR)
     res = px.wait(10)
     assert done.wait(5)
-    assert res is not None and res.outcome is Outcome.FINISHED
+    assert res is not None and res.outcome is ProxyOutcome.FINISHED
     assert bytes(conns[0]) == data  # nothing rewritten once an extra connection came
     assert bytes(conns[1]).endswith(b"channel1") and bytes(conns[2]).endswith(b"channel2")
     assert [e.recv(10) for e in extras] == [b"ack1", b"ack2"]
@@ -517,7 +518,7 @@ def test_an_extra_connection_after_rewrites_aborts() -> None:
         time.sleep(0.01)
     socket.create_connection(("127.0.0.1", port)).sendall(be32(0x11223344))
     res = px.wait(10)
-    assert res is not None and res.outcome is Outcome.ABORTED
+    assert res is not None and res.outcome is ProxyOutcome.ABORTED
     assert res.stats.abort_reason is not None and "extra connection" in res.stats.abort_reason
 
 
@@ -540,7 +541,7 @@ def test_unix_sockets_and_wait_async(tmp_path: Path) -> None:
     px.start()
     assert px.listen_address == f"unix:{tmp_path / 'proxy.sock'}"
 
-    async def migrate() -> Outcome:
+    async def migrate() -> ProxyOutcome:
         loop = asyncio.get_running_loop()
 
         def source() -> None:
@@ -556,7 +557,7 @@ def test_unix_sockets_and_wait_async(tmp_path: Path) -> None:
         await fut
         return result.outcome
 
-    assert asyncio.run(migrate()) is Outcome.FINISHED
+    assert asyncio.run(migrate()) is ProxyOutcome.FINISHED
     assert bytes(got) == bytes(b.want)
     assert not (tmp_path / "proxy.sock").exists()
 
@@ -578,7 +579,7 @@ def test_close_before_any_connection_ends_the_proxy() -> None:
     addr = px.listen_address
     px.close()
     res = px.wait(5)
-    assert res is not None and res.outcome is Outcome.ABORTED
+    assert res is not None and res.outcome is ProxyOutcome.ABORTED
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", int(addr.rsplit(":", 1)[1])), timeout=2)
 
@@ -614,7 +615,7 @@ def test_completion_stops_the_wait_for_hints() -> None:
     end_at = bytes(b.orig).rindex(b"\x03" + be32(2))
     gate = HintHoldingGate(HINTED)
     res, out, _ = run_proxy(bytes(b.orig), gate, hold_seconds=60.0, timeout=15.0)
-    assert res is not None and res.outcome is Outcome.FINISHED
+    assert res is not None and res.outcome is ProxyOutcome.FINISHED
     assert len(gate.stopped_at) == 1 and gate.stopped_at[0] > end_at
     assert out == bytes(b.want)  # decided after the stop: the hints still apply
     assert res.stats.pages_rewritten == 5
@@ -644,7 +645,7 @@ def test_the_source_is_paced_while_the_readahead_waits_for_the_gate() -> None:
     res, out, _ = run_proxy(data, gate, before_close=look, hold_seconds=30, readahead_bytes=256 << 10)
     assert seen["held"] <= (256 << 10) + (64 << 10), seen
     assert seen["received"] < len(data) // 2, seen
-    assert res.outcome is Outcome.FINISHED and out == bytes(b.want)
+    assert res.outcome is ProxyOutcome.FINISHED and out == bytes(b.want)
     assert res.stats.pages_rewritten == 1024 and res.stats.pages_released_unjudged == 0
 
 
@@ -656,6 +657,6 @@ def test_a_gate_slower_than_the_hold_stops_the_pacing() -> None:
     gate = SteppedGate(set())  # never decides
     t0 = time.monotonic()
     res, out, _ = run_proxy(data, gate, hold_seconds=0.3, readahead_bytes=64 << 10, timeout=10)
-    assert res.outcome is Outcome.FINISHED and out == data
+    assert res.outcome is ProxyOutcome.FINISHED and out == data
     # paced throughout, 4 MiB at 64 KiB per 0.3 s would take ~20 s
     assert time.monotonic() - t0 < 3

@@ -3,7 +3,7 @@
 Every test compares the two RAM files page by page: equal everywhere except
 the pages the proxy zeroed, which must be hinted pages the source sent with
 content. ``FPH_QEMU``/``FPH_QEMU_DATADIR`` select another QEMU build
-(tests/qemu_pair.py).
+(fphint_lab/qemu_pair.py).
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from typing import Any
 
 import pytest
 
-from host_collector.migration.gate import NoHints
-from host_collector.migration.proxy import MigrationProxy, Outcome, ProxyResult
-from host_collector.migration.stream import Phase
-from tests.qemu_pair import (
+from host_collector.proxy.migration_proxy import MigrationProxy
+from host_collector.proxy.results import ProxyOutcome, ProxyResult
+from host_collector.rewrite.gate import NoHints
+from host_collector.stream.wire import Phase
+from fphint_lab.qemu_pair import (
     GiB,
     MiB,
     PAGE,
@@ -45,7 +46,7 @@ pytestmark = pytest.mark.qemu
 def _version() -> tuple[int, int]:
     import subprocess
 
-    from tests.qemu_pair import QEMU
+    from fphint_lab.qemu_pair import QEMU
 
     out = subprocess.run([QEMU, "--version"], capture_output=True, text=True, check=True).stdout
     m = re.search(r"version (\d+)\.(\d+)", out)
@@ -135,7 +136,7 @@ def pairs(tmp_path: Path) -> Iterator[Any]:
 
 
 def assert_completed(p: Pair, res: ProxyResult) -> None:
-    assert res.outcome is Outcome.FINISHED, res
+    assert res.outcome is ProxyOutcome.FINISHED, res
     assert p.src.migration()["status"] == "completed", p.src.migration()
     assert p.dst.wait_migration(("completed", "failed"), 30)["status"] == "completed", p.dst.log_text()
 
@@ -277,7 +278,7 @@ def test_capabilities_that_defeat_rewriting_fall_back_before_any_rewrite(pairs: 
 
 
 def _expect_aborted(p: Pair, res: ProxyResult, reason: str) -> None:
-    assert res.outcome is Outcome.ABORTED, res
+    assert res.outcome is ProxyOutcome.ABORTED, res
     assert res.stats.abort_reason is not None and reason in res.stats.abort_reason, res.stats
     assert p.src.migration()["status"] == "failed"
     code = p.dst.exit_code(30)
@@ -370,7 +371,7 @@ def test_destination_killed_mid_stream(pairs: Any) -> None:
 
     res = p.migrate(FixedGate(free), on_phase=on_phase)
     assert res is not None
-    assert res.outcome is Outcome.BROKEN, res
+    assert res.outcome is ProxyOutcome.BROKEN, res
     assert res.stats.error is not None
     assert p.src.migration()["status"] == "failed"
     _wait_running(p.src)

@@ -16,7 +16,7 @@ from fphint.v1 import hints_pb2, hints_pb2_grpc
 from host_collector.config import CollectorConfig, VmEntry
 from host_collector.server import CollectorServer
 
-from .collector_harness import LAYOUT, token
+from fphint_lab.collector_harness import LAYOUT, token
 
 
 def test_peer_cid_parsing() -> None:

@@ -4,6 +4,10 @@
 Run as root on Debian 12 (debootstrap, chroot, mkfs.ext4). The first build
 takes a few minutes; a second one with unchanged inputs returns at once, and
 one after an agent change only redoes the final layer (seconds).
+
+``vmimage`` is found beside this script (Python puts a script's directory
+first on its path); the dev venv also has it installed, by the lab
+(lab/pyproject.toml), for the harness.
 """
 
 from __future__ import annotations
@@ -15,13 +19,11 @@ import shlex
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from vmimage import cache as cache_mod  # noqa: E402
-from vmimage.builder import Image, ensure_image, keys  # noqa: E402
-from vmimage.final import ImageSpec  # noqa: E402
-from vmimage.qemu import Endpoints, GuestConfig, collector_address, qemu_argv  # noqa: E402
-from vmimage.run import BuildError  # noqa: E402
+from vmimage import cache as cache_mod
+from vmimage.builder import Image, ensure_image, keys
+from vmimage.final import ImageSpec
+from vmimage.qemu import Endpoints, GuestConfig, collector_address, qemu_argv
+from vmimage.run import BuildError
 
 EXAMPLES = """\
 examples:

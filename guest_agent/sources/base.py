@@ -4,7 +4,7 @@ A source answers one question, "which guest-physical pages are free in the
 buddy allocator right now?", without allocating or writing guest memory. The
 agent calls :meth:`FreePageSource.parts` once per hint request, after the
 request arrived: a source must scan afresh every time and never serve a result
-computed earlier (shared/reference/safety-rule.md, guest side). A source
+computed earlier (docs/safety-rule.md §5). A source
 implements only :meth:`~FreePageSource.parts`; :meth:`~FreePageSource.snapshot`
 (the command line, benches) is the same scan joined, derived here once.
 """

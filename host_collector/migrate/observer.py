@@ -10,15 +10,15 @@ patches the daemon's classes.
 from __future__ import annotations
 
 from host_collector.epochs import Epoch
-from host_collector.migration.gate import RewriteGate
-from host_collector.migration.proxy import ProxyResult
+from host_collector.proxy.results import ProxyResult
+from host_collector.rewrite.gate import RewriteGate
 
 
 class MigrationWatch:
     """One migration's hooks; every method is a no-op by default."""
 
     def gate(self, gate: RewriteGate) -> RewriteGate:
-        """The gate the proxy will use: ``gate`` itself, or one that wraps it."""
+        """The gate the proxy will use: ``gate`` itself, or a :class:`RewriteGate` that wraps it."""
         return gate
 
     def epoch_released(self, epoch: Epoch) -> None:

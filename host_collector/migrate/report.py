@@ -8,7 +8,7 @@ from typing import Any
 from fphint.v1 import admin_pb2
 from host_collector.epochs import Epoch
 from host_collector.layout import RamLayout
-from host_collector.migration.proxy import ProxyStats
+from host_collector.proxy.results import ProxyStats
 from host_collector.qmp.preflight import SafetyReport
 
 

@@ -27,17 +27,19 @@ import grpc
 
 from fphint import addresses
 from fphint.v1 import admin_pb2
-from host_collector.epochs import Collector, UnknownVm
+from host_collector.epochs import Collector, Epoch, UnknownVm
 from host_collector.errors import CollectorError
 from host_collector.layout import LayoutError, RamLayout
-from host_collector.migration.gate import NoHints, RewriteGate
-from host_collector.migration.proxy import MigrationProxy, Outcome, ProxyError, ProxyResult
-from host_collector.qmp.epoch_gate import EpochGate
+from host_collector.proxy.migration_proxy import MigrationProxy, ProxyError
+from host_collector.proxy.results import ProxyOutcome, ProxyResult
 from host_collector.qmp.preflight import Problem, SafetyReport, check_migration_safety
 from host_collector.qmp.ram_layout import read_layout
 from host_collector.qmp.session import QmpError, QmpSession
+from host_collector.rewrite.epoch_gate import EpochGate
+from host_collector.rewrite.gate import NoHints, RewriteGate
+from host_collector.rewrite.held import HeldGate
+from host_collector.rewrite.recorder import EpochRecorder
 
-from .gates import EpochRecorder, HeldGate
 from .observer import NO_OBSERVER, MigrationObserver
 from .report import preflight_message, progress_message, progress_text
 
@@ -187,8 +189,8 @@ class MigrationRun:
         self.rewriting = False
         self._layout: RamLayout | None = None
         self._watch = observer.migration(plan.vm, number)
-        self._recorder = EpochRecorder(collector, on_release=self._watch.epoch_released)
-        self._epoch_gate: EpochGate | None = None
+        self._recorder = EpochRecorder(on_release=self._watch.epoch_released)
+        self._epoch_gate: EpochGate[Epoch] | None = None
         self._held: HeldGate | None = None
         self._proxy: MigrationProxy | None = None
         self._migrate_sent = False
@@ -300,9 +302,9 @@ class MigrationRun:
         if not self.rewriting:
             return NoHints()
         gate = self._epoch_gate = EpochGate(
-            self.src, self._recorder, self.plan.vm, hint_deadline_s=self.plan.hint_deadline_s
+            self.src, self.collector, self.plan.vm, hint_deadline_s=self.plan.hint_deadline_s,
+            on_release=self._recorder.released,
         )
-        self._recorder.ledger = gate.ledger
         if self.issue_migrate:
             return gate
         self._held = HeldGate(gate)
@@ -435,7 +437,7 @@ class MigrationRun:
             return await asyncio.wait_for(proxy.wait_async(), 10)
         except asyncio.TimeoutError:
             self._notes.append("the proxy did not stop after an abort")
-            return ProxyResult(Outcome.ABORTED, proxy.stats())
+            return ProxyResult(ProxyOutcome.ABORTED, proxy.stats())
 
     async def _abandon(self) -> None:
         """The run itself is cancelled (daemon shutting down): stop the migration safely."""
@@ -449,13 +451,12 @@ class MigrationRun:
         if self._proxy is not None:
             self._proxy.close()
         if self._epoch_gate is not None:
-            await self._epoch_gate.stop()
-        self._recorder.finish()
+            await self._epoch_gate.stop()  # releases every epoch: the recorder has them all
 
     # ---- reporting --------------------------------------------------------------
 
     def _progress(self, info: Mapping[str, Any], proxy: MigrationProxy) -> admin_pb2.MigrateProgress:
-        latest = self._recorder.latest
+        latest = self._epoch_gate.ledger.latest if self._epoch_gate is not None else None
         return progress_message(
             number=self.number,
             elapsed_s=time.monotonic() - self._t0,
@@ -524,7 +525,7 @@ class MigrationRun:
         if self.cancel_reason is not None and status != "completed":
             return "cancelled", f"cancelled: {self.cancel_reason}"
         if status == "completed":
-            if result is not None and result.outcome is not Outcome.FINISHED:
+            if result is not None and result.outcome is not ProxyOutcome.FINISHED:
                 return "failed", (f"the source reports completed but the proxy's stream was {result.outcome.value}: "
                                   f"{proxy_problem}; check the destination")
             return "completed", ""
@@ -542,7 +543,7 @@ class MigrationRun:
                    "pages_rewritten": r.pages_rewritten, "source_bytes": r.source_bytes},
         )
 
-    async def _note_paused(self, gate: EpochGate) -> None:
+    async def _note_paused(self, gate: EpochGate[Epoch]) -> None:
         """A guest paused before the migration sends no STOP: tell the gate
         (listening by now) so it neither paces the source nor awaits hints."""
         try:

@@ -1,1 +1,1 @@
-"""QMP: guest RAM layout, migration pre-flight, and the epoch gate (MIGRATION_PASS + query-migrate)."""
+"""QMP: the monitor session, guest RAM layout and migration pre-flight (the epoch gate built on it is in host_collector.rewrite)."""

@@ -2,7 +2,7 @@
 
 Reads capabilities and parameters on both QEMUs before ``migrate`` and lists
 every setting under which turning a PAGE record into a ZERO record is unsafe
-or impossible (shared/reference/safety-rule.md, qemu-stream.md section 8).
+or impossible (docs/safety-rule.md §4; qemu-stream.md section 8).
 It also switches on what the rewrite relies on: ``return-path`` on both ends
 (an aborted migration then fails cleanly and the VM resumes on the source)
 and ``events`` on the source (``MIGRATION_PASS`` opens hint epochs).

@@ -26,7 +26,7 @@ import pytest
 from vmimage.builder import Image, ensure_image
 from vmimage.qemu import default_binary, qemu_version
 
-from .harness import VMFactory, remove_stale_ram_files
+from fphint_lab.vm.harness import VMFactory, remove_stale_ram_files
 
 SKIP_ENV = "FPHINT_SKIP_VM_TESTS"
 KEEP_ENV = "FPHINT_VM_KEEP"

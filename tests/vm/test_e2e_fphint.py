@@ -1,7 +1,7 @@
 """fphint end to end: a real guest kernel with the real agent inside, real
 QEMU 10 on both ends, the collector daemon as its own process and
 ``fph-collector migrate`` as an operator runs it, every migration crossing
-the emulated link (tests/linkrelay.py) that counts the bytes on the wire.
+the emulated link (fphint_lab/linkrelay.py) that counts the bytes on the wire.
 
 One guest boot serves the whole module; each test migrates the guest it
 finds (a chain A -> B -> C ...) and leaves the destination running for the
@@ -13,7 +13,7 @@ next. The steps follow issue 5, item 3:
     every byte on the destination, kernel log clean, same boot id, and every
     page that differs between the two RAM files is zero on the destination,
     rewritten by the proxy *and* hinted by the agent (the witness in
-    tests/vm/daemon_witness.py records both inside the daemon);
+    fphint_lab/vm/daemon_witness.py records both inside the daemon);
 (c) the checks can fail: an agent that reports a live process's pages as
     free makes that process's own verification fail; a proxy that zeroes a
     page no hint covered is caught by the RAM comparison;
@@ -35,15 +35,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-import rogue_agent
 
 from vmimage.qemu import collector_address
 
-from ..linkrelay import GIGABIT, LinkRelay, LinkStats
-from .fphint_daemon import CollectorDaemon, MigrateCall, Witness
-from .harness import VM, VMFactory, migrate, start_incoming, wait_incoming
-from .ramcompare import NOT_REWRITTEN, PAGE, RamDiff, compare_ram_files
-from .scenarios import SAME_CLOCK, guest_problems, set_switchover_bandwidth
+from fphint_lab.guest import rogue_agent
+from fphint_lab.linkrelay import GIGABIT, LinkRelay, LinkStats
+from fphint_lab.vm.fphint_daemon import CollectorDaemon, MigrateCall, Witness
+from fphint_lab.vm.harness import VM, VMFactory, migrate, start_incoming, wait_incoming
+from fphint_lab.vm.ramcompare import NOT_REWRITTEN, PAGE, RamDiff, compare_ram_files
+from fphint_lab.vm.scenarios import SAME_CLOCK, guest_problems, set_switchover_bandwidth
 
 pytestmark = [pytest.mark.vm, pytest.mark.qemu, pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(1500)]
 pytest.importorskip("host_collector.migrate.run", reason="fph-collector migrate (host_collector/migrate/) is needed")
@@ -51,7 +51,7 @@ pytest.importorskip("host_collector.migrate.run", reason="fph-collector migrate 
 LOG = logging.getLogger(__name__)
 VM_NAME = "guest"
 TOKEN = "e2e-fphint-token-" + "0123456789abcdef"
-ROGUE = "/opt/fphint/bin/python /opt/fphint-tests/rogue_agent.py"
+ROGUE = f"/opt/fphint/bin/python -m {rogue_agent.__name__}"
 ROGUE_LOG = "/run/fphint-rogue.jsonl"
 #: A PAGE record on the wire: 8-byte header (offset | flags; CONTINUE, so no block name) + the page.
 PAGE_RECORD = 8 + PAGE
@@ -163,7 +163,7 @@ class Rig:
 
 @pytest.fixture(scope="module")
 def rig(vm_module_factory: VMFactory) -> Iterator[Rig]:
-    daemon = CollectorDaemon(vm_module_factory.rundir / "collector", {VM_NAME: TOKEN}).start()
+    daemon = CollectorDaemon(vm_module_factory.rundir / "collector", {VM_NAME: TOKEN}, witness=True).start()
     r = Rig(vm_module_factory, daemon)
     try:
         yield r

@@ -1,4 +1,4 @@
-"""The test-only rogue agent (tests/vm/guest/rogue_agent.py) on this host, no
+"""The test-only rogue agent (fphint_lab/guest/rogue_agent.py) on this host, no
 guest: the lying source really reports a live process's pages (found through
 its pagemap) on top of the real free pages, in the one sorted part the agent
 can encode; the late agent really sends after the deadline."""
@@ -13,10 +13,8 @@ from pathlib import Path
 
 import pytest
 
-import pagemap
-import rogue_agent
-
-from ..collector_harness import FixedSource, make_config, running_collector, token, wait_attached, wait_for
+from fphint_lab.collector_harness import FixedSource, make_config, running_collector, token, wait_attached, wait_for
+from fphint_lab.guest import pagemap, rogue_agent
 
 pytestmark = [pytest.mark.root]
 PAGE = 4096

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from .harness import VM, VMFactory
+from fphint_lab.vm.harness import VM, VMFactory
 
 pytestmark = [pytest.mark.vm, pytest.mark.qemu, pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(1200)]
 

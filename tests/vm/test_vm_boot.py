@@ -11,15 +11,15 @@ import socket
 import threading
 from collections.abc import Iterator
 
-import mempattern
 import pytest
 
 from vmimage.builder import Image
 from vmimage.final import IMAGE_INFO_IN_GUEST
 from vmimage.qemu import FW_CFG_COLLECTOR, FW_CFG_TOKEN, RAM_BACKEND_ID, collector_address
 
-from .harness import VM, VMFactory
-from .qmp import QMPCommandError
+from fphint_lab.guest import mempattern
+from fphint_lab.vm.harness import VM, VMFactory
+from fphint_lab.vm.qmp import QMPCommandError
 
 pytestmark = [pytest.mark.vm, pytest.mark.qemu, pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(1500)]
 

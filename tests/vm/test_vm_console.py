@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .console import CommandFailed, ConsoleClosed, ConsoleTimeout, Shell
+from fphint_lab.vm.console import CommandFailed, ConsoleClosed, ConsoleTimeout, Shell
 
 
 class PtyBash:

@@ -1,6 +1,7 @@
-"""The in-guest workloads (tests/vm/guest/) run on the host, quickly.
+"""The in-guest workloads (fphint_lab/guest/) run on the host, quickly.
 
-They are plain Python on Debian's python3, the guest's interpreter too. The
+They are plain Python on Debian's python3, the guest's interpreter too, run
+as modules (``python3 -m fphint_lab.guest.churn``) as in the guest. The
 checkers are shown to catch planted faults: bytes changed behind a worker's
 back through /proc/<pid>/mem, which is what a wrongly skipped page looks like
 from inside a guest.
@@ -11,24 +12,28 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-import mempattern
+import fphint_lab.guest
+from fphint_lab.guest import mempattern
 
-from . import GUEST
-
-PYTHON = "/usr/bin/python3"
+#: The dev venv's interpreter: Debian's python3, where the lab is installed as
+#: the image installs it for the guest's python3.
+PYTHON = sys.executable
+PACKAGE = fphint_lab.guest.__name__
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="reads PFNs / writes /proc/<pid>/mem: needs root")
 
 
 def run(script: str, *args: str, check: bool = True) -> tuple[int, Any]:
     proc = subprocess.run(
-        [PYTHON, str(GUEST / script), *args], capture_output=True, text=True, timeout=120, check=False
-    )
+        [PYTHON, "-m", f"{PACKAGE}.{script.removesuffix('.py')}", *args],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {args}: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     lines = proc.stdout.strip().splitlines()
@@ -130,7 +135,7 @@ def test_pagemap_lists_a_workers_pages(churn: tuple[str, dict[str, Any]]) -> Non
 
 def test_pagemap_refuses_bad_ranges() -> None:
     rc = subprocess.run(
-        [PYTHON, str(GUEST / "pagemap.py"), str(os.getpid()), "--addr", "4097", "--len", "4096"],
+        [PYTHON, "-m", f"{PACKAGE}.pagemap", str(os.getpid()), "--addr", "4097", "--len", "4096"],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert rc.returncode == 1 and "not page-aligned" in rc.stderr

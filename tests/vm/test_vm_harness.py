@@ -1,19 +1,23 @@
 """The harness's own behaviour that needs no booted guest: the QEMU command
-line, launch failures, stale RAM file cleanup, and a failed migration (with
-real QEMU processes whose CPUs never start)."""
+line, launch failures, stale RAM file cleanup, a failed migration (with
+real QEMU processes whose CPUs never start), and the collector daemon run as
+shipped unless a test asks for the witness."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from vmimage.builder import Image
 from vmimage.qemu import FW_CFG_TOKEN, Endpoints, GuestConfig, qemu_argv
 
-from .harness import VM, MigrationError, VMFactory, VMLaunchError, migrate, remove_stale_ram_files
+from fphint_lab.vm import daemon_witness
+from fphint_lab.vm.fphint_daemon import CollectorDaemon, DaemonError, FphintMigrator
+from fphint_lab.vm.harness import VM, MigrationError, VMFactory, VMLaunchError, migrate, remove_stale_ram_files
 
 
 def _endpoints(tmp: Path, incoming: bool = False, paused: bool = False) -> Endpoints:
@@ -121,3 +125,30 @@ def test_binary_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert qemu_mod.default_binary() == str(fake10)
     assert qemu_mod.qemu_version(str(fake10)) == "10.0.2"
     assert qemu_mod.qemu_version(str(tmp_path / "missing")).startswith("unknown")
+
+
+def test_daemon_runs_as_shipped_unless_a_test_asks_for_the_witness(tmp_path: Path) -> None:
+    shipped = CollectorDaemon(tmp_path, {"vm": "t"})
+    argv = shipped.serve_argv()
+    assert argv[1:] == ["-m", "host_collector", "-v", "serve", "--config", str(shipped.config)]
+    with pytest.raises(DaemonError, match="needs the witness"):
+        shipped.witness("vm")
+    with pytest.raises(DaemonError, match="needs the witness"):
+        shipped.plant_fault("mem", [1])
+    watched = CollectorDaemon(tmp_path, {"vm": "t"}, witness=True).serve_argv()
+    assert watched[1:3] == ["-m", daemon_witness.__name__]
+    assert watched[watched.index("--") + 1 :] == argv[3:]
+
+
+def test_the_demo_and_bench_migrator_runs_the_shipped_daemon(tmp_path: Path) -> None:
+    """What the demo and bench/migration_comparison.py measure is the product:
+    the process FphintMigrator starts is ``python -m host_collector serve``."""
+    migrator = FphintMigrator(SimpleNamespace(rundir=tmp_path))
+    try:
+        assert migrator.daemon.pid is not None
+        cmdline = Path(f"/proc/{migrator.daemon.pid}/cmdline").read_bytes().split(b"\0")
+        assert [a.decode() for a in cmdline[1:5]] == ["-m", "host_collector", "-v", "serve"]
+        assert not migrator.daemon.vm_info(FphintMigrator.VM_NAME).get("attached")  # no guest yet
+    finally:
+        migrator.close()
+    assert not migrator.daemon.is_running()

@@ -16,7 +16,15 @@ import pytest
 from vmimage import cache as cache_mod
 from vmimage.base import BaseSpec
 from vmimage.builder import Image, ensure_image
-from vmimage.final import IMAGE_INFO_IN_GUEST, PLACEHOLDER_UNIT, UNIT_IN_REPO, WHEEL_SOURCES, ImageSpec
+from vmimage.final import (
+    IMAGE_INFO_IN_GUEST,
+    LAB,
+    PLACEHOLDER_UNIT,
+    UNIT_IN_REPO,
+    WHEEL_SOURCES,
+    WORKLOAD_FILES,
+    ImageSpec,
+)
 
 from . import REPO
 
@@ -39,8 +47,15 @@ def _copy_sources(dst: Path) -> ImageSpec:
             shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(src, dst / name)
-    shutil.copytree(REPO / "tests/vm/guest", dst / "tests/vm/guest", ignore=shutil.ignore_patterns("__pycache__"))
-    return ImageSpec(repo=dst, workloads=dst / "tests/vm/guest")
+    lab = dst / "lab"
+    for name in WORKLOAD_FILES:
+        src = LAB / name
+        (lab / name).parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, lab / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, lab / name)
+    return ImageSpec(repo=dst, lab=lab)
 
 
 def test_keys_follow_inputs_and_only_inputs(tmp_path: Path) -> None:
@@ -65,8 +80,15 @@ def test_keys_follow_inputs_and_only_inputs(tmp_path: Path) -> None:
     agent.chmod(0o755)
     assert spec.key(base.key()) != changed
     before = spec.key(base.key())
-    (spec.workloads / "new_workload.py").write_text("print('hi')\n")
+    (spec.lab / "fphint_lab/guest/new_workload.py").write_text("print('hi')\n")
     assert spec.key(base.key()) != before
+    before = spec.key(base.key())
+    package = spec.lab / "fphint_lab/__init__.py"
+    package.write_text(package.read_text() + "# changed\n")
+    assert spec.key(base.key()) != before, "the lab's __init__ goes into the guest too"
+    before = spec.key(base.key())
+    (spec.lab / "fphint_lab/demo.py").write_text("not installed in the guest\n")
+    assert spec.key(base.key()) == before
     before = spec.key(base.key())
     unit = spec.repo / UNIT_IN_REPO
     unit.parent.mkdir(parents=True, exist_ok=True)
@@ -108,7 +130,10 @@ def test_image_contents(vm_image: Image) -> None:
     assert unit == expected_unit.read_text()
     entry_point = _debugfs_cat(vm_image.disk, "/opt/fphint/bin/fph-agent")
     assert entry_point.startswith("#!/opt/fphint/bin/python\n") and "from guest_agent.cli import main" in entry_point
-    assert _debugfs_cat(vm_image.disk, "/opt/fphint-tests/churn.py") == (REPO / "tests/vm/guest/churn.py").read_text()
+    site = info["workloads_site"]
+    assert site.startswith("/usr/local/lib/python3"), site
+    for name in ("fphint_lab/guest/churn.py", "fphint_lab/__init__.py"):
+        assert _debugfs_cat(vm_image.disk, f"{site}/{name}") == (LAB / name).read_text()
     base = vm_image.manifest["base"]
     assert isinstance(base, dict)
     assert base["python_pins"] == {"grpcio": "1.85.1", "protobuf": "7.35.1", "typing-extensions": "4.16.0"}

@@ -21,10 +21,9 @@ from typing import Any
 
 import pytest
 
-import mempattern
-
-from .harness import VM, VMFactory, migrate, start_incoming
-from .ramcompare import NOT_REWRITTEN, PAGE, compare_ram_files, find_pages
+from fphint_lab.guest import mempattern
+from fphint_lab.vm.harness import VM, VMFactory, migrate, start_incoming
+from fphint_lab.vm.ramcompare import NOT_REWRITTEN, PAGE, compare_ram_files, find_pages
 
 pytestmark = [pytest.mark.vm, pytest.mark.qemu, pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(1500)]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .ramcompare import NOT_REWRITTEN, NOT_ZERO, PAGE, compare_ram_files, find_pages
+from fphint_lab.vm.ramcompare import NOT_REWRITTEN, NOT_ZERO, PAGE, compare_ram_files, find_pages
 
 PAGES = 96
 

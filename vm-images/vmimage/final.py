@@ -5,8 +5,9 @@ changes: build the ``fphint`` wheel from a copy of exactly the hashed
 sources, hard-link the base rootfs into a stage (new files only are written
 there, each as a new inode, so the cached base is never modified), pip-install
 the wheel into /opt/fphint with ``--no-deps`` (its dependencies are pinned in
-the base), install and enable the agent's unit, copy the in-guest workloads,
-and pack it all with ``mkfs.ext4 -d`` (no loop mount).
+the base), install and enable the agent's unit, install the in-guest
+workloads (the lab's package ``fphint_lab.guest``) into the guest python3's
+site directory, and pack it all with ``mkfs.ext4 -d`` (no loop mount).
 """
 
 from __future__ import annotations
@@ -32,8 +33,13 @@ WHEEL_SOURCES = ("pyproject.toml", "README.md", "fphint", "guest_agent", "host_c
 UNIT_IN_REPO = "guest_agent/systemd/fph-agent.service"
 #: Used until the repository has its own unit.
 PLACEHOLDER_UNIT = VMIMAGES / "fph-agent.service.placeholder"
-#: Where the in-guest test workloads (tests/vm/guest) go in the guest.
-WORKLOADS_IN_GUEST = "/opt/fphint-tests"
+#: The lab's distribution (lab/pyproject.toml), which holds the in-guest workloads.
+LAB = REPO / "lab"
+#: The workloads: the package ``fphint_lab.guest`` and its parent's ``__init__``
+#: (paths under the lab), installed as they are into the guest python3's site
+#: directory, where Debian's python3 and the agent's venv (system site packages)
+#: both import them: ``python3 -m fphint_lab.guest.churn ...``.
+WORKLOAD_FILES = ("fphint_lab/__init__.py", "fphint_lab/guest")
 #: Facts about the image, readable by tests inside the guest.
 IMAGE_INFO_IN_GUEST = "/etc/fphint-image.json"
 #: Filesystem label; the guest's fstab mounts / by it.
@@ -45,7 +51,8 @@ class ImageSpec:
     """The inputs of the final layer besides the base."""
 
     repo: Path = REPO
-    workloads: Path = field(default=REPO / "tests" / "vm" / "guest")
+    #: Where WORKLOAD_FILES are taken from.
+    lab: Path = field(default=LAB)
     #: Free space left on the root filesystem for test files and logs.
     free_mib: int = 1024
 
@@ -58,7 +65,7 @@ class ImageSpec:
         d.add_text("base", base_key)
         d.add_trees(self.repo, WHEEL_SOURCES)
         d.add_file("unit", self.unit_file())
-        d.add_tree("workloads", self.workloads)
+        d.add_trees(self.lab, WORKLOAD_FILES)
         d.add_text("free_mib", str(self.free_mib))
         d.add_file("final.py", Path(__file__))
         d.add_file("run.py", Path(__file__).with_name("run.py"))
@@ -87,13 +94,14 @@ def build_image(
                 chroot_argv(stage, ["systemctl", "--no-reload", "--quiet", "enable", "fph-agent.service"]),
                 env=CHROOT_ENV,
             )
-            _copy_workloads(spec.workloads, stage / WORKLOADS_IN_GUEST.lstrip("/"))
+            site = _install_workloads(spec.lab, stage, log)
             info = {
                 "image_key": key,
                 "base_key": base_key,
                 "wheel": wheel.name,
                 "wheel_sha256": hashlib.sha256(wheel.read_bytes()).hexdigest(),
                 "agent_unit": "repo" if unit != PLACEHOLDER_UNIT else "placeholder",
+                "workloads_site": site,
             }
             write_new(stage / IMAGE_INFO_IN_GUEST.lstrip("/"), json.dumps(info, indent=1) + "\n", mode=0o644)
         with log.step("mkfs.ext4 -d"):
@@ -174,13 +182,30 @@ def _install_wheel(wheel: Path, stage: Path, log: BuildLog) -> None:
         inbox.unlink()
 
 
-def _copy_workloads(src: Path, dst: Path) -> None:
-    dst.mkdir(parents=True, exist_ok=True)
-    for path in iter_tree(src):
-        target = dst / path.relative_to(src)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        mode = 0o755 if path.stat().st_mode & 0o111 else 0o644
-        write_new(target, path.read_bytes(), mode=mode)
+def _install_workloads(lab: Path, stage: Path, log: BuildLog) -> str:
+    """Copy WORKLOAD_FILES into the guest python3's site directory and byte-compile
+    them there (so a guest never writes caches while it migrates).
+
+    :return: that directory, as the guest sees it.
+    """
+    site = log.run(
+        chroot_argv(stage, ["python3", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"]),
+        env=CHROOT_ENV,
+    ).strip()
+    if not site.startswith("/"):
+        raise BuildError(f"the guest's python3 named no site directory: {site!r}")
+    dst = stage / site.lstrip("/")
+    for name in WORKLOAD_FILES:
+        origin = lab / name
+        if not origin.exists():
+            raise BuildError(f"workload source {origin} is missing")
+        for path in iter_tree(origin):
+            target = dst / path.relative_to(lab)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            mode = 0o755 if path.stat().st_mode & 0o111 else 0o644
+            write_new(target, path.read_bytes(), mode=mode)
+    log.run(chroot_argv(stage, ["python3", "-m", "compileall", "-q", f"{site}/fphint_lab"]), env=CHROOT_ENV)
+    return site
 
 
 def _image_size_mib(stage: Path, free_mib: int, log: BuildLog) -> int:

@@ -2,7 +2,7 @@
 
 A block's content is garbage from the moment it is freed, whether it goes to
 a per-CPU list or the buddy lists, so a page freed after the hint request was
-free at an instant after it (shared/reference/safety-rule.md, guest side).
+free at an instant after it (docs/safety-rule.md §5).
 
 The BPF side tags each event with the generation current when it fired and
 bounds the rate (``Options.live_per_s`` events per ~1.07 s) and the

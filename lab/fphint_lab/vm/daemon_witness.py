@@ -1,7 +1,7 @@
 """``fph-collector`` for end-to-end tests, with a witness (and, on request, a
 planted fault) in its migration proxy.
 
-    python -m tests.vm.daemon_witness --witness-dir DIR [--fault-file F] -- serve --config ...
+    python -m fphint_lab.vm.daemon_witness --witness-dir DIR [--fault-file F] -- serve --config ...
 
 runs the real daemon (``host_collector.cli.main``) with a migration observer
 (host_collector.migrate.observer), the daemon's explicit hook for watchers:
@@ -45,6 +45,7 @@ import numpy.typing as npt
 
 from host_collector.cli import main as cli_main
 from host_collector.migrate.observer import MigrationObserver, MigrationWatch
+from host_collector.rewrite.gate import PageOracle, RewriteGate
 
 LOG = logging.getLogger("daemon_witness")
 
@@ -52,7 +53,7 @@ LOG = logging.getLogger("daemon_witness")
 class _RecordingOracle:
     """Answers as ``inner`` (plus planted pages); records every "free"."""
 
-    def __init__(self, inner: Any, witness: _Witness) -> None:
+    def __init__(self, inner: PageOracle | None, witness: _Witness) -> None:
         self.inner = inner
         self.witness = witness
 
@@ -65,43 +66,43 @@ class _RecordingOracle:
         return free
 
 
-class _WitnessGate:
-    """A RewriteGate (and SpanGate) that delegates to the daemon's gate."""
+class _WitnessGate(RewriteGate):
+    """The daemon's gate, every answer passed through a recording oracle."""
 
-    def __init__(self, inner: Any, witness: _Witness) -> None:
+    def __init__(self, inner: RewriteGate, witness: _Witness) -> None:
         self.inner = inner
         self.witness = witness
-        if hasattr(inner, "oracle_until"):
-            self.oracle_until = self._oracle_until
 
     def received(self, total: int) -> None:
         self.inner.received(total)
 
     def decided_through(self) -> int:
-        return int(self.inner.decided_through())
+        return self.inner.decided_through()
 
     def add_listener(self, callback: Callable[[], None]) -> None:
         self.inner.add_listener(callback)
 
     def remove_listener(self, callback: Callable[[], None]) -> None:
-        remove = getattr(self.inner, "remove_listener", None)
-        if remove is not None:
-            remove(callback)
+        self.inner.remove_listener(callback)
 
-    def _wrap(self, oracle: Any) -> Any:
+    def stop_holding(self) -> None:
+        self.inner.stop_holding()
+
+    @property
+    def guest_stopped(self) -> bool:
+        return self.inner.guest_stopped
+
+    def _wrap(self, oracle: PageOracle | None) -> PageOracle | None:
         if oracle is None and not self.witness.fault:
             return None
         return _RecordingOracle(oracle, self.witness)
 
-    def oracle_for(self, end: int) -> Any:
+    def oracle_for(self, end: int) -> PageOracle | None:
         return self._wrap(self.inner.oracle_for(end))
 
-    def _oracle_until(self, end: int) -> tuple[Any, int]:
+    def oracle_until(self, end: int) -> tuple[PageOracle | None, int]:
         oracle, valid = self.inner.oracle_until(end)
         return self._wrap(oracle), valid
-
-    def __getattr__(self, name: str) -> Any:  # ledger, failure, stats...: as the inner gate
-        return getattr(self.inner, name)
 
 
 class _Witness:
@@ -146,7 +147,7 @@ class _WitnessWatch(MigrationWatch):
     def __init__(self, witness: _Witness) -> None:
         self.witness = witness
 
-    def gate(self, gate: Any) -> Any:
+    def gate(self, gate: RewriteGate) -> RewriteGate:
         return _WitnessGate(gate, self.witness)
 
     def epoch_released(self, epoch: Any) -> None:

@@ -124,7 +124,8 @@ class RawGuest:
             if msg is grpc.aio.EOF:
                 raise EOFError("the collector ended the attach stream")
             if msg.WhichOneof("kind") == "request":
-                return msg.request
+                request: hints_pb2.HintRequest = msg.request
+                return request
 
     async def report(self, chunks: Sequence[hints_pb2.ReportChunk], stall: float = 0.0,
                      timeout: float | None = 10.0) -> hints_pb2.ReportAck:

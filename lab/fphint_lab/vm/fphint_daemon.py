@@ -1,8 +1,13 @@
 """fphint's real migration path for VM tests, the benchmark and the demo: the
-collector daemon as its own process (``fph-collector serve``, under
-:mod:`tests.vm.daemon_witness`), its admin socket, the guest agent attached
-from inside the guest over slirp, and ``fph-collector migrate VM --to URI
---json`` as an operator runs it.
+collector daemon as its own process, its admin socket, the guest agent
+attached from inside the guest over slirp, and ``fph-collector migrate VM
+--to URI --json`` as an operator runs it.
+
+The daemon runs exactly as shipped (``python -m host_collector serve``)
+unless a test asks for the witness (``CollectorDaemon(..., witness=True)``):
+then it runs under :mod:`fphint_lab.vm.daemon_witness`, which passes the
+daemon a migration observer (host_collector.migrate.observer) recording what
+the proxy rewrote and what was hinted. The demo and the benchmark never do.
 
 The registry names each VM's QMP monitor by a path; a chain of test
 migrations (A -> B -> C) has a new source each time, so the registry points
@@ -37,7 +42,6 @@ from .harness import FAST_BANDWIDTH, VM, MigrationError, MigrationResult, _pdeat
 from .scenarios import Outcome
 
 LOG = logging.getLogger(__name__)
-REPO = Path(__file__).resolve().parents[2]
 
 
 class DaemonError(Exception):
@@ -95,13 +99,16 @@ class CollectorDaemon:
     """``fph-collector serve`` in its own process, with a registry of test VMs.
 
     :param vms: VM name -> token.
-    :param fault_pages: plant a proxy fault from the start (see daemon_witness).
+    :param witness: run the daemon under :mod:`daemon_witness` (tests only), so
+        :meth:`witness` and :meth:`plant_fault` work; otherwise it runs as shipped.
     """
 
-    def __init__(self, workdir: Path, vms: Mapping[str, str], *, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, vms: Mapping[str, str], *, port: int | None = None,
+                 witness: bool = False) -> None:
         self.workdir = workdir
         self.vms = dict(vms)
         self.port = port or free_port()
+        self.with_witness = witness
         self.admin = workdir / "admin.sock"
         self.config = workdir / "collector.toml"
         self.witness_dir = workdir / "witness"
@@ -119,16 +126,21 @@ class CollectorDaemon:
             lines += ["[[vm]]", f'name = "{name}"', f'token = "{token}"', f'qmp = "unix:{self.qmp_link(name)}"', ""]
         self.config.write_text("\n".join(lines))
 
+    def serve_argv(self) -> list[str]:
+        """The daemon's command line: ``fph-collector serve`` as shipped, or under the witness."""
+        serve = ["-v", "serve", "--config", str(self.config)]
+        if not self.with_witness:
+            return [sys.executable, "-m", "host_collector", *serve]
+        return [sys.executable, "-m", daemon_witness.__name__, "--witness-dir", str(self.witness_dir),
+                "--fault-file", str(self.fault_file), "--", *serve]
+
     def start(self, timeout: float = 30.0) -> CollectorDaemon:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.write_config()
         self._log = self.log_path.open("ab")
-        argv = [sys.executable, "-m", "tests.vm.daemon_witness", "--witness-dir", str(self.witness_dir),
-                "--fault-file", str(self.fault_file), "--", "-v", "serve", "--config", str(self.config)]
-        env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         # Dies with its parent (a killed test run leaves no daemon behind).
-        self._proc = subprocess.Popen([*_pdeathsig_prefix(), *argv], cwd=REPO, stdin=subprocess.DEVNULL, stdout=self._log,
-                                      stderr=subprocess.STDOUT, env=env)
+        self._proc = subprocess.Popen([*_pdeathsig_prefix(), *self.serve_argv()], stdin=subprocess.DEVNULL,
+                                      stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while True:
             if self._proc.poll() is not None:
@@ -184,7 +196,7 @@ class CollectorDaemon:
 
     def cli(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         argv = [sys.executable, "-m", "host_collector", *args]
-        return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
 
     def list_vms(self) -> list[dict[str, Any]]:
         """``fph-collector vms --json``."""
@@ -239,20 +251,25 @@ class CollectorDaemon:
     def migrate(self, vm: str, to: str, *, timeout: float = 300.0, **kw: Any) -> MigrateCall:
         """``fph-collector migrate VM --to URI --json``; never raises for a failed migration."""
         t = time.monotonic()
-        out = subprocess.run(self.migrate_argv(vm, to, timeout_s=timeout, **kw), cwd=REPO, capture_output=True,
+        out = subprocess.run(self.migrate_argv(vm, to, timeout_s=timeout, **kw), capture_output=True,
                              text=True, timeout=timeout + 120)
         wall = time.monotonic() - t
         return MigrateCall(out.returncode, parse_report(out.stdout), out.stderr, wall)
 
     def start_migrate(self, vm: str, to: str, **kw: Any) -> subprocess.Popen[str]:
         """The same, in the background (for tests that disturb it midway)."""
-        return subprocess.Popen(self.migrate_argv(vm, to, **kw), cwd=REPO, stdout=subprocess.PIPE,
+        return subprocess.Popen(self.migrate_argv(vm, to, **kw), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
 
     # Section: witness and planted faults
 
+    def _need_witness(self, what: str) -> None:
+        if not self.with_witness:
+            raise DaemonError(f"{what} needs the witness: CollectorDaemon(..., witness=True)")
+
     def witness(self, vm: str) -> Witness:
         """The newest migration's witness file for ``vm``."""
+        self._need_witness("witness()")
         files = sorted(self.witness_dir.glob(f"{vm}-*.npz"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
         if not files:
             raise DaemonError(f"no witness file for {vm} in {self.witness_dir}")
@@ -261,6 +278,7 @@ class CollectorDaemon:
 
     def plant_fault(self, block: str, pages: Sequence[int]) -> None:
         """From the next migration on, the proxy also zeroes these pages (no hint needed)."""
+        self._need_witness("plant_fault()")
         self.fault_file.write_text(json.dumps({"block": block, "pages": [int(p) for p in pages]}))
 
     def clear_fault(self) -> None:
@@ -280,7 +298,8 @@ def parse_report(stdout: str) -> dict[str, Any]:
 
 
 class FphintMigrator:
-    """A :class:`scenarios.Migrator` that migrates through the daemon.
+    """A :class:`scenarios.Migrator` that migrates through the daemon, run as
+    shipped (no witness: what the demo and the benchmark measure is the product).
 
     Guests booted for it get the VM's token and the collector's address by
     fw_cfg (``guest_fields``); the agent inside attaches by itself.

@@ -17,8 +17,8 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from host_collector.migration import stream as s
-from host_collector.migration.stream import Phase
+from host_collector.stream import wire as s
+from host_collector.stream.wire import Phase
 
 #: Largest item (record, section header, configuration) the parser buffers.
 #: A PAGE record with the longest block name is 8 + 1 + 255 + 4096 bytes; a
@@ -52,7 +52,7 @@ ContinueRecords = Callable[[bytearray, int, int, str, int, list[PageRecord]], tu
 
 def _load_accelerator() -> tuple[ContinueRecords | None, str]:
     try:
-        from host_collector.migration._fastparse import continue_records
+        from host_collector.stream._fastparse import continue_records
     except ImportError as e:  # not built (no compiler or headers at install time)
         return None, f"C extension not available ({e})"
     return continue_records, ""

@@ -1,4 +1,3 @@
-#!/usr/bin/python3
 """Physical addresses of a process's pages, from /proc/<pid>/pagemap.
 
 For tests that need to name pages the guest is *using*: e.g. a test-only
@@ -8,6 +7,8 @@ agent that lies by reporting a workload's own pages as free. Needs root
 with adjacent pages merged and ranges sorted by physical address; "absent"
 counts virtual pages not in RAM (never touched, or swapped). With --list,
 "pfns" also gives each virtual page's PFN in virtual order (null: absent).
+
+Run as ``python3 -m fphint_lab.guest.pagemap``.
 
 usage: pagemap.py PID [--addr ADDR --len LEN [--list]]   (default: every mapping in /proc/PID/maps)
 """

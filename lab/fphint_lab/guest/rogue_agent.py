@@ -1,4 +1,3 @@
-#!/opt/fphint/bin/python
 """A test-only guest agent that misbehaves on purpose (never install it for real).
 
 It is the real agent (guest_agent.agent.Agent, the real gRPC client, the
@@ -20,6 +19,8 @@ Run it with the agent's interpreter after stopping the real agent
 writes a JSON line per request it saw to --log (default
 /run/fphint-rogue.jsonl).
 
+Run as ``/opt/fphint/bin/python -m fphint_lab.guest.rogue_agent``.
+
 usage: rogue_agent.py [--log FILE] lie --pid PID [--addr A --len L] | silent | late [--delay S]
 """
 
@@ -36,18 +37,15 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fphint import addresses
+from fphint.v1 import hints_pb2, hints_pb2_grpc
+from guest_agent import discovery
+from guest_agent.agent import Agent, Endpoint, Settings
+from guest_agent.facts import build_facts, detect_safety
+from guest_agent.sources.base import WholeScan, join_parts
+from guest_agent.sources.kpageflags import KpageflagsSource
 
-import pagemap  # noqa: E402  (tests/vm/guest/pagemap.py, installed beside this file)
-
-from guest_agent import discovery  # noqa: E402
-from guest_agent.agent import Agent, Endpoint, Settings  # noqa: E402
-from guest_agent.facts import build_facts, detect_safety  # noqa: E402
-from guest_agent.sources.base import WholeScan, join_parts  # noqa: E402
-from guest_agent.sources.kpageflags import KpageflagsSource  # noqa: E402
-
-from fphint import addresses  # noqa: E402
-from fphint.v1 import hints_pb2, hints_pb2_grpc  # noqa: E402
+from . import pagemap
 
 LOG = logging.getLogger("rogue_agent")
 PAGE = 4096

@@ -1,5 +1,7 @@
 """The timing half of the safety rule, as plain bookkeeping (no I/O).
 
+docs/safety-rule.md §3.2-3.5 has the proof of every case below.
+
 Inputs, all in main-channel byte offsets (bytes the proxy reported received):
 
 * ``MIGRATION_PASS c`` arrived (sync c has *finished*): epoch c opens through
@@ -22,19 +24,23 @@ Any other epoch (older than s, requested after the record was read) is
 stale: a sync may have collected a write between hint and pick. Those
 records go out unchanged. If a poll fails, nothing past the last answered
 poll is ever rewritten.
+
+Each entry is the one record of its epoch: the migration report reads the
+entries the ledger hands to ``on_release`` (:mod:`.recorder`).
 """
 
 from __future__ import annotations
 
 import bisect
+import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
-from host_collector.migration.gate import PageOracle
+from host_collector.rewrite.gate import NEVER, PageOracle
 
-NEVER_DECIDED_LIMIT = 1 << 63
+log = logging.getLogger(__name__)
 
 
 class EpochLike(Protocol):
@@ -55,10 +61,16 @@ class EpochLike(Protocol):
     def answered(self) -> bool: ...
 
 
-class CollectorLike(Protocol):
+#: The collector's epoch type (``Epoch``; a fake in tests), kept so whoever
+#: reads an entry gets the epoch as the collector made it.
+E = TypeVar("E", bound=EpochLike)
+E_co = TypeVar("E_co", bound=EpochLike, covariant=True)
+
+
+class CollectorLike(Protocol[E_co]):
     """What the ledger needs of ``host_collector.epochs.Collector``."""
 
-    def open_epoch(self, vm: str, deadline_s: float, live_hints: bool = True) -> EpochLike: ...
+    def open_epoch(self, vm: str, deadline_s: float, live_hints: bool = True) -> E_co: ...
 
     def close_epoch(self, vm: str, epoch_id: int, reason: str = "on demand") -> None: ...
 
@@ -66,9 +78,11 @@ class CollectorLike(Protocol):
 
 
 @dataclass
-class EpochEntry:
+class EpochEntry(Generic[E]):
+    """One epoch as the ledger knows it: its sync, its request offset, its state."""
+
     sync: int
-    epoch: EpochLike
+    epoch: E
     request_offset: int
     #: decided_through() when the epoch opened: held there while its snapshot arrives.
     decided_at_open: int = 0
@@ -82,7 +96,7 @@ class EpochOracle:
 
     __slots__ = ("entries",)
 
-    def __init__(self, entries: Sequence[EpochEntry]) -> None:
+    def __init__(self, entries: Sequence[EpochEntry[Any]]) -> None:
         self.entries = tuple(entries)
 
     def is_free(self, block: str, page: int) -> bool:
@@ -110,24 +124,30 @@ class LedgerStats:
     failure: str | None = None
 
 
-class EpochLedger:
+class EpochLedger(Generic[E]):
     """Epochs, polls and verdicts for one migration stream.
 
     Thread-safe: the proxy may call :meth:`received` and :meth:`oracle_for`
     from its own thread while QMP events and poll answers arrive on the
     asyncio loop.
+
+    ``on_release(entry)`` is called (under the ledger's lock) when an epoch
+    is done with, before the collector frees its bitmaps: the last moment its
+    hints and figures can be read.
     """
 
     def __init__(
         self,
-        collector: CollectorLike,
+        collector: CollectorLike[E],
         vm: str,
         *,
         hint_deadline_s: float = 5.0,
         max_polls: int = 4096,
         release_lag_polls: int = 2,
+        on_release: Callable[[EpochEntry[E]], None] | None = None,
     ) -> None:
         self._collector = collector
+        self._on_release = on_release
         self._vm = vm
         self._deadline_s = hint_deadline_s
         self._max_polls = max_polls
@@ -137,7 +157,8 @@ class EpochLedger:
         self._poll_x: list[int] = []  # offsets, ascending
         self._poll_s: list[int] = []  # answers, non-decreasing
         self._poll_base = 0  # global index of _poll_x[0]
-        self._epochs: dict[int, EpochEntry] = {}
+        self._epochs: dict[int, EpochEntry[E]] = {}
+        self._latest: EpochEntry[E] | None = None
         self._last_pass = 0
         self._failed: str | None = None
         self._last_oracle: EpochOracle | None = None
@@ -170,7 +191,12 @@ class EpochLedger:
     def last_pass(self) -> int:
         return self._last_pass
 
-    def on_pass(self, count: int) -> EpochEntry | None:
+    @property
+    def latest(self) -> EpochEntry[E] | None:
+        """The epoch opened last, released or not (for progress reports)."""
+        return self._latest
+
+    def on_pass(self, count: int) -> EpochEntry[E] | None:
         """``MIGRATION_PASS count``: open epoch ``count`` and send its hint request."""
         with self._lock:
             if self._failed:
@@ -189,7 +215,7 @@ class EpochLedger:
                 self._fail_locked(f"collector could not open epoch for sync {count}: {err}")
                 return None
             entry = EpochEntry(count, epoch, self._received, self._poll_x[-1] if self._poll_x else 0)
-            self._epochs[count] = entry
+            self._epochs[count] = self._latest = entry
             self.stats.epochs_opened += 1
             return entry
 
@@ -258,7 +284,7 @@ class EpochLedger:
         judged now would miss hints that are on their way (the proxy's hold
         bounds still cap the wait, so no migration waits on a guest)."""
         if self._failed:
-            return NEVER_DECIDED_LIMIT
+            return NEVER
         x = self._poll_x[-1] if self._poll_x else 0
         if self._agent_silent or not self._hold_for_hints:
             return x  # it never answered an earlier epoch, or the guest has stopped
@@ -293,7 +319,7 @@ class EpochLedger:
             i = bisect.bisect_left(self._poll_x, end)
             if i >= len(self._poll_x):
                 # Not confirmed yet (the proxy does not ask then), or never will be.
-                return None, (NEVER_DECIDED_LIMIT if self._failed else end)
+                return None, (NEVER if self._failed else end)
             s = self._poll_s[i]
             through = self._poll_x[i]
             usable = []
@@ -307,7 +333,7 @@ class EpochLedger:
                     through = min(through, e.request_offset)
             return self._oracle_locked(tuple(usable)), through
 
-    def _oracle_locked(self, usable: tuple[EpochEntry, ...]) -> EpochOracle | None:
+    def _oracle_locked(self, usable: tuple[EpochEntry[E], ...]) -> EpochOracle | None:
         if not usable:
             return None
         last = self._last_oracle
@@ -321,7 +347,7 @@ class EpochLedger:
         with self._lock:
             return list(zip(self._poll_x, self._poll_s))
 
-    def entries(self) -> list[EpochEntry]:
+    def entries(self) -> list[EpochEntry[E]]:
         """Epochs not yet released, oldest first."""
         with self._lock:
             return list(self._epochs.values())
@@ -342,23 +368,28 @@ class EpochLedger:
         for e in self._epochs.values():
             self._close_locked(e, f"no more rewrites: {reason}")
 
-    def _close_locked(self, e: EpochEntry, reason: str) -> None:
+    def _close_locked(self, e: EpochEntry[E], reason: str) -> None:
         if e.closed:
             return
         e.closed = True
-        if not getattr(e.epoch, "answered", True):
+        if not e.epoch.answered:
             self._agent_silent = True
         try:
             self._collector.close_epoch(self._vm, e.epoch.id, reason)
         except Exception:  # a collector that already dropped it is fine
             pass
 
-    def _release_locked(self, e: EpochEntry) -> None:
+    def _release_locked(self, e: EpochEntry[E]) -> None:
         if e.released:
             return
         e.released = True
         del self._epochs[e.sync]
         self.stats.epochs_released += 1
+        if self._on_release is not None:
+            try:
+                self._on_release(e)
+            except Exception:  # a watcher's bug must not keep the bitmaps alive
+                log.exception("epoch ledger: on_release failed for epoch %d", e.epoch.id)
         try:
             self._collector.release_epoch(self._vm, e.epoch.id)
         except Exception:

@@ -37,9 +37,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from vmimage.builder import Image
-from vmimage.final import WORKLOADS_IN_GUEST
 from vmimage.qemu import Endpoints, GuestConfig, default_binary, qemu_argv, qemu_version
 
+from .. import guest as guest_workloads
 from .console import Result, Shell
 from .qmp import QMP, QMPError
 
@@ -52,9 +52,10 @@ BOOT_TIMEOUT = 240.0
 SHM_DIR = Path("/dev/shm")
 #: Unlimited in practice: QEMU 7.2's default of 128 MiB/s would make tests slow.
 FAST_BANDWIDTH = 1 << 34
-#: The guest's Python and where the workloads (tests/vm/guest) are installed.
+#: The guest's Python; the workloads (fphint_lab/guest/) are installed in its
+#: site directory by the image builder, so it runs them with ``-m``.
 GUEST_PYTHON = "/usr/bin/python3"
-GUEST_WORKLOADS = WORKLOADS_IN_GUEST
+WORKLOAD_PACKAGE = guest_workloads.__name__
 
 #: Kernel log lines that mean the guest is hurt.
 KERNEL_TROUBLE = re.compile(
@@ -318,8 +319,9 @@ class VM:
         return json.loads(lines[-1])
 
     def workload(self, script: str, *args: str, timeout: float = 120.0, check: bool = True) -> Any:
-        """Run tests/vm/guest/<script> in the guest; return its JSON answer."""
-        argv = [GUEST_PYTHON, f"{GUEST_WORKLOADS}/{script}", *args]
+        """Run the workload ``script`` ("fill.py" or "fill": fphint_lab/guest/fill.py) in
+        the guest; return its JSON answer."""
+        argv = [GUEST_PYTHON, "-m", f"{WORKLOAD_PACKAGE}.{script.removesuffix('.py')}", *args]
         return self.json(shlex.join(argv), timeout=timeout, check=check)
 
     def status(self) -> str:

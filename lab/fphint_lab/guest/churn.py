@@ -1,4 +1,3 @@
-#!/usr/bin/python3
 """Memory churn for migration tests: allocate, write, verify, free, repeat.
 
 ``start`` launches WORKERS background processes (their own session, so they
@@ -17,6 +16,8 @@ address and pattern seed (for pagemap.py, or to find its pages in a RAM file
 with mempattern.expected()). Keep regions are madvised MADV_NOHUGEPAGE so their
 physical pages stay put. State lives in --dir (default /run/fphint-churn).
 
+Run as ``python3 -m fphint_lab.guest.churn``.
+
 usage:
   churn.py start [--workers 3] [--loop-mib 32] [--keep-mib 16] [--dwell 0.2]
   churn.py status | info | check [--timeout 120]
@@ -34,9 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from mempattern import PAGE, Region  # noqa: E402
+from .mempattern import Region
 
 DEFAULT_DIR = "/run/fphint-churn"
 
@@ -141,7 +140,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     for wid in range(args.workers):
         log = open(state / f"worker-{wid}.log", "wb")
         subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--dir", str(state), "worker", str(wid),
+            [sys.executable, "-m", __spec__.name, "--dir", str(state), "worker", str(wid),
              str(args.loop_mib), str(args.keep_mib), str(args.dwell)],  # fmt: skip
             stdin=subprocess.DEVNULL,
             stdout=log,

@@ -8,9 +8,10 @@ frees memory; migrates it plainly; does the same again and migrates it with
 ``fph-collector migrate``. Both migrations cross the same emulated 1 Gbit/s
 link, where the bytes on the wire are counted. After each one the guest must
 run the same boot with a clean kernel log and the workload must verify every
-byte. It prints the comparison. Needs root and a checkout of the repository
-(it uses the VM test harness in tests/vm/); about 2 minutes with a cached
-image, plus about 2 for the first image build.
+byte. It prints the comparison. Needs root and the dev install (the lab's
+VM harness, fphint_lab.vm, and the image builder in vm-images/); about 2
+minutes with a cached image, plus about 2 for the first image build. The
+daemon runs exactly as shipped (``python -m host_collector serve``).
 
 ``--host-only`` is the quick check that needs no guest: "the VM" is this
 host, its RAM layout comes from /proc/iomem, the agent reads this kernel's
@@ -21,7 +22,6 @@ free pages, and what the collector received is checked against
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import secrets
 import subprocess
@@ -35,6 +35,19 @@ import grpc
 
 from fphint import ranges
 from fphint.v1 import admin_pb2, admin_pb2_grpc
+
+from .vm.fphint_daemon import FphintMigrator
+from .vm.scenarios import (
+    SCENARIOS,
+    PlainMigrator,
+    Workload,
+    boot_for,
+    migrate_once,
+    prepare,
+    summarize,
+    table,
+    vm_session,
+)
 
 PAGE = 4096
 
@@ -122,25 +135,13 @@ def guest_demo(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         print("demo: run as root (QEMU guests, the image build)", file=sys.stderr)
         return 2
-    repo = Path(__file__).resolve().parent.parent
-    if not (repo / "tests/vm/scenarios.py").is_file():
-        print(f"demo: needs a checkout of the repository (tests/vm/ not found under {repo}); "
-              "or run with --host-only", file=sys.stderr)
-        return 2
-    sys.path.insert(0, str(repo))
-    # Imported by name: the test harness is not part of the installed package.
-    sc = importlib.import_module("tests.vm.scenarios")
-    FphintMigrator = importlib.import_module("tests.vm.fphint_daemon").FphintMigrator
-    SCENARIOS, PlainMigrator, Workload = sc.SCENARIOS, sc.PlainMigrator, sc.Workload
-    boot_for, migrate_once, prepare, summarize, table = sc.boot_for, sc.migrate_once, sc.prepare, sc.summarize, sc.table
-
     workload = Workload(fill_mib=args.fill_mib)
     rate = args.link_mbit * 1e6
     results: dict[str, list[Any]] = {"plain": [], "fphint": []}
     print(f"== fphint demo: one 1 GiB guest, migrated over an emulated {args.link_mbit:.0f} Mbit/s link, "
           "plainly and with fphint", flush=True)
     print("   building or reusing the guest image (the first build takes about 2 minutes) ...", flush=True)
-    with sc.vm_session("demo", keep=args.keep) as factory:
+    with vm_session("demo", keep=args.keep) as factory:
         hinted = FphintMigrator(factory)
         try:
             vm = boot_for(factory, SCENARIOS["fphint"], "boot", guest_fields=hinted.guest_fields)

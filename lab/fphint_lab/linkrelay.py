@@ -15,8 +15,8 @@ waits it does not read, so TCP back-pressure reaches the sender. A
 connection's half close is passed on (``shutdown(SHUT_WR)``), so a migration's
 return path keeps working after the source has finished.
 
-Used by the VM tests (tests/vm/test_e2e_*.py) and the comparison benchmark
-(bench/migration_comparison.py)::
+Used by the VM tests (tests/vm/test_e2e_*.py), the comparison benchmark
+(bench/migration_comparison.py) and the demo::
 
     with LinkRelay(("127.0.0.1", dst_port), rate_bps=1e9) as link:
         migrate(src, link.uri, dst=dst)

@@ -2,7 +2,7 @@
 
 ``MIGRATION_PASS`` events open hint epochs; ``query-migrate`` polls confirm,
 window by window, which sync count was current after the proxy received a
-record (rules in :mod:`host_collector.qmp.epoch_ledger`).
+record (the rules are in :mod:`.ledger`, their proof in docs/safety-rule.md §3).
 
 Polls are rate-limited (one in flight, at most one per ``poll_interval_s``)
 and only issued when the proxy has reported new bytes. Nothing here waits on
@@ -19,11 +19,11 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Generic
 
-from host_collector.migration.gate import PageOracle
-from host_collector.qmp.epoch_ledger import CollectorLike, EpochLedger, LedgerStats
 from host_collector.qmp.session import EventQueue, QmpError, QmpSession
+from host_collector.rewrite.gate import PageOracle, RewriteGate
+from host_collector.rewrite.ledger import E, CollectorLike, EpochEntry, EpochLedger, LedgerStats
 
 #: query-migrate states that still carry a current ``ram.dirty-sync-count``.
 _COUNTING = frozenset({"active", "pre-switchover", "device", "completed", "cancelling"})
@@ -31,22 +31,27 @@ _COUNTING = frozenset({"active", "pre-switchover", "device", "completed", "cance
 _BEFORE_PAGES = frozenset({"setup", "wait-unplug"})
 
 
-class EpochGate:
-    """A :class:`host_collector.migration.gate.RewriteGate` for one migration stream."""
+class EpochGate(RewriteGate, Generic[E]):
+    """The :class:`RewriteGate` of one migration stream.
+
+    ``on_release`` is the ledger's (:class:`EpochLedger`): it sees each
+    epoch's entry before the collector frees its bitmaps.
+    """
 
     def __init__(
         self,
         source: QmpSession,
-        collector: CollectorLike,
+        collector: CollectorLike[E],
         vm: str,
         *,
         poll_interval_s: float = 0.01,
         poll_timeout_s: float = 1.0,
         hint_deadline_s: float = 5.0,
+        on_release: Callable[[EpochEntry[E]], None] | None = None,
     ) -> None:
         if poll_interval_s <= 0 or poll_timeout_s <= 0:
             raise ValueError("poll interval and timeout must be positive")
-        self.ledger = EpochLedger(collector, vm, hint_deadline_s=hint_deadline_s)
+        self.ledger = EpochLedger(collector, vm, hint_deadline_s=hint_deadline_s, on_release=on_release)
         self._source = source
         self._interval = poll_interval_s
         self._timeout = poll_timeout_s

@@ -3,7 +3,7 @@ and `fph-collector migrate`/`proxy` run through the command-line entry point.
 
 The agent is the real :class:`guest_agent.agent.Agent` on its own asyncio loop
 in a thread of the test process, with a test source (fixed ranges, or one
-that never finishes a scan). QEMU comes from tests/qemu_pair.py, with a
+that never finishes a scan). QEMU comes from :mod:`fphint_lab.qemu_pair`, with a
 second QMP monitor for the collector (``Vm.extra_args``).
 """
 
@@ -35,7 +35,6 @@ from .collector_harness import FixedSource, token
 from .qemu_pair import PAGE, Machine, Vm, free_port
 
 PY = sys.executable
-ROOT = Path(__file__).resolve().parent.parent
 QEMU10 = "/var/cache/fphint/qemu-10.0/bin/qemu-system-x86_64"
 
 
@@ -87,7 +86,7 @@ class Daemon:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [PY, "-m", "host_collector", "-v", "serve", "--config", str(self.config)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )
         end = time.monotonic() + 30
         while True:
@@ -140,12 +139,12 @@ class Daemon:
 
     def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """An ``fph-collector`` subcommand against this daemon, to completion."""
-        return subprocess.run(self.cli(*args), capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        return subprocess.run(self.cli(*args), capture_output=True, text=True, timeout=timeout,
                               stdin=subprocess.DEVNULL)
 
     def popen(self, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen(self.cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                cwd=ROOT, stdin=subprocess.DEVNULL)
+                                stdin=subprocess.DEVNULL)
 
 
 def report_of(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:

@@ -1,9 +1,10 @@
-#!/usr/bin/python3
 """Fill N MiB with a non-zero pattern, verify it, and free it.
 
 Leaves N MiB of non-zero garbage in the guest's free memory: exactly the
 pages a free-page-aware migration may skip. Prints one JSON object; exit
 status 1 if the memory did not read back as written.
+
+Run as ``python3 -m fphint_lab.guest.fill``.
 
 usage: fill.py MIB [--seed SEED] [--hold SECONDS]
 """
@@ -16,9 +17,7 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from mempattern import PAGE, Region  # noqa: E402
+from .mempattern import PAGE, Region
 
 
 def main(argv: list[str] | None = None) -> int:

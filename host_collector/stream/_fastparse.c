@@ -20,7 +20,7 @@
 
 #include <stdint.h>
 
-/* Wire constants, as in stream.py (QEMU migration/ram.c RAM_SAVE_FLAG_*). */
+/* Wire constants, as in wire.py (QEMU migration/ram.c RAM_SAVE_FLAG_*). */
 #define PAGE_SIZE 4096
 #define FLAGS_MASK ((uint64_t)PAGE_SIZE - 1)
 #define FLAG_ZERO 0x02
@@ -129,7 +129,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "host_collector.migration._fastparse",
+    .m_name = "host_collector.stream._fastparse",
     .m_doc = "The hot loop of the migration stream parser (see parser.py).",
     .m_size = 0,
     .m_methods = methods,

@@ -7,7 +7,7 @@ checking are single C-level operations (bytes repetition, slice assignment,
 comparison), fast enough under TCG; only a failed check walks the pages to
 say which ones are wrong.
 
-Installed in the guest at /opt/fphint-tests/ (vm-images/ copies tests/vm/guest/).
+Installed in the guest as the package fphint_lab.guest (vm-images/vmimage/final.py).
 """
 
 from __future__ import annotations

@@ -1,1 +1,0 @@
-"""QEMU migration stream handling: parsing, safe rewriting, proxying."""
