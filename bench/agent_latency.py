@@ -56,7 +56,7 @@ while True:
 
 async def _epochs(source: EbpfSource, track: str, epochs: int, gap_s: float) -> list[dict[str, float]]:
     from host_collector.layout import RamLayout, RamRange
-    from tests.collector_harness import make_config, running_agent, running_collector, wait_attached, wait_for
+    from fphint_lab.collector_harness import make_config, running_agent, running_collector, wait_attached, wait_for
 
     offset, rr = 0, []
     for s, e in system.ram_pfn_ranges():

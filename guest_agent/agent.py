@@ -308,7 +308,7 @@ class Agent:
         try:
             if tracked is not None and tracked.pages:
                 await self._send_tracked(stub, md, req.epoch, tracked, per_chunk, deadline, budget)
-            await self._stream_snapshot(stub, md, req, scan, per_chunk, deadline, budget)
+            await self._stream_scan(stub, md, req, scan, per_chunk, deadline, budget)
             if live is not None:
                 await self._live(stub, md, req.epoch, live, per_chunk, deadline, budget[0])
         finally:
@@ -344,6 +344,25 @@ class Agent:
         self.reports_sent += 1
 
     async def _stream_snapshot(
+        self,
+        stub: hints_pb2_grpc.FreePageHintsStub,
+        md: tuple[tuple[str, str], ...],
+        req: hints_pb2.HintRequest,
+        per_chunk: int,
+        deadline: float,
+    ) -> int:
+        """A fresh scan as one Report call, nothing else; the ranges sent
+        (the lab's late agent answers this way)."""
+        assert self.source is not None
+        budget = [req.max_ranges or (1 << 62)]
+        scan = _Scan(self.source, self._scanner, deadline)
+        try:
+            await self._stream_scan(stub, md, req, scan, per_chunk, deadline, budget)
+        finally:
+            await scan.stop()
+        return (req.max_ranges or (1 << 62)) - budget[0]
+
+    async def _stream_scan(
         self,
         stub: hints_pb2_grpc.FreePageHintsStub,
         md: tuple[tuple[str, str], ...],

@@ -23,7 +23,7 @@ from fphint import ranges
 from guest_agent.agent import Settings
 from guest_agent.sources.base import FreePageSource, Part, Probe, WholeScan
 
-from .collector_harness import GiB, make_config, pages_of, running_agent, running_collector, wait_attached, wait_for
+from fphint_lab.collector_harness import GiB, make_config, pages_of, running_agent, running_collector, wait_attached, wait_for
 
 MiB = 1 << 20
 SCANNED = [(0x100000, 64 * MiB), (512 * MiB, 4096), (4 * GiB, 8 * MiB)]

@@ -35,8 +35,8 @@ from host_collector.qmp.ram_layout import read_layout
 from host_collector.qmp.session import QmpSession
 from vmimage.qemu import collector_address
 
-from ..collector_harness import CollectorThread
-from .harness import VM, VMFactory
+from fphint_lab.collector_harness import CollectorThread
+from fphint_lab.vm.harness import VM, VMFactory
 
 pytestmark = [pytest.mark.vm, pytest.mark.qemu, pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(2400)]
 
