@@ -303,7 +303,12 @@ class Agent:
             live.start()  # frees from now on: after the request arrived
         budget = [req.max_ranges or (1 << 62)]
         per_chunk = max(1, min(self.settings.chunk_ranges, req.max_ranges_per_chunk or self.settings.chunk_ranges))
-        tracked = self.source.tracked() if self._track() else None
+        tracked: TrackedPart | None = None
+        if self._track():
+            try:
+                tracked = self.source.tracked()
+            except Exception as e:  # a broken tracked answer only means waiting for the scan
+                log.warning("tracked answer failed: %r", e)
         scan = _Scan(self.source, self._scanner, deadline)  # begins now, after the request
         try:
             if tracked is not None and tracked.pages:
