@@ -110,8 +110,18 @@ class EbpfSource(FreePageSource):
         prog.ctl[Ctl.VMEMMAP] = where.base
         prog.ctl[Ctl.NOCHECK] = 0 if opts.crosscheck else 1
         attached = []
+        kprobe, kfn = ISOLATE_KPROBE
+        try:
+            prog.attach_kprobe(kprobe, kfn)
+            attached.append(f"kprobe:{kprobe}")
+        except (OSError, LoadError) as e:
+            log.info("no kprobe on %s (%s)", kprobe, e)
         for tp, (fn, _args, required) in TRACKERS.items():
             if tp in found.absent_tracepoints:
+                continue
+            if tp == FAST_ISOLATE and attached:
+                # The kprobe marks exactly the block the fast path isolates;
+                # the tracepoint could only mark everything above min_pfn.
                 continue
             try:
                 prog.attach_raw(tp, fn)
@@ -119,12 +129,6 @@ class EbpfSource(FreePageSource):
             except Exception as e:
                 if required:
                     raise SourceUnavailable(f"cannot attach to tracepoint {tp}: {e}") from e
-        kprobe, kfn = ISOLATE_KPROBE
-        try:
-            prog.attach_kprobe(kprobe, kfn)
-            attached.append(f"kprobe:{kprobe}")
-        except (OSError, LoadError) as e:
-            log.info("no kprobe on %s (%s)", kprobe, e)
         self._track_why = tracking_refusal(attached, opts)
         self._scanner = Scanner(prog, RamMap(self.paths, config.bitmap_pfns))
         self._scanner.tracked.subtract = opts.tracked_subtraction
@@ -247,6 +251,10 @@ class EbpfSource(FreePageSource):
                 self._live = None
                 raise SourceUnavailable(f"cannot attach to tracepoint mm_page_free: {e}") from e
         return self._live
+
+
+#: The compaction fast path's tracepoint (6.2+): a lower bound only.
+FAST_ISOLATE = "mm_compaction_fast_isolate_freepages"
 
 
 def tracking_refusal(attached: list[str], options: Options) -> str:
