@@ -119,7 +119,7 @@ class EbpfSource(FreePageSource):
         for tp, (fn, _args, required) in TRACKERS.items():
             if tp in found.absent_tracepoints:
                 continue
-            if tp == FAST_ISOLATE and attached:
+            if tp == FAST_ISOLATE and f"kprobe:{kprobe}" in attached:
                 # The kprobe marks exactly the block the fast path isolates;
                 # the tracepoint could only mark everything above min_pfn.
                 continue
