@@ -15,7 +15,8 @@ only its fair share. So, when serving:
   second); ``RLIMIT_RTTIME`` limits how long one thread may run without
   blocking: past the soft limit SIGXCPU demotes every agent thread to normal
   (logged), past the hard limit the kernel kills the agent (systemd restarts
-  it). ``SCHED_RESET_ON_FORK``: children (the BPF loader) never inherit it.
+  it). Raised only after the source is open: the BPF loader child (the
+  one process the agent starts) compiles at the unit's nice 5.
 * The pages it has touched are locked (``mlockall(MCL_CURRENT | MCL_ONFAULT)``,
   plus ``MCL_FUTURE`` with CAP_IPC_LOCK or no RLIMIT_MEMLOCK): a busy guest's
   reclaim never makes the answering path fault its code back in from disk,
@@ -83,7 +84,11 @@ def _rt_throttled(path: str = RT_RUNTIME) -> bool:
 
 
 def _set_rt(tid: int, prio: int) -> None:
-    os.sched_setscheduler(tid, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(prio))
+    # No SCHED_RESET_ON_FORK: it applies to new threads too, and gRPC's
+    # event-engine and timer threads, started later by the loop thread, are
+    # the answering path as much as the loop is. The agent starts no child
+    # process once it has raised itself (the BPF loader child runs at open).
+    os.sched_setscheduler(tid, os.SCHED_FIFO, os.sched_param(prio))
 
 
 def _set_nice(tid: int, nice: int) -> None:
