@@ -27,7 +27,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from guest_agent.sources.ebpf import EbpfSource  # noqa: E402
-from guest_agent.sources.ebpf.program import ISOLATE_KPROBE, TRACKERS  # noqa: E402
 
 WORKER = r"""
 import json, mmap, os, resource, sys, time
@@ -48,31 +47,25 @@ MODES = ("none", "gate_closed", "gate_open")
 
 
 class Modes:
-    """Switch the open source between the three states."""
+    """Switch the open source between the three states. "none" is what an
+    idle agent is now (its exit hooks detached between migrations);
+    "gate_closed" what it was (hooks attached, gate closed)."""
 
     def __init__(self, src: EbpfSource) -> None:
         self.src = src
-        self.prog = src.scanner.prog
-        self.attached = [tp for tp in TRACKERS if self.prog.attached("raw:" + tp)]
-        self.kprobe = self.prog.attached("kprobe:" + ISOLATE_KPROBE[0])
-        self.state = "gate_closed"
+        self.hooks = src.scanner.hooks
+        self.state = "none"
 
     def set(self, mode: str) -> None:
         if mode == self.state:
             return
         if self.state == "gate_open":
-            self.src.set_tracking(False)
+            self.src.set_tracking(False)  # closes the gate and detaches
         if mode == "none":
-            for tp in self.attached:
-                self.prog.detach_raw(tp)
-            if self.kprobe:
-                self.prog.detach_kprobe(ISOLATE_KPROBE[0])
-        elif self.state == "none":
-            for tp in self.attached:
-                self.prog.attach_raw(tp, TRACKERS[tp][0])
-            if self.kprobe:
-                self.prog.attach_kprobe(*ISOLATE_KPROBE)
-        if mode == "gate_open":
+            self.hooks.detach()
+        elif mode == "gate_closed":
+            self.hooks.attach()
+        else:
             self.src.set_tracking(True)
             for _part in self.src.parts():  # the scan that opens the gate for good
                 pass
@@ -105,7 +98,7 @@ def main() -> int:
                 got[mode]["cpu"].append(r["cpu"])
     finally:
         worker.kill()
-        modes.set("gate_closed")
+        modes.set("none")
         src.close()
     pages = args.iterations * (32 << 20) // 4096
     med = {m: {k: statistics.median(v) for k, v in d.items()} for m, d in got.items()}

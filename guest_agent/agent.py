@@ -70,6 +70,9 @@ class Endpoint:
     token: str | None
 
 
+#: Ranges in the tracked answer's first chunk: the collector stamps the
+#: epoch's first chunk once it has checked it.
+FIRST_CHUNK_RANGES = 256
 #: Seconds of no request in flight before the agent gives its heap back.
 TRIM_AFTER_S = 1.0
 
@@ -342,7 +345,7 @@ class Agent:
         enc = ChunkEncoder(epoch, hints_pb2.REPORT_KIND_SNAPSHOT, per_chunk)
 
         async def chunks() -> AsyncIterator[hints_pb2.ReportChunk]:
-            for msg in enc.packed(words, stats):
+            for msg in enc.packed(words, stats, first=FIRST_CHUNK_RANGES):
                 yield msg
 
         await stub.Report(chunks(), timeout=remaining, metadata=md)

@@ -182,3 +182,18 @@ def test_tracking_stops_when_requests_stop_and_off_means_off() -> None:
                 assert off.tracking_calls == []
 
     run(go())
+
+
+def test_packed_words_make_a_call_with_a_small_first_chunk() -> None:
+    from fphint.v1 import hints_pb2
+    from guest_agent.chunks import ChunkEncoder
+
+    for n in (0, 1, 256, 257, 4096, 9000):
+        rs = [(i * 8192, 4096) for i in range(n)]
+        chunks = list(ChunkEncoder(7, hints_pb2.REPORT_KIND_SNAPSHOT, 4096).packed(ranges.encode(rs), None, first=256))
+        assert len(chunks[0].ranges) // 2 == min(n, 256)
+        assert all(len(c.ranges) // 2 <= 4096 for c in chunks)
+        assert [c.seq for c in chunks] == list(range(len(chunks))) and chunks[-1].end
+        assert not any(c.end for c in chunks[:-1])
+        state = ranges.CodecState()
+        assert [r for c in chunks for r in ranges.decode(list(c.ranges), state)] == rs

@@ -104,3 +104,33 @@ def test_tracking_refusal_names_what_is_missing() -> None:
     why = tracking_refusal(fast[:1], Options())  # Linux 6.1 without kprobes
     assert "mm_compaction_fast_isolate_freepages" in why and "__isolate_free_page" in why
     assert tracking_refusal(["kprobe:__isolate_free_page"], Options(tracking=False)).startswith("turned off")
+
+
+@pytest.mark.root
+@pytest.mark.bpf
+@pytest.mark.slow
+def test_hooks_are_attached_only_while_needed(src: EbpfSource) -> None:
+    """Idle, no exit hook and no free hook costs the guest a BPF call."""
+    prog = src.scanner.prog
+    src.set_tracking(False)
+    hooked = ["raw:" + tp for tp, _ in src.scanner.hooks.raw]
+    assert hooked and not any(prog.attached(k) for k in hooked), "idle: detached"
+    it = cast(Generator[ScanPart, None, None], src.parts())
+    next(it)
+    assert all(prog.attached(k) for k in hooked), "a scan runs with its hooks"
+    it.close()
+    assert not any(prog.attached(k) for k in hooked)
+    live = src.live_frees()
+    live.start()
+    assert prog.attached("raw:mm_page_free")
+    live.stop()
+    assert not prog.attached("raw:mm_page_free"), "not tracking: detached at stop"
+    if src.can_track:
+        src.set_tracking(True)
+        for _part in src.parts():
+            pass
+        live.start()
+        live.stop()
+        assert all(prog.attached(k) for k in hooked) and prog.attached("raw:mm_page_free"), "tracking keeps them"
+        src.set_tracking(False)
+        assert not any(prog.attached(k) for k in hooked) and not prog.attached("raw:mm_page_free")

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from . import system
 from .program import WIDE_MAX, Ctl, LoadedProgram
 from .system import PAGE_SHIFT, KernelPaths, PfnRanges
+from .hooks import Hooks
 from .tracked import TrackedAnswer, TrackedSet
 
 #: Re-read which memory blocks are online at least this often; /proc/iomem is
@@ -90,9 +91,13 @@ class RamMap:
 
 
 class Scanner:
-    def __init__(self, prog: LoadedProgram, ram: RamMap) -> None:
+    def __init__(self, prog: LoadedProgram, ram: RamMap, hooks: Hooks | None = None) -> None:
         self.prog = prog
         self.ram = ram
+        #: The exit hooks: attached for a scan (and while tracking), else not.
+        self.hooks = hooks or Hooks(prog, detachable=False)
+        #: Called (under the lock) when the gate closes: nothing is watched now.
+        self.on_idle: Callable[[], None] = lambda: None
         self.portion = prog.config.nr_recs
         self.bitmap_bytes = 8 * prog.config.bitmap_words
         self.last = ScanStats()
@@ -119,8 +124,14 @@ class Scanner:
                 return
             self._tracking = on
             if not on and not self._scanning:  # a running scan closes it when it ends
-                self.prog.begin.run(0)
-                self.tracked.clear()
+                self._close_gate()
+
+    def _close_gate(self) -> None:
+        """Gate closed, set forgotten, hooks detached (under the lock)."""
+        self.prog.begin.run(0)
+        self.tracked.clear()
+        self.hooks.detach()
+        self.on_idle()
 
     def answer(self) -> TrackedAnswer | None:
         """What the tracked set says is free now, or None (not tracking, or
@@ -151,6 +162,14 @@ class Scanner:
         prog, ctl = self.prog, self.prog.ctl
         ranges = self.ram.refresh()
         stats = self.last = ScanStats()
+        with self.lock:
+            self._scanning = True
+        try:
+            self.hooks.attach()  # no-op while tracking; else attach and a grace period
+        except BaseException:
+            with self.lock:
+                self._scanning = False
+            raise
         # Zero the bitmap and the wide list, then open the gate with a fence.
         # With the gate already open (tracking) an event racing the clearing
         # may lose its mark: its page left the lists before this scan reads.
@@ -162,7 +181,6 @@ class Scanner:
             ctl[Ctl.FAULTS] = ctl[Ctl.REJECTS] = ctl[Ctl.DROPPED] = 0
             prog.begin.run(1)
             self.tracked.reset(time.monotonic(), self.bitmap_bytes)
-            self._scanning = True
         folded = 0
         try:
             pfn = 0
@@ -192,8 +210,7 @@ class Scanner:
             with self.lock:
                 self._scanning = False
                 if not self._tracking:
-                    prog.begin.run(0)
-                    self.tracked.clear()
+                    self._close_gate()
             stats.extra["faults"] = float(ctl[Ctl.FAULTS])
             stats.extra["rejects"] = float(ctl[Ctl.REJECTS])
 

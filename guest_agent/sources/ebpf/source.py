@@ -12,6 +12,7 @@ from ..base import FreePageSource, Probe, ScanSummary, SourceUnavailable
 from . import checks, headers, selftest, system, vmemmap
 from .live import EbpfLiveFrees
 from .layout import PageLayout, PageLayoutError, release_version
+from .hooks import Hooks, grace_period
 from .program import ISOLATE_KPROBE, TRACKERS, Ctl, LoadedProgram, LoadError, ProgramConfig, tracepoint_fields
 from .scanner import RamMap, ScanPart, Scanner
 from .tracked import TrackedAnswer
@@ -109,28 +110,37 @@ class EbpfSource(FreePageSource):
             raise SourceUnavailable(f"cannot find vmemmap_base: {e}") from e
         prog.ctl[Ctl.VMEMMAP] = where.base
         prog.ctl[Ctl.NOCHECK] = 0 if opts.crosscheck else 1
-        attached = []
+        hooks = Hooks(prog)
         kprobe, kfn = ISOLATE_KPROBE
         try:
             prog.attach_kprobe(kprobe, kfn)
-            attached.append(f"kprobe:{kprobe}")
+            hooks.kprobes.append((kprobe, kfn))
         except (OSError, LoadError) as e:
             log.info("no kprobe on %s (%s)", kprobe, e)
         for tp, (fn, _args, required) in TRACKERS.items():
             if tp in found.absent_tracepoints:
                 continue
-            if tp == FAST_ISOLATE and f"kprobe:{kprobe}" in attached:
+            if tp == FAST_ISOLATE and hooks.kprobes:
                 # The kprobe marks exactly the block the fast path isolates;
                 # the tracepoint could only mark everything above min_pfn.
                 continue
             try:
                 prog.attach_raw(tp, fn)
-                attached.append(tp)
+                hooks.raw.append((tp, fn))
             except Exception as e:
                 if required:
                     raise SourceUnavailable(f"cannot attach to tracepoint {tp}: {e}") from e
+        # Attached now; the self-test's scans must not race the attaching.
+        hooks.attached = True
+        try:
+            grace_period()
+        except OSError as e:
+            log.warning("no RCU grace period from membarrier (%s): exit hooks stay attached", e)
+            hooks.detachable = False
+            time.sleep(0.05)
+        attached = hooks.names()
         self._track_why = tracking_refusal(attached, opts)
-        self._scanner = Scanner(prog, RamMap(self.paths, config.bitmap_pfns))
+        self._scanner = Scanner(prog, RamMap(self.paths, config.bitmap_pfns), hooks)
         self._scanner.tracked.subtract = opts.tracked_subtraction
         self._facts = {
             "encoding": found.layout.encoding.source,
@@ -241,15 +251,12 @@ class EbpfSource(FreePageSource):
         )
 
     def live_frees(self) -> EbpfLiveFrees:
-        if self._prog is None:
+        if self._prog is None or self._scanner is None:
             raise SourceUnavailable("ebpf source is not open")
         if self._live is None:
-            self._live = EbpfLiveFrees(self._prog)
-            try:
-                self._prog.attach_raw("mm_page_free", "on_free")
-            except Exception as e:
-                self._live = None
-                raise SourceUnavailable(f"cannot attach to tracepoint mm_page_free: {e}") from e
+            scanner = self._scanner
+            self._live = EbpfLiveFrees(self._prog, keep_attached=lambda: scanner.tracking)
+            scanner.on_idle = self._live.detach_if_idle
         return self._live
 
 
