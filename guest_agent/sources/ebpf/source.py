@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from ... import memory
 from ..base import FreePageSource, Probe, ScanSummary, SourceUnavailable
 from . import checks, headers, selftest, system, vmemmap
 from .live import EbpfLiveFrees
@@ -90,6 +91,12 @@ class EbpfSource(FreePageSource):
         except BaseException:
             self.close()
             raise
+        finally:
+            # The parsed BTF (every type of the kernel) is ~13 MiB of Python
+            # objects and nothing reads it after open: every resident page of
+            # the agent is guest memory each migration sends.
+            found.btf = None
+            memory.give_back()
 
     def _open(self, found: checks.Findings) -> None:
         assert found.layout is not None
