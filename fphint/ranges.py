@@ -59,8 +59,8 @@ def encode(ranges: Iterable[tuple[int, int]], state: CodecState | None = None) -
 def decode(words: Sequence[int], state: CodecState | None = None) -> list[tuple[int, int]]:
     """Unpack a chunk into (start, length) pairs, checking every rule exactly.
 
-    :raise RangeError: odd word count, a start or end beyond 2**64, or a range
-        that starts before the previous one ended.
+    :raise RangeError: odd word count, a word that is not a uint64, a start or
+        end beyond 2**64, or a range that starts before the previous one ended.
     """
     if len(words) % 2:
         raise RangeError(f"odd number of packed words ({len(words)})")
@@ -68,8 +68,10 @@ def decode(words: Sequence[int], state: CodecState | None = None) -> list[tuple[
     prev_start, prev_end = st.prev_start, st.prev_end
     out: list[tuple[int, int]] = []
     for i in range(0, len(words), 2):
-        start = prev_start + words[i]
-        length = words[i + 1]
+        delta, length = words[i], words[i + 1]
+        if not (0 <= delta < ADDRESS_SPACE_END and 0 <= length < ADDRESS_SPACE_END):
+            raise RangeError(f"range {i // 2}: packed words must be uint64")
+        start = prev_start + delta
         if start >= ADDRESS_SPACE_END or start + length > ADDRESS_SPACE_END:
             raise RangeError(f"range {i // 2} reaches beyond 2**64")
         if start < prev_end:

@@ -10,6 +10,8 @@ Example (TOML; integers may be written in hex)::
     [[vm]]
     name = "web1"
     token_file = "/etc/fphint/tokens/web1"   # or token = "..."
+    vsock_cid = 7                            # optional: calls over vsock from CID 7 are web1's
+    unix_uid = 64055                         # optional: web1's token counts on unix: only from this uid
     qmp = "unix:/run/qemu/web1.fphint.qmp"   # fphint's own QMP monitor (migrate, proxy)
     ram = [
       { gpa = 0x0, size = 0x80000000, block = "pc.ram", offset = 0x0 },
@@ -21,10 +23,15 @@ A VM's ``ram`` may be left out and filled in later from QMP
 fphint has to itself (QEMU's QMP serves one client at a time), started with
 ``-qmp unix:PATH,server=on,wait=off``; ``unix:PATH``, ``/PATH`` or
 ``tcp:HOST:PORT``. Every error names the file and the entry.
+
+Who may claim which VM (tokens, CIDs, uids) is docs/security.md. The file is
+read with bounds (size, nesting) and every value is checked, so a bad file
+only ever raises :class:`ConfigError`.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -42,6 +49,11 @@ from .layout import LayoutError, RamLayout, RamRange
 #: if they cannot be guessed.
 MIN_TOKEN_LENGTH = 16
 _VM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+#: Largest configuration and token file read.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_TOKEN_BYTES = 4096
+#: Integer limits end up in gRPC channel arguments (C ints).
+_MAX_LIMIT = (1 << 31) - 1
 
 
 class ConfigError(CollectorError):
@@ -61,8 +73,30 @@ class Limits:
     max_deadline_s: float = 60.0
     #: A Report call that sends nothing for this long is cut.
     report_idle_timeout_s: float = 10.0
+    #: Concurrent calls on the admin server (operators). The guest-facing
+    #: server has no server-wide count: anyone who can connect could fill one
+    #: (docs/security.md); it has the budgets below instead.
     max_concurrent_rpcs: int = 1024
     max_streams_per_connection: int = 16
+    #: Unauthenticated calls that may stay open, each kind from its own
+    #: budget: health Watch streams and reflection streams.
+    max_health_watches: int = 16
+    max_reflection_streams: int = 4
+    #: TCP connections the guest-facing gRPC server keeps at once; and per
+    #: Unix/vsock bridge, in total, per guest (vsock CID) and per local
+    #: process (unix pid; a test or a host tool may run many agents in one).
+    max_connections: int = 4096
+    max_bridge_connections: int = 1024
+    max_connections_per_cid: int = 8
+    max_connections_per_process: int = 64
+    #: A connection that has not finished its HTTP/2 handshake this soon is
+    #: cut, and so is one with no call open this long (an agent always has
+    #: its Attach open).
+    handshake_timeout_s: float = 5.0
+    connection_idle_s: float = 60.0
+    #: Largest AttachRequest (the agent's facts); the rest of the 4 MiB
+    #: message limit is for Report chunks.
+    max_attach_bytes: int = 64 << 10
     keepalive_time_s: float = 20.0
     keepalive_timeout_s: float = 10.0
     max_connection_age_s: float = 3600.0
@@ -88,6 +122,9 @@ class VmEntry:
     layout: RamLayout | None = None
     #: fphint's QMP monitor of this VM's (source) QEMU, as written in the file.
     qmp: str | None = None
+    #: If set, this VM's token is accepted on a unix: listener only from a
+    #: process with this uid (SO_PEERCRED).
+    unix_uid: int | None = None
 
 
 @dataclass(frozen=True)
@@ -167,9 +204,13 @@ def _token(vm: dict[str, Any], where: str, base: Path) -> str:
     else:
         path = base / _expect(vm["token_file"], str, f"{where}.token_file")
         try:
-            token = path.read_text().strip()
+            with open(path, "rb") as f:
+                raw = f.read(MAX_TOKEN_BYTES + 1)
         except OSError as e:
             raise ConfigError(f"{where}: cannot read token_file {path}: {e.strerror}") from None
+        if len(raw) > MAX_TOKEN_BYTES:
+            raise ConfigError(f"{where}: token_file {path} is longer than {MAX_TOKEN_BYTES} bytes")
+        token = raw.decode("utf-8", "replace").strip()
     if len(token) < MIN_TOKEN_LENGTH or not token.isprintable() or " " in token:
         raise ConfigError(f"{where}: token must be at least {MIN_TOKEN_LENGTH} printable characters without spaces")
     return token
@@ -185,8 +226,10 @@ def _limits(raw: dict[str, Any], where: str) -> Limits:
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         _expect(value, kind, f"{where}.{key}")
-        if value <= 0:
-            raise ConfigError(f"{where}.{key}: must be positive")
+        if not (value > 0 and math.isfinite(value)):
+            raise ConfigError(f"{where}.{key}: must be positive and finite")
+        if value > _MAX_LIMIT:
+            raise ConfigError(f"{where}.{key}: {value} is larger than {_MAX_LIMIT}")
         values[key] = value
     return Limits(**values)
 
@@ -203,7 +246,8 @@ def parse(data: dict[str, Any], source: str = "<config>", base: Path | None = No
     if unknown:
         raise ConfigError(f"{source}: [collector] unknown keys {sorted(unknown)}")
     try:
-        listen = tuple(addresses.parse(_expect(a, str, f"{source}: listen")) for a in col.get("listen", []))
+        listen = tuple(addresses.parse(_expect(a, str, f"{source}: listen"))
+                       for a in _expect(col.get("listen", []), list, f"{source}: listen"))
         admin = addresses.parse(_expect(col["admin"], str, f"{source}: admin")) if "admin" in col else None
     except addresses.AddressError as e:
         raise ConfigError(f"{source}: {e}") from None
@@ -217,6 +261,8 @@ def parse(data: dict[str, Any], source: str = "<config>", base: Path | None = No
         metrics = (host, int(port))
     deadline_ms = _expect(col.get("default_deadline_ms", 2000), int, f"{source}: default_deadline_ms")
     grace = float(_expect(col.get("shutdown_grace_s", 5.0), (int, float), f"{source}: shutdown_grace_s"))
+    if not 0 <= grace <= 3600:
+        raise ConfigError(f"{source}: shutdown_grace_s must be in [0, 3600]")
     limits = _limits(col, f"{source}: [collector]")
     if not 0 < deadline_ms <= limits.max_deadline_s * 1000:
         raise ConfigError(f"{source}: default_deadline_ms must be in (0, {limits.max_deadline_s * 1000:.0f}]")
@@ -228,7 +274,7 @@ def parse(data: dict[str, Any], source: str = "<config>", base: Path | None = No
     for i, vm in enumerate(_expect(data.get("vm", []), list, f"{source}: [[vm]]")):
         where = f"{source}: vm[{i}]"
         _expect(vm, dict, where)
-        unknown = set(vm) - {"name", "token", "token_file", "vsock_cid", "ram", "blocks", "qmp"}
+        unknown = set(vm) - {"name", "token", "token_file", "vsock_cid", "unix_uid", "ram", "blocks", "qmp"}
         if unknown:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
         name = _expect(vm.get("name"), str, f"{where}.name")
@@ -244,6 +290,11 @@ def parse(data: dict[str, Any], source: str = "<config>", base: Path | None = No
             if cid in seen_cids:
                 raise ConfigError(f"{where}: vsock_cid {cid} used twice")
             seen_cids.add(cid)
+        uid = vm.get("unix_uid")
+        if uid is not None:
+            _expect(uid, int, f"{where}.unix_uid")
+            if not 0 <= uid < 2**32 - 1:
+                raise ConfigError(f"{where}: unix_uid {uid} is not a uid")
         if name in seen_names:
             raise ConfigError(f"{where}: name used twice")
         if token in seen_tokens:
@@ -256,7 +307,8 @@ def parse(data: dict[str, Any], source: str = "<config>", base: Path | None = No
                 raise ConfigError(f"{where}: {e}") from None
         seen_names.add(name)
         seen_tokens.add(token)
-        vms.append(VmEntry(name=name, token=token, vsock_cid=cid, layout=_layout(vm, where), qmp=qmp))
+        vms.append(VmEntry(name=name, token=token, vsock_cid=cid, layout=_layout(vm, where), qmp=qmp,
+                           unix_uid=uid))
     return CollectorConfig(
         listen=listen,
         admin=admin,
@@ -269,11 +321,32 @@ def parse(data: dict[str, Any], source: str = "<config>", base: Path | None = No
 
 
 def load(path: str | Path) -> CollectorConfig:
+    """Read and check a configuration file. :raise ConfigError: anything wrong with it."""
     p = Path(path)
     try:
-        data = tomllib.loads(p.read_text())
+        with open(p, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise ConfigError(f"{p}: {e.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{p}: larger than {MAX_CONFIG_BYTES} bytes")
+    return loads(raw, str(p), p.parent)
+
+
+def loads(raw: bytes, source: str = "<config>", base: Path | None = None) -> CollectorConfig:
+    """Parse configuration text; raises only :class:`ConfigError`.
+
+    tomllib recurses once per nesting level of arrays and inline tables, so
+    a pathological file ends as a ConfigError, not a RecursionError.
+    """
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{source}: larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{source}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p}: {e}") from None
-    return parse(data, str(p), p.parent)
+        raise ConfigError(f"{source}: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply") from None
+    return parse(data, source, base)

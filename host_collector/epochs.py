@@ -27,7 +27,6 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from fphint import vsock
 from fphint.v1 import hints_pb2
 
 from .config import CollectorConfig, VmEntry
@@ -35,6 +34,8 @@ from .errors import CollectorError, Refusal
 from .hintcheck import LayoutIndex, Pieces
 from .layout import RamLayout
 from .metrics import Metrics
+from .peers import KernelPeer
+from .ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -273,20 +274,36 @@ class Collector:
         self._by_token = {_digest(e.token): e.name for e in config.vms}
         self._by_cid = {e.vsock_cid: e.name for e in config.vms if e.vsock_cid is not None}
         self._last_epoch_id = 0
+        #: Refusals and re-attaches are logged at a bounded rate (a guest
+        #: chooses how often they happen); every one is in the metrics.
+        self.ratelog = RateLimitedLog(log, on_suppressed=lambda k: self.metrics.log_suppressed.labels(k).inc())
 
     # Section: identity
 
-    def identify(self, token: str | None, peer: str) -> VmState:
-        """The VM a call comes from: its vsock CID, or its token. Never what it says."""
+    def identify(self, token: str | None, peer: KernelPeer | None) -> VmState:
+        """The VM a call comes from, from what the kernel says and the token; never what the guest says.
+
+        ``peer`` is the connection's kernel identity (peers.py), None for TCP.
+        A registered vsock CID identifies its VM without a token; everything
+        else needs one. A token bound to a CID or a uid counts only from it.
+        """
         by_token = self._by_token.get(_digest(token)) if token else None
-        cid = vsock.peer_cid(peer)
-        by_cid = self._by_cid.get(cid) if cid is not None else None
-        if by_cid is not None and by_token is not None and by_cid != by_token:
-            raise Refusal("PERMISSION_DENIED", "identity_mismatch", "token belongs to another VM than this vsock CID")
-        name = by_cid or by_token
-        if name is None:
+        if peer is not None and peer.kind == "vsock":
+            by_cid = self._by_cid.get(peer.cid)
+            if by_cid is not None:
+                if by_token is not None and by_token != by_cid:
+                    raise Refusal("PERMISSION_DENIED", "identity_mismatch",
+                                  "token belongs to another VM than this vsock CID")
+                return self.vms[by_cid]
+        if by_token is None:
             raise Refusal("UNAUTHENTICATED", "unknown_token", "no VM has this token (or no token was sent)")
-        return self.vms[name]
+        vm = self.vms[by_token]
+        entry = vm.entry
+        if peer is not None and peer.kind == "vsock" and entry.vsock_cid is not None and peer.cid != entry.vsock_cid:
+            raise Refusal("PERMISSION_DENIED", "identity_mismatch", "token of a VM bound to another vsock CID")
+        if peer is not None and peer.kind == "unix" and entry.unix_uid is not None and peer.uid != entry.unix_uid:
+            raise Refusal("PERMISSION_DENIED", "identity_mismatch", "token of a VM bound to another uid")
+        return vm
 
     def vm(self, name: str) -> VmState:
         """:raise UnknownVm: no VM of that name."""
@@ -302,12 +319,14 @@ class Collector:
         old = vm.attachment
         if old is not None:
             old.queue.put_nowait(None)  # ends the old stream (the queue always has room for it)
-            log.info("agent re-attached, replacing the older stream", extra={"vm": vm.name, "peer": peer})
+            self.ratelog.info(f"reattach:{vm.name}", "agent re-attached, replacing the older stream",
+                              extra={"vm": vm.name, "peer": peer})
         else:
             self.metrics.attached.inc()
         att = Attachment(vm.name, peer, facts, asyncio.Queue(maxsize=ATTACH_QUEUE + 1))
         vm.attachment = att
-        log.info(
+        self.ratelog.info(
+            f"attach:{vm.name}",
             "agent attached",
             extra={
                 "vm": vm.name,
@@ -326,7 +345,7 @@ class Collector:
         if vm.attachment is att:
             vm.attachment = None
             self.metrics.attached.dec()
-            log.info("agent detached", extra={"vm": vm.name, "peer": att.peer})
+            self.ratelog.info(f"detach:{vm.name}", "agent detached", extra={"vm": vm.name, "peer": att.peer})
 
     # Section: epochs (the proxy's API)
 
@@ -382,8 +401,8 @@ class Collector:
                 live_hints=live_hints,
             )
             if att.queue.qsize() >= ATTACH_QUEUE:
-                log.warning("agent is not reading requests; epoch gets no hints", extra={"vm": vm_name,
-                                                                                         "epoch": ep.id})
+                self.ratelog.warning(f"not_reading:{vm_name}", "agent is not reading requests; epoch gets no hints",
+                                     extra={"vm": vm_name, "epoch": ep.id})
             else:
                 att.queue.put_nowait(hints_pb2.CollectorMessage(request=req))
                 ep.request_sent = True
@@ -464,7 +483,8 @@ class Collector:
         """A guest broke the protocol: one log line, a metric, and (for data
         faults in an open epoch) every hint of that epoch is dropped."""
         self.metrics.rejects.labels(vm.name, refusal.tag).inc()
-        log.warning(
+        self.ratelog.warning(
+            f"refused:{vm.name}:{refusal.tag}",
             "refused: %s",
             refusal.message,
             extra={"vm": vm.name, "epoch": ep.id if ep else None, "reason": refusal.tag},

@@ -36,6 +36,19 @@ class Metrics:
         self.attached = Gauge("fphint_agents_attached", "Agents with an open Attach stream", registry=r)
         self.agent_cpu = Gauge("fphint_agent_cpu_seconds", "CPU time the agent reports for itself", ["vm"], registry=r)
         self.agent_rss = Gauge("fphint_agent_rss_bytes", "RSS the agent reports for itself", ["vm"], registry=r)
+        # Untrusted-input accounting: what was refused instead of being logged line by line.
+        self.log_suppressed = Counter(
+            "fphint_log_lines_suppressed", "Log lines left out by rate limiting, by reason", ["reason"], registry=r
+        )
+        self.budget_refused = Counter(
+            "fphint_budget_refused", "Calls refused because their own budget was spent (health watch, "
+            "reflection, attach size)", ["budget"], registry=r
+        )
+        self.bridge_refused = Counter(
+            "fphint_bridge_refused", "Unix/vsock connections the bridge refused, by reason", ["reason"], registry=r
+        )
+        self.bridged = Gauge("fphint_bridged_connections", "Unix/vsock connections open through the bridge",
+                             registry=r)
 
     def serve(self, host: str, port: int) -> None:
         """Expose /metrics on a background thread."""

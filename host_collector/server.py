@@ -2,8 +2,14 @@
 graceful shutdown.
 
 Guests and operators get separate servers: the guest-facing one (FreePageHints)
-listens on the configured TCP/Unix/vsock addresses; the admin one
-(CollectorAdmin) only on a Unix socket with mode 0600, so no guest can reach it.
+listens on the configured TCP addresses itself and on a private Unix socket
+that the Unix/vsock bridges (peers.py) relay to, so every bridged call carries
+the kernel's account of its peer; the admin one (CollectorAdmin) only on a
+Unix socket with mode 0600, so no guest can reach it. The guest-facing server
+has no server-wide call limit that unauthenticated callers could fill: calls
+without a valid token end at once, and the only unauthenticated calls that
+may stay open (health Watch, reflection) have budgets of their own
+(budgets.py). docs/security.md has the whole trust model.
 """
 
 from __future__ import annotations
@@ -20,14 +26,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from fphint import addresses, vsock
+from fphint import addresses
 from fphint.v1 import admin_pb2, admin_pb2_grpc, hints_pb2, hints_pb2_grpc
 
 from .admin import AdminService
+from .budgets import Budget, CappedHealth, add_capped_reflection
 from .config import CollectorConfig, Limits
 from .epochs import Collector
 from .metrics import Metrics
 from .migrate.observer import NO_OBSERVER, MigrationObserver
+from .peers import Bridge, PeerTable
 from .service import FreePageHintsService
 
 log = logging.getLogger(__name__)
@@ -54,6 +62,16 @@ def server_options(limits: Limits) -> list[tuple[str, int]]:
         ("grpc.max_connection_age_ms", ms(limits.max_connection_age_s)),
         ("grpc.max_connection_age_grace_ms", ms(limits.max_connection_age_grace_s)),
         ("grpc.so_reuseport", 0),
+    ]
+
+
+def guest_server_options(limits: Limits) -> list[tuple[str, int]]:
+    """:func:`server_options` plus the bounds on connections that untrusted peers open."""
+    return [
+        *server_options(limits),
+        ("grpc.max_allowed_incoming_connections", limits.max_connections),
+        ("grpc.server_handshake_timeout_ms", _ms(limits.handshake_timeout_s)),
+        ("grpc.max_connection_idle_ms", _ms(limits.connection_idle_s)),
     ]
 
 
@@ -84,34 +102,43 @@ class CollectorServer:
         #: Actual bound addresses (port 0 resolved), in config order.
         self.bound: list[addresses.Address] = []
         self._stopped = asyncio.Event()
-        self._vsock: list[vsock.VsockListener] = []
+        #: Unix and vsock listeners: accepted here, relayed to gRPC's private socket.
+        self.bridges: list[Bridge] = []
         #: 0700 directory for sockets only the collector itself may reach.
         self._private: Path | None = None
+        self.peers: PeerTable | None = None
 
     async def start(self) -> None:
         cfg, limits = self.config, self.config.limits
         if not cfg.listen:
             raise ValueError("nothing to listen on: give at least one listen address")
-        self.server = grpc.aio.server(
-            options=server_options(limits), maximum_concurrent_rpcs=limits.max_concurrent_rpcs
+        self.server = grpc.aio.server(options=guest_server_options(limits))
+        metrics = self.collector.metrics
+        if any(a.kind in ("unix", "vsock") for a in cfg.listen):
+            self._private = Path(tempfile.mkdtemp(prefix="fphint-collector-"))  # mode 0700
+            self.peers = PeerTable(self._private)
+        hints_pb2_grpc.add_FreePageHintsServicer_to_server(FreePageHintsService(self.collector, self.peers),
+                                                           self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(
+            CappedHealth(self.health, Budget("health_watch", limits.max_health_watches, metrics)), self.server
         )
-        hints_pb2_grpc.add_FreePageHintsServicer_to_server(FreePageHintsService(self.collector), self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (HINTS_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
-        )
+        add_capped_reflection((HINTS_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server,
+                              Budget("reflection", limits.max_reflection_streams, metrics))
+        backend = str(self._private / "grpc.sock") if self._private is not None else ""
+        if backend:
+            self.server.add_insecure_port(f"unix:{backend}")
+        caps = {"max_connections": limits.max_bridge_connections, "max_per_cid": limits.max_connections_per_cid,
+                "max_per_process": limits.max_connections_per_process}
         for addr in cfg.listen:
-            if addr.kind == "vsock":
-                # grpcio wheels lack vsock: bridge it to a private Unix socket.
-                if self._private is None:
-                    self._private = Path(tempfile.mkdtemp(prefix="fphint-collector-"))
-                backend = str(self._private / f"vsock-{addr.port}.sock")
-                self.server.add_insecure_port(f"unix:{backend}")
-                self._vsock.append(vsock.VsockListener(addr.port, backend))
+            if addr.kind in ("unix", "vsock"):
+                assert self.peers is not None
+                if addr.kind == "unix":
+                    _prepare_unix(addr.path)
+                    self.bridges.append(Bridge.unix(addr.path, self.peers, backend, metrics, **caps))
+                else:  # grpcio wheels lack vsock anyway
+                    self.bridges.append(Bridge.vsock(addr.port, self.peers, backend, metrics, **caps))
                 self.bound.append(addr)
                 continue
-            if addr.kind == "unix":
-                _prepare_unix(addr.path)
             port = self.server.add_insecure_port(addr.grpc_target())
             if addr.kind == "tcp":
                 addr = addresses.Address("tcp", host=addr.host, port=port)
@@ -133,8 +160,8 @@ class CollectorServer:
             finally:
                 os.umask(old)
         await self.server.start()
-        for listener in self._vsock:
-            await listener.start()
+        for bridge in self.bridges:
+            await bridge.start()
         for name in ("", HINTS_SERVICE, ADMIN_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if cfg.metrics is not None:
@@ -156,9 +183,11 @@ class CollectorServer:
             await self.admin.migrations.shutdown()  # migrate_cancel on each source first
         self.collector.shutdown()
         waits = [s.stop(grace) for s in (self.server, self.admin_server) if s is not None]
-        for listener in self._vsock:
-            listener.close()
+        for bridge in self.bridges:
+            bridge.stop_accepting()
         await asyncio.gather(*waits)
+        for bridge in self.bridges:
+            bridge.close()
         if self._private is not None:
             shutil.rmtree(self._private, ignore_errors=True)
         self._stopped.set()

@@ -1,9 +1,10 @@
 """The guest-facing gRPC service: Attach and Report.
 
-Every call is identified before anything it sends is read, and every wait is
-bounded on the server side (idle timeout, epoch deadline) because a guest may
-omit deadlines or simply stall. A refusal is one gRPC status plus one log line
-and never touches another VM's state.
+Every call is identified before anything it sends is read, from the kernel's
+account of the connection (peers.py) and the token, and every wait is bounded
+on the server side (idle timeout, epoch deadline) because a guest may omit
+deadlines or simply stall. A refusal is one gRPC status and one count in the
+metrics, logged at a bounded rate, and never touches another VM's state.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from fphint.v1 import hints_pb2, hints_pb2_grpc
 from .epochs import Collector, Epoch, VmState
 from .errors import CollectorError, Refusal, abort
 from .hintcheck import ReportDecoder
+from .peers import PeerTable
 
 log = logging.getLogger(__name__)
 
@@ -55,22 +57,35 @@ def sanitize_facts(facts: hints_pb2.AgentFacts) -> hints_pb2.AgentFacts:
 
 
 class FreePageHintsService(hints_pb2_grpc.FreePageHintsServicer):
-    def __init__(self, collector: Collector) -> None:
+    def __init__(self, collector: Collector, peers: PeerTable | None = None) -> None:
         self.collector = collector
+        #: Kernel identities of bridged (Unix/vsock) connections.
+        self.peers = peers
+
+    def peer_text(self, context: grpc.aio.ServicerContext) -> str:
+        """The peer as the kernel describes it (bridged) or as gRPC does (TCP)."""
+        raw = context.peer() or ""
+        kernel = self.peers.lookup(raw) if self.peers is not None else None
+        return str(kernel) if kernel is not None else raw
 
     async def _identify(self, context: grpc.aio.ServicerContext) -> VmState:
+        raw = context.peer() or ""
+        kernel = self.peers.lookup(raw) if self.peers is not None else None
         try:
-            return self.collector.identify(bearer_token(context), context.peer() or "")
+            return self.collector.identify(bearer_token(context), kernel)
         except Refusal as r:
             self.collector.metrics.rejects.labels("", r.tag).inc()
-            log.warning("refused call from %s: %s", context.peer(), r.message, extra={"reason": r.tag})
+            who = str(kernel) if kernel is not None else raw
+            self.collector.ratelog.warning(f"unidentified:{r.tag}", "refused call from %s: %s", who, r.message,
+                                           extra={"reason": r.tag})
             await abort(context, r)
 
     async def Attach(  # noqa: N802 (gRPC method name)
         self, request: hints_pb2.AttachRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[hints_pb2.CollectorMessage]:
         vm = await self._identify(context)
-        att = self.collector.attach(vm, sanitize_facts(request.facts), context.peer() or "")
+        await self._check_attach_size(vm, request, context)
+        att = self.collector.attach(vm, sanitize_facts(request.facts), self.peer_text(context))
         try:
             await context.send_initial_metadata((("fphint-vm", vm.name),))
             while True:
@@ -83,6 +98,17 @@ class FreePageHintsService(hints_pb2_grpc.FreePageHintsServicer):
                 yield msg
         finally:
             self.collector.detach(att)
+
+    async def _check_attach_size(self, vm: VmState, request: hints_pb2.AttachRequest,
+                                 context: grpc.aio.ServicerContext) -> None:
+        """Facts are a few hundred bytes; a huge AttachRequest is refused before it is copied."""
+        limit = self.collector.limits.max_attach_bytes
+        size = request.ByteSize()
+        if size > limit:
+            r = Refusal("RESOURCE_EXHAUSTED", "attach_too_big", f"AttachRequest of {size} bytes, limit {limit}")
+            self.collector.metrics.budget_refused.labels("attach_bytes").inc()
+            self.collector.violation(vm, None, r)
+            await abort(context, r)
 
     async def Report(  # noqa: N802
         self, request_iterator: AsyncIterator[hints_pb2.ReportChunk], context: grpc.aio.ServicerContext

@@ -22,7 +22,8 @@ from pathlib import Path
 from vmimage import cache as cache_mod
 from vmimage.builder import Image, ensure_image, keys
 from vmimage.final import ImageSpec
-from vmimage.qemu import Endpoints, GuestConfig, collector_address, qemu_argv
+from vmimage.accel import AccelError, choose
+from vmimage.qemu import Endpoints, GuestConfig, collector_address, default_binary, qemu_argv
 from vmimage.run import BuildError
 
 EXAMPLES = """\
@@ -67,6 +68,9 @@ def show_command(cache: Path) -> None:
         token="TOKEN",
         collector=collector_address(50051),
     )
+    # The accelerator every lab guest gets ($FPH_ACCEL; probed once per host boot).
+    accel = choose(default_binary(), guest.kernel)
+    print(f"# accelerator: {accel.describe()}")
     for name, incoming in (("src", False), ("dst", True)):
         ep = Endpoints(
             name=name,
@@ -79,7 +83,7 @@ def show_command(cache: Path) -> None:
             paused=incoming,
         )
         print(f"# {'destination (then QMP migrate-incoming)' if incoming else 'source'}:")
-        print(" \\\n    ".join(_argv_lines(qemu_argv(guest, ep))))
+        print(" \\\n    ".join(_argv_lines(qemu_argv(guest, ep, accel=accel))))
 
 
 def _argv_lines(argv: list[str]) -> list[str]:
@@ -120,7 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"base_key": k.base, "key": k.image, "cache": str(cache)}))
         return 0
     if args.show_command:
-        show_command(cache)
+        try:
+            show_command(cache)
+        except AccelError as exc:
+            print(f"vm-images/build.py: error: {exc}", file=sys.stderr)
+            return 2
         return 0
     try:
         image = ensure_image(cache=cache, rebuild=args.rebuild)

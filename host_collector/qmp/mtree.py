@@ -6,6 +6,14 @@ regions: PAM, SMRAM and TSEG windows that are off now may be switched on by
 the guest later, so RAM they could cover is treated as covered (see
 :func:`map_ram`). The text format is the same in QEMU 7.2 and 10.x
 (``mtree_print_mr`` in softmmu/memory.c, system/memory.c).
+
+The text comes from QEMU, which runs guest-influenced code, so both steps are
+bounded: the input's size, line length and nesting are capped, alias targets
+may nest only :data:`_MAX_ALIAS_DEPTH` deep, the walk recurses at most
+:data:`MAX_WALK_DEPTH` frames, and the work of :func:`map_ram` (regions
+visited, siblings compared, pieces made) may not exceed :data:`WORK_PER_REGION`
+per printed region. Anything beyond ends as :class:`MtreeError`, so the time
+taken is linear in the input and no other exception escapes.
 """
 
 from __future__ import annotations
@@ -21,12 +29,21 @@ from host_collector.layout import RamRange
 
 _MAX_ALIAS_DEPTH = 16
 _INDENT = 2
+#: Bounds on the text (a real ``info mtree -D`` is tens of KiB, lines under
+#: 200 characters, regions nested under 10 deep).
+MAX_MTREE_BYTES = 4 << 20
+MAX_LINE = 4096
+MAX_LEVEL = 64
+#: Bounds on :func:`map_ram`: recursion frames, and units of work per region.
+MAX_WALK_DEPTH = 200
+WORK_PER_REGION = 256
+_WORK_BASE = 100_000
 
 _LINE = re.compile(
     r"^(?P<indent> *)(?P<start>[0-9a-f]{16})-(?P<end>[0-9a-f]{16}) "
-    r"\(prio (?P<prio>-?\d+), (?P<type>[a-z/-]+)\): (?P<rest>.*?)(?P<disabled> \[disabled\])?$"
+    r"\(prio (?P<prio>-?\d{1,10}), (?P<type>[a-z/-]+)\): (?P<rest>.*?)(?P<disabled> \[disabled\])?$"
 )
-_ALIAS = re.compile(r"^alias (?P<name>.*?) @(?P<target>.*) (?P<tstart>[0-9a-f]{16})-(?P<tend>[0-9a-f]{16})$")
+_SPAN = re.compile(r"^(?P<tstart>[0-9a-f]{16})-(?P<tend>[0-9a-f]{16})$")
 _HEAD = re.compile(r"^(?P<kind>address-space|memory-region): (?P<name>.+)$")
 
 
@@ -71,6 +88,8 @@ def parse_mtree(text: str) -> list[Section]:
     :raise MtreeError: on a line that is neither a header, a region nor blank,
         or on a region indented deeper than a parent allows.
     """
+    if len(text) > MAX_MTREE_BYTES:
+        raise MtreeError(f"info mtree output of {len(text)} characters (limit {MAX_MTREE_BYTES})")
     sections: list[Section] = []
     heads: list[tuple[str, str]] = []
     stack: list[Region] = []
@@ -84,6 +103,8 @@ def parse_mtree(text: str) -> list[Section]:
         line = raw.rstrip()
         if not line:
             continue
+        if len(line) > MAX_LINE:
+            raise MtreeError(f"line {no}: longer than {MAX_LINE} characters")
         head = _HEAD.match(line)
         if head:
             if stack:  # a new header after a tree starts a new section
@@ -104,6 +125,8 @@ def parse_mtree(text: str) -> list[Section]:
         level = len(m["indent"]) // _INDENT
         if len(m["indent"]) % _INDENT or level < 1:
             raise MtreeError(f"line {no}: unexpected indentation")
+        if level > MAX_LEVEL:
+            raise MtreeError(f"line {no}: regions nested deeper than {MAX_LEVEL}")
         if not stack:
             if level != 1:
                 raise MtreeError(f"line {no}: section root at level {level}")
@@ -133,14 +156,23 @@ def _region(m: re.Match[str], no: int) -> Region:
     rest = m["rest"]
     r = Region(start, last + 1, int(m["prio"]), kind, nonvolatile, rest, m["disabled"] is None, line=no)
     if rest.startswith("alias "):
-        a = _ALIAS.match(rest)
-        if not a:
-            raise MtreeError(f"line {no}: malformed alias: {rest!r}")
-        tstart, tlast = int(a["tstart"], 16), int(a["tend"], 16)
+        name, target, tstart, tlast = _alias(rest, no)
         if tlast - tstart != last - start:
             raise MtreeError(f"line {no}: alias size differs from its target span")
-        r.name, r.alias_of, r.alias_offset = a["name"], a["target"], tstart
+        r.name, r.alias_of, r.alias_offset = name, target, tstart
     return r
+
+
+def _alias(rest: str, no: int) -> tuple[str, str, int, int]:
+    """``alias NAME @TARGET START-END``: the name ends at the first `` @``, the
+    target at the last space (QEMU prints names unquoted). Split, not a
+    backtracking regex, so a line costs time linear in its length."""
+    head, sep, span = rest[len("alias ") :].rpartition(" ")
+    name, at, target = head.partition(" @")
+    m = _SPAN.match(span)
+    if not (sep and at and m):
+        raise MtreeError(f"line {no}: malformed alias: {rest[:200]!r}")
+    return name, target, int(m["tstart"], 16), int(m["tend"], 16)
 
 
 #: ``size`` guest-physical bytes at ``gpa`` backed by RAM region ``block`` at
@@ -190,8 +222,32 @@ def map_ram(sections: list[Section]) -> RamMap:
     targets = _alias_targets(sections)
     system = find_system(sections)
     result = RamMap([], [], [], system)
-    _walk(system, 0, system.start, system.end, targets, result, 0, result.visible)
+    regions = sum(_count(s.root) for s in sections)
+    budget = _Budget(_WORK_BASE + WORK_PER_REGION * regions)
+    _walk(system, 0, system.start, system.end, targets, result, 0, result.visible, budget, 0)
     return result
+
+
+def _count(root: Region) -> int:
+    n, todo = 0, [root]
+    while todo:
+        r = todo.pop()
+        n += 1
+        todo.extend(r.children)
+    return n
+
+
+class _Budget:
+    """Units of work :func:`map_ram` may still spend (aliases fanning out
+    into the same targets over and over would otherwise take exponential time)."""
+
+    def __init__(self, units: int) -> None:
+        self.left = units
+
+    def spend(self, units: int) -> None:
+        self.left -= units
+        if self.left < 0:
+            raise MtreeError("memory tree too complex to resolve (aliases or overlaps fan out)")
 
 
 def _alias_targets(sections: list[Section]) -> dict[str, Region | None]:
@@ -219,8 +275,13 @@ def _walk(
     out: RamMap,
     depth: int,
     visible: list[Piece],
+    budget: _Budget,
+    frames: int,
 ) -> None:
     """Collect RAM of ``r`` within printed window [lo, hi); GPA = printed + shift."""
+    if frames >= MAX_WALK_DEPTH:
+        raise MtreeError(f"line {r.line}: regions and aliases nested deeper than {MAX_WALK_DEPTH}")
+    budget.spend(1 + len(r.children))
     if not r.enabled:
         return
     lo, hi = max(lo, r.start), min(hi, r.end)
@@ -235,9 +296,10 @@ def _walk(
         if target is None:
             raise MtreeError(f"alias target {r.alias_of!r} names two different regions; cannot resolve")
         delta = target.start + r.alias_offset - r.start
-        _walk(target, shift - delta, lo + delta, hi + delta, targets, out, depth + 1, visible)
+        _walk(target, shift - delta, lo + delta, hi + delta, targets, out, depth + 1, visible, budget, frames + 1)
         return
     for child in r.children:
+        budget.spend(len(r.children))
         shadows = [
             (max(s.start, child.start, lo), min(s.end, child.end, hi), s.name)
             for s in r.children
@@ -245,10 +307,11 @@ def _walk(
         ]
         shadows = [(a, b, n) for a, b, n in shadows if a < b]
         if not shadows:
-            _walk(child, shift, lo, hi, targets, out, depth, visible)
+            _walk(child, shift, lo, hi, targets, out, depth, visible, budget, frames + 1)
             continue
         inner: list[Piece] = []
-        _walk(child, shift, lo, hi, targets, out, depth, inner)
+        _walk(child, shift, lo, hi, targets, out, depth, inner, budget, frames + 1)
+        budget.spend(len(inner) * len(shadows))
         gpa_shadows = [(a + shift, b + shift) for a, b, _ in shadows]
         for piece in inner:
             for a, b, name in shadows:
@@ -258,6 +321,7 @@ def _walk(
     if r.kind == "ram" and not r.nonvolatile:
         piece = Piece(lo + shift, hi - lo, r.name, lo - r.start)
         out.mapped.append(piece)
+        budget.spend(len(r.children))
         covered = [(c.start + shift, c.end + shift) for c in r.children]
         for c in r.children:
             if c.start + shift < piece.end and piece.gpa < c.end + shift:

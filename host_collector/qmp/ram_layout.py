@@ -11,10 +11,16 @@ Deliberately left out of the layout (never hinted): bytes a PAM/SMRAM/SMBASE
 window may cover, q35's TSEG (guest-OS-inaccessible SMM memory, sized by the
 firmware at run time, so the largest size the chipset allows is excluded),
 read-only and non-volatile memory, and memory devices other than pc-dimm.
+
+Every input is QEMU's answer, checked for shape before use: whatever it
+says, :func:`build_layout` raises only :class:`LayoutError`, in time linear
+in the input (mtree.py's bounds, and at most :data:`MAX_PIECES` RAM pieces),
+and the daemon runs it in a worker thread, off its event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +34,11 @@ MIB = 1 << 20
 #: The TSEG sizes the q35 MCH offers besides extended-tseg-mbytes (1, 2, 8 MiB).
 _TSEG_FIXED_MAX = 8 * MIB
 _MCH_PATH = "/machine/q35/mch"
+#: RAM pieces (mapped or hidden) a layout may be built from; real machines
+#: have a handful mapped and about 50 hidden (PAM, SMRAM windows).
+MAX_PIECES = 1024
+#: Entries of query-memdev / query-memory-devices considered.
+MAX_DEVICES = 1024
 
 
 @dataclass(frozen=True)
@@ -87,7 +98,8 @@ async def learn_layout(qmp: QmpSession) -> LearnedLayout:
     :raise LayoutError: the sources disagree or describe something unsupported.
     :raise QmpError: QEMU did not answer.
     """
-    return build_layout(await read_memory_facts(qmp))
+    facts = await read_memory_facts(qmp)
+    return await asyncio.to_thread(build_layout, facts)  # bounded, but not the event loop's business
 
 
 async def read_layout(qmp: QmpSession) -> RamLayout:
@@ -101,14 +113,20 @@ def _has_tseg(mtree: str) -> bool:
 
 def build_layout(facts: MemoryFacts) -> LearnedLayout:
     """Combine what QEMU reported into a checked :class:`RamLayout` (pure; see module doc)."""
+    if not isinstance(facts.mtree, str) or not isinstance(facts.ramblocks, str):
+        raise LayoutError("info mtree / info ramblock did not return text")
     try:
         sections = parse_mtree(facts.mtree)
         blocks = parse_ramblocks(facts.ramblocks)
         ram = map_ram(sections)
     except (MtreeError, RamBlockError, ValueError) as err:
         raise LayoutError(str(err)) from err
+    if len(ram.mapped) > MAX_PIECES or len(ram.hidden) > MAX_PIECES:
+        raise LayoutError(f"info mtree maps {len(ram.mapped)} RAM pieces and hides {len(ram.hidden)}: "
+                          f"more than {MAX_PIECES}, not a machine fphint supports")
+    memdevs = _entries(facts.memdevs, "query-memdev")
     notes: list[str] = []
-    backends = {_str(m, "id", "query-memdev") for m in facts.memdevs}
+    backends = {_str(m, "id", "query-memdev") for m in memdevs}
     dimms, other_devices, plugged = _memory_devices(facts.memory_devices)
     device_blocks = set(dimms) | set(other_devices)
 
@@ -118,6 +136,8 @@ def build_layout(facts: MemoryFacts) -> LearnedLayout:
     for name, typ in sorted(other_devices.items()):
         notes.append(f"memory device type {typ!r} (memdev {name!r}) is not hinted")
 
+    if not isinstance(facts.size_summary, Mapping):
+        raise LayoutError(f"query-memory-size-summary returned {type(facts.size_summary).__name__}")
     base = _int(facts.size_summary, "base-memory", "query-memory-size-summary")
     plugged_reported = _int(facts.size_summary, "plugged-memory", "query-memory-size-summary")
     if not main:
@@ -191,10 +211,22 @@ def _spans(excluded: Sequence[Excluded], mapped: Sequence[RamRange]) -> tuple[tu
     return tuple(out)
 
 
+def _entries(value: Any, where: str) -> list[Mapping[str, Any]]:
+    """A QMP reply that must be a list of objects."""
+    if not isinstance(value, Sequence) or isinstance(value, (str, bytes)):
+        raise LayoutError(f"{where} returned {type(value).__name__}, not a list")
+    if len(value) > MAX_DEVICES:
+        raise LayoutError(f"{where} returned {len(value)} entries (limit {MAX_DEVICES})")
+    for entry in value:
+        if not isinstance(entry, Mapping):
+            raise LayoutError(f"{where}: entry {entry!r:.200} is not an object")
+    return list(value)
+
+
 def _str(obj: Mapping[str, Any], key: str, where: str) -> str:
     value = obj.get(key)
     if not isinstance(value, str):
-        raise LayoutError(f"{where}: entry without a string {key!r}: {dict(obj)!r}")
+        raise LayoutError(f"{where}: entry without a string {key!r}: {dict(obj)!r:.200}")
     return value
 
 
@@ -212,7 +244,7 @@ def _memory_devices(
     dimms: dict[str, tuple[int, int]] = {}
     others: dict[str, str] = {}
     plugged = 0
-    for dev in devices:
+    for dev in _entries(devices, "query-memory-devices"):
         typ = _str(dev, "type", "query-memory-devices")
         data = dev.get("data")
         if not isinstance(data, Mapping):

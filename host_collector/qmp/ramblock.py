@@ -15,7 +15,7 @@ import grpc
 from host_collector.errors import CollectorError
 
 _ROW = re.compile(
-    r"^\s*(?P<name>\S+)\s+(?P<psize>\d+)\s+(?P<unit>[KMGT]?i?B)\s+"
+    r"^\s*(?P<name>\S+)\s+(?P<psize>\d{1,9})\s+(?P<unit>[KMGT]?i?B)\s+"
     r"0x(?P<offset>[0-9a-fA-F]+)\s+0x(?P<used>[0-9a-fA-F]+)\s+0x(?P<total>[0-9a-fA-F]+)(?:\s.*)?$"
 )
 _UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}

@@ -9,6 +9,11 @@ What to do with a give-up after rewrites were made is the proxy's business.
 Items are parsed whole: an item cut by the end of the buffer is parsed again
 from its first byte once more bytes arrived, so the parser keeps no state
 inside an item. No item it accepts is longer than :data:`MAX_ITEM` bytes.
+The one exception is the MEM_SIZE block list, the only item that can be long
+(up to :data:`MAX_ITEM`) and made of many parts: the parser remembers the
+entries it has read, so a list that arrives a byte at a time costs time
+linear in its length, not quadratic. Every other item is at most a few KiB,
+so parsing stays linear in the stream however the source slices it.
 """
 
 from __future__ import annotations
@@ -144,6 +149,9 @@ class StreamParser:
         self._ignore_shared = False
         self._block: str | None = None  # the block CONTINUE refers to
         self._block_len = 0
+        #: A MEM_SIZE list cut by the end of the buffer: (stream offset of
+        #: the item, of its next entry, the blocks read so far, their sum).
+        self._mem_partial: tuple[int, int, dict[str, int], int] | None = None
 
     @property
     def accelerated(self) -> bool:
@@ -208,11 +216,14 @@ class StreamParser:
         self.transitions.append((phase, pos_or_offset))
 
     def _header(self, buf: bytearray, pos: int, end: int) -> int:
+        if end - pos < 4:
+            raise _NeedMore
+        magic = _U32(buf, pos)[0]
+        if magic != s.FILE_MAGIC:  # judged as soon as the word is here (e.g. a TLS hello)
+            raise _Unknown(f"no QEVM magic (first word {magic:#010x}): TLS or not a migration stream", pos)
         if end - pos < 8:
             raise _NeedMore
-        magic, version = _U32(buf, pos)[0], _U32(buf, pos + 4)[0]
-        if magic != s.FILE_MAGIC:
-            raise _Unknown(f"no QEVM magic (first word {magic:#010x}): TLS or not a migration stream", pos)
+        version = _U32(buf, pos + 4)[0]
         if version != s.FILE_VERSION:
             raise _Unknown(f"stream version {version}", pos)
         self._state = _CONFIG
@@ -298,7 +309,14 @@ class StreamParser:
                 name = s.COMMAND_NAMES.get(cmd, f"#{cmd}")
                 raise _Unknown(f"command {name} (length {length})", pos)
             return self._skip(pos + 5, length, end)
-        if kind == s.SECTION_START or kind == s.SECTION_FULL:
+        if kind == s.SECTION_FULL:
+            # Refused whatever follows; named in the reason if it is here already.
+            try:
+                what = self._section_name(buf, pos, end)
+            except _NeedMore:
+                what = "(cut)"
+            raise _Unknown(f"device section {what} before the end of RAM", pos)
+        if kind == s.SECTION_START:
             p, sid = self._u32(buf, pos + 1, end)
             if p >= end:
                 raise _NeedMore
@@ -307,8 +325,6 @@ class StreamParser:
             q, instance = self._u32(buf, q, end)
             q, version = self._u32(buf, q, end)
             what = f"{idstr.decode('ascii', 'replace')!r} instance {instance} version {version}"
-            if kind == s.SECTION_FULL:
-                raise _Unknown(f"device section {what} before the end of RAM", pos)
             if (
                 idstr != s.RAM_IDSTR
                 or instance != s.RAM_INSTANCE
@@ -323,6 +339,15 @@ class StreamParser:
         if kind == s.EOF:
             raise _Unknown("EOF before the ram END section", pos)
         raise _Unknown(f"item type {kind:#04x}", pos)
+
+    def _section_name(self, buf: bytearray, pos: int, end: int) -> str:
+        p, _ = self._u32(buf, pos + 1, end)
+        if p >= end:
+            raise _NeedMore
+        q = self._skip(p + 1, buf[p], end)
+        q, instance = self._u32(buf, q, end)
+        q, version = self._u32(buf, q, end)
+        return f"{bytes(buf[p + 1 : p + 1 + buf[p]]).decode('ascii', 'replace')!r} instance {instance} version {version}"
 
     def _footer(self, buf: bytearray, pos: int, end: int) -> int:
         if buf[pos] == s.SECTION_FOOTER:
@@ -366,19 +391,23 @@ class StreamParser:
                     return pos
                 w = _U64(buf, pos)[0]
                 flags = w & _FLAGS
+                # A record is refused as soon as its header says so, even
+                # before the rest of it arrived (as the reference reader does).
                 if flags == _PAGE_CONT:
+                    if block is None or w - flags >= block_len:
+                        raise _Unknown(self._bad_offset(block, w - flags), pos)
                     nxt = pos + 4104
                     if nxt > end:
                         return pos
-                    if block is None or w - flags >= block_len:
-                        raise _Unknown(self._bad_offset(block, w - flags), pos)
                     pages.append((pos, nxt, block, w >> 12))
                     pos = nxt
                     continue
                 if flags == _ZERO_CONT:
+                    if block is None or w - flags >= block_len:
+                        raise _Unknown(self._bad_offset(block, w - flags), pos)
                     if pos + 9 > end:
                         return pos
-                    if block is None or w - flags >= block_len or buf[pos + 8]:
+                    if buf[pos + 8]:
                         raise _Unknown(self._bad_zero(block, w - flags, buf[pos + 8]), pos)
                     zeros += 1
                     pos += 9
@@ -407,18 +436,18 @@ class StreamParser:
                     new_block, new_len = new_name, self.blocks[new_name]
                     p = q
                 addr = w - flags
+                if addr >= new_len:
+                    raise _Unknown(self._bad_offset(new_block, addr), pos)
                 if kind == s.FLAG_PAGE:
                     nxt = p + _PAGE
                     if nxt > end:
                         return pos
-                    if addr >= new_len:
-                        raise _Unknown(self._bad_offset(new_block, addr), pos)
                     pages.append((pos, nxt, new_block, addr >> 12))
                 else:
                     nxt = p + 1
                     if nxt > end:
                         return pos
-                    if addr >= new_len or buf[p]:
+                    if buf[p]:
                         raise _Unknown(self._bad_zero(new_block, addr, buf[p]), pos)
                     zeros += 1
                 block, block_len = new_block, new_len
@@ -441,24 +470,33 @@ class StreamParser:
         if flags != s.FLAG_MEM_SIZE or self._mem_size_seen:
             raise _Unknown(self._odd_record(flags) + " in the ram setup section", pos)
         total = w & _ADDR
-        blocks: dict[str, int] = {}
-        seen = 0
-        p = pos + 8
+        item = self._base + pos
+        partial = self._mem_partial
+        if partial is not None and partial[0] == item:
+            _, resume, blocks, seen = partial
+            p = resume - self._base
+        else:
+            blocks, seen, p = {}, 0, pos + 8
         extra = 8 if self._ignore_shared else 0
-        while seen < total:
-            if p >= end:
-                raise _NeedMore
-            q = self._skip(p + 1, buf[p], end)
-            name = _name(bytes(buf[p + 1 : q]))
-            q, used = self._u64(buf, q, end)
-            q = self._skip(q, extra, end)
-            if not name or name in blocks:
-                raise _Unknown(f"MEM_SIZE entry {bytes(buf[p + 1 : q])!r}", pos)
-            if used == 0 or used % _PAGE:
-                raise _Unknown(f"block {name} of {used:#x} bytes", pos)
-            blocks[name] = used
-            seen += used
-            p = q
+        try:
+            while seen < total:
+                if p >= end:
+                    raise _NeedMore
+                q = self._skip(p + 1, buf[p], end)
+                name = _name(bytes(buf[p + 1 : q]))
+                q, used = self._u64(buf, q, end)
+                q = self._skip(q, extra, end)
+                if not name or name in blocks:
+                    raise _Unknown(f"MEM_SIZE entry {bytes(buf[p + 1 : q])!r}", pos)
+                if used == 0 or used % _PAGE:
+                    raise _Unknown(f"block {name} of {used:#x} bytes", pos)
+                blocks[name] = used
+                seen += used
+                p = q
+        except _NeedMore:
+            self._mem_partial = (item, self._base + p, blocks, seen)
+            raise
+        self._mem_partial = None
         if seen != total or not blocks:
             raise _Unknown(f"MEM_SIZE total {total:#x} but blocks add up to {seen:#x}", pos)
         self.blocks = blocks

@@ -36,6 +36,8 @@ import grpc
 from fphint import ranges
 from fphint.v1 import admin_pb2, admin_pb2_grpc
 
+from vmimage.accel import MODES, AccelError
+
 from .vm.fphint_daemon import FphintMigrator
 from .vm.scenarios import (
     SCENARIOS,
@@ -119,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--fill-mib", type=int, default=512, help="garbage left in free memory before each migration")
     g.add_argument("--link-mbit", type=float, default=1000.0, help="the emulated link's rate")
     g.add_argument("--keep", action="store_true", help="keep the VM logs")
+    g.add_argument("--accel", choices=MODES, help="kvm, tcg or auto (default: $FPH_ACCEL, else auto: KVM where "
+                   "a probe guest runs on it)")
     h = ap.add_argument_group("--host-only")
     h.add_argument("--source", default="auto", help="agent source: auto, ebpf, kpageflags")
     h.add_argument("--show", type=int, default=12, help="largest ranges to print")
@@ -126,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="allowed relative difference to /proc/buddyinfo (churn between the reads)")
     args = ap.parse_args(argv)
     if not args.host_only:
-        return guest_demo(args)
+        try:
+            return guest_demo(args)
+        except AccelError as exc:
+            print(f"demo: error: {exc}", file=sys.stderr)
+            return 2
     return host_demo(args)
 
 
@@ -138,14 +146,18 @@ def guest_demo(args: argparse.Namespace) -> int:
     workload = Workload(fill_mib=args.fill_mib)
     rate = args.link_mbit * 1e6
     results: dict[str, list[Any]] = {"plain": [], "fphint": []}
+    accel_line = "?"
     print(f"== fphint demo: one 1 GiB guest, migrated over an emulated {args.link_mbit:.0f} Mbit/s link, "
           "plainly and with fphint", flush=True)
     print("   building or reusing the guest image (the first build takes about 2 minutes) ...", flush=True)
-    with vm_session("demo", keep=args.keep) as factory:
+    with vm_session("demo", keep=args.keep, accel=args.accel) as factory:
+        accel_line = factory.accel.describe()
+        print(f"   accelerator: {accel_line}", flush=True)
         hinted = FphintMigrator(factory)
         try:
             vm = boot_for(factory, SCENARIOS["fphint"], "boot", guest_fields=hinted.guest_fields)
-            info = hinted.daemon.wait_attached(FphintMigrator.VM_NAME, 180)
+            hinted.wait_ready(vm)
+            info = hinted.daemon.vm_info(FphintMigrator.VM_NAME)
             boot_id = vm.boot_id()
             print(f"   guest booted (QEMU {vm.qemu_version}, kernel {info.get('kernel_release')}); "
                   f"agent attached, free-page source {info.get('chosen_source')!r}", flush=True)
@@ -157,7 +169,7 @@ def guest_demo(args: argparse.Namespace) -> int:
                     prepare(vm, workload)
                     hop += 1
                     res, dst = migrate_once(factory, vm, f"hop{hop}", migrator, scenario=SCENARIOS[name],
-                                            run=run, boot_id=boot_id, link_rate_bps=rate)
+                                            run=run, boot_id=boot_id, link_rate_bps=rate, workload=workload)
                     results[name].append(res)
                     print(f"   {res.wire_bytes / 2**20:.1f} MiB on the wire in {res.total_time_ms} ms, "
                           f"downtime {res.downtime_ms} ms, {res.dirty_sync_count} dirty syncs; guest "
@@ -177,8 +189,8 @@ def guest_demo(args: argparse.Namespace) -> int:
         print(f"\nfphint sent {plain.wire_bytes.median / fph.wire_bytes.median:.2f}x fewer bytes and took "
               f"{fph.total_time_ms.median / plain.total_time_ms.median:.2f}x the time of the plain migration; "
               f"the workload verified every byte after each migration: {'yes' if ok else 'NO'}")
-    print("(the full comparison with QEMU's own free-page hinting: bench/migration_comparison.py, "
-          "docs/comparison.md)")
+    print(f"(accelerator: {accel_line}; the full comparison with QEMU's own free-page hinting: "
+          "bench/migration_comparison.py, docs/comparison.md)")
     return 0 if ok else 1
 
 

@@ -31,6 +31,7 @@ import numpy as np
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from host_collector.layout import RamLayout, RamRange
+from vmimage.accel import Accel, tcg
 
 PAGE = 4096
 GiB = 1 << 30
@@ -147,6 +148,10 @@ class Vm:
     extra_args: list[str] = field(default_factory=list)
     #: The QEMU binary (default ``$FPH_QEMU``); a wrapper that adds its own -L works too.
     qemu: str = QEMU
+    #: TCG unless a caller passes vmimage.accel.choose(): these no-OS guests
+    #: and the tests over them model TCG's dirty logging (the boot sector's
+    #: invlpg, the pre-flight's TCG verdicts on QEMU < 9.0).
+    accel: Accel = field(default_factory=lambda: tcg("qemu_pair: the stream tests model TCG's dirty logging"))
 
     def __post_init__(self) -> None:
         for name, size in self.machine.backends():
@@ -158,7 +163,7 @@ class Vm:
 
     def start(self) -> None:
         qmp_path = self.workdir / f"{self.name}.qmp"
-        argv = [self.qemu, "-accel", "tcg", "-nodefaults", "-no-user-config", "-display", "none", "-smp", "1"]
+        argv = [self.qemu, *self.accel.qemu_args(), "-nodefaults", "-no-user-config", "-display", "none", "-smp", "1"]
         if QEMU_DATADIR and self.qemu == QEMU:
             argv += ["-L", QEMU_DATADIR]
         argv += self.machine.argv(self.files)

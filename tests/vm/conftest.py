@@ -23,7 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from vmimage.builder import Image, ensure_image
+from vmimage.accel import AccelError, choose
+from vmimage.builder import Image, cached_image, ensure_image, keys
+from vmimage.cache import default_cache_dir
+from vmimage.final import ImageSpec
 from vmimage.qemu import default_binary, qemu_version
 
 from fphint_lab.vm.harness import VMFactory, remove_stale_ram_files
@@ -45,16 +48,29 @@ def vm_unavailable() -> str | None:
     return None
 
 
+def _accel_line() -> str:
+    """The accelerator VM tests run on (vmimage.accel; probes once per host boot)."""
+    spec = ImageSpec()
+    image = cached_image(default_cache_dir(spec.repo), keys(spec=spec).image)
+    try:
+        return choose(default_binary(), image.kernel if image else None).describe()
+    except AccelError as exc:
+        return f"error: {exc}"
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     binary = default_binary()
-    return f"VM tests: QEMU {qemu_version(binary)} ({binary})"
+    return f"VM tests: QEMU {qemu_version(binary)} ({binary}); accelerator {_accel_line()}"
 
 
 @pytest.fixture(autouse=True)
-def _record_qemu(record_property: object) -> None:
-    """Every test's report names the QEMU that ran its guests (junit-xml property)."""
+def _record_qemu(request: pytest.FixtureRequest, record_property: object) -> None:
+    """Every test's report names the QEMU that ran its guests, and a test with
+    guests the accelerator they ran on (junit-xml properties)."""
     binary = default_binary()
     record_property("qemu", f"{qemu_version(binary)} {binary}")  # type: ignore[operator]
+    if "vm_image" in request.fixturenames:
+        record_property("accel", _accel_line())  # type: ignore[operator]
 
 
 @pytest.fixture(scope="session")

@@ -149,3 +149,70 @@ def test_churn_restarts_only_after_check(churn: tuple[str, dict[str, Any]]) -> N
     _, again = run("churn.py", "--dir", state, "start", "--workers", "1", "--loop-mib", "1", "--keep-mib", "1")
     assert again["ok"]
     assert run("churn.py", "--dir", state, "check")[1]["ok"]
+
+
+@pytest.fixture
+def busy(tmp_path: Path) -> Iterator[tuple[list[str], dict[str, Any]]]:
+    """The busy workload, small, on the host: its own state, churn and tmpfs
+    directories; the page cache is read back but not dropped (this is the host)."""
+    dirs = ["--dir", str(tmp_path / "busy"), "--churn-dir", str(tmp_path / "churn")]
+    _, started = run("busy.py", *dirs, "start", "--anon-workers", "2", "--anon-mib", "4", "--keep-mib", "1",
+                     "--tmpfs-dir", str(tmp_path / "tmpfs"), "--tmpfs-mib", "2", "--tmpfs-keep-mib", "1",
+                     "--cache-mib", "2", "--drop-every", "0.05", "--no-drop")  # fmt: skip
+    yield dirs, started
+    pids = [w["pid"] for w in started.get("anon", [])] + [started[k]["pid"] for k in ("tmpfs", "cache", "fork")
+                                                         if k in started]
+    for pid in pids:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+
+
+def _steps(dirs: list[str]) -> dict[str, int]:
+    _, status = run("busy.py", *dirs, "status")
+    return {k: w["steps"] for k, w in status["workers"].items()}
+
+
+def test_busy_runs_every_worker_and_verifies(busy: tuple[list[str], dict[str, Any]]) -> None:
+    import time
+
+    dirs, started = busy
+    assert started["ok"] and len(started["anon"]) == 2, started
+    assert {"tmpfs", "cache", "fork"} <= set(started)
+    deadline = time.monotonic() + 60
+    while min(_steps(dirs).values(), default=0) < 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    rc, result = run("busy.py", *dirs, "check", check=False)
+    assert rc == 0 and result["ok"], result
+    b = result["busy"]
+    assert b["tmpfs"]["steps"] >= 1 and b["tmpfs"]["keep_bad_pages"] == 0
+    assert b["fork"]["forks"] >= 1 and b["fork"]["failures"] == 0
+    assert b["cache"]["steps"] >= 1 and b["cache"]["files"] > 0 and b["cache"]["drops"] == 0
+    assert all(w["iterations"] >= 1 and w["keep_bad_pages"] == 0 for w in result["workers"])
+    assert not any(Path(started["tmpfs"]["keep"]).parent.iterdir()), "the tmpfs worker removes its files"
+
+
+@needs_root
+def test_busy_catches_planted_faults(busy: tuple[list[str], dict[str, Any]]) -> None:
+    """A zeroed page in the tmpfs keep file and one in an anonymous keep
+    region: both named, the check fails."""
+    dirs, started = busy
+    keep = Path(started["tmpfs"]["keep"])
+    with keep.open("r+b") as f:
+        f.seek(5 * mempattern.PAGE)
+        f.write(bytes(mempattern.PAGE))
+    victim = started["anon"][0]
+    _write_mem(victim["pid"], victim["keep_addr"] + 3 * mempattern.PAGE, bytes(mempattern.PAGE))
+    rc, result = run("busy.py", *dirs, "check", check=False)
+    assert rc == 1 and not result["ok"]
+    assert result["busy"]["tmpfs"]["keep_bad_pages"] == 1
+    assert any("tmpfs keep file" in p and "'zero_pages': 1" in p for p in result["problems"]), result["problems"]
+    assert [w["keep_bad_pages"] for w in result["workers"]] == [1, 0]
+
+
+def test_busy_reports_a_dead_worker(busy: tuple[list[str], dict[str, Any]]) -> None:
+    dirs, started = busy
+    os.kill(started["fork"]["pid"], 9)
+    rc, result = run("busy.py", *dirs, "check", "--timeout", "30", check=False)
+    assert rc == 1 and any("fork worker" in p and "died" in p for p in result["problems"]), result

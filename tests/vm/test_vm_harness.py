@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from vmimage.accel import Accel, tcg
 from vmimage.builder import Image
 from vmimage.qemu import FW_CFG_TOKEN, Endpoints, GuestConfig, qemu_argv
 
@@ -38,9 +39,10 @@ def _guest(tmp: Path, **kw: object) -> GuestConfig:
 
 
 def test_argv_shape(tmp_path: Path) -> None:
-    argv = qemu_argv(_guest(tmp_path, token="a,b", mem_mib=512, append=("init_on_free=1",)), _endpoints(tmp_path))
+    argv = qemu_argv(_guest(tmp_path, token="a,b", mem_mib=512, append=("init_on_free=1",)), _endpoints(tmp_path),
+                     accel=tcg("test"))
     joined = " ".join(argv)
-    assert argv[argv.index("-accel") + 1] == "tcg"
+    assert argv[argv.index("-accel") + 1] == "tcg" and "-cpu" not in argv
     assert f"mem-path={tmp_path}/x.ram,share=on" in joined and "-m 512M" in joined
     assert f"name={FW_CFG_TOKEN},string=a,,b" in argv, "a comma in a fw_cfg string must be doubled"
     assert argv[argv.index("-append") + 1].endswith("panic=-1 init_on_free=1")
@@ -49,6 +51,15 @@ def test_argv_shape(tmp_path: Path) -> None:
     dst = qemu_argv(_guest(tmp_path), _endpoints(tmp_path, incoming=True, paused=True))
     assert dst[-3:] == ["-S", "-incoming", "defer"]
     assert not any("fw_cfg" in a for a in dst)
+
+
+def test_argv_on_kvm_names_the_cpu_model(tmp_path: Path) -> None:
+    """What a user's KVM host runs: -accel kvm with the probe's CPU model."""
+    argv = qemu_argv(_guest(tmp_path), _endpoints(tmp_path), accel=Accel("kvm", "host", "probed"))
+    i = argv.index("-accel")
+    assert argv[i : i + 4] == ["-accel", "kvm", "-cpu", "host"] and argv.count("-accel") == 1
+    default_model = qemu_argv(_guest(tmp_path), _endpoints(tmp_path), accel=Accel("kvm", None, "probed"))
+    assert "kvm" in default_model and "-cpu" not in default_model
 
 
 @pytest.mark.parametrize(

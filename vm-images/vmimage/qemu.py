@@ -1,4 +1,4 @@
-"""QEMU command lines for booting an fphint image (TCG, no KVM needed).
+"""QEMU command lines for booting an fphint image (KVM where a guest runs on it, else TCG).
 
 One function, :func:`qemu_argv`, used by the test harness and by
 ``build.py --show-command``, so what the docs show is what the tests run.
@@ -28,6 +28,8 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from .accel import Accel, choose
 
 #: Debian's QEMU (7.2 on bookworm).
 QEMU = "qemu-system-x86_64"
@@ -140,15 +142,16 @@ def collector_address(port: int) -> str:
     return f"tcp:{HOST_FROM_GUEST}:{port}"
 
 
-def qemu_argv(guest: GuestConfig, ep: Endpoints, binary: str | None = None) -> list[str]:
+def qemu_argv(guest: GuestConfig, ep: Endpoints, binary: str | None = None, accel: Accel | None = None) -> list[str]:
     """The full QEMU command line for one process of ``guest`` (binary: see
-    :func:`default_binary`)."""
+    :func:`default_binary`; accel: :func:`vmimage.accel.choose` unless given)."""
     binary = binary or default_binary()
+    accel = accel or choose(binary, guest.kernel)
     mem = f"{guest.mem_mib}M"
     argv = [
         binary,
         "-name", f"fphvm-{ep.name},debug-threads=on",
-        "-accel", "tcg",
+        *accel.qemu_args(),
         "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
         "-no-reboot",
         "-msg", "timestamp=on",

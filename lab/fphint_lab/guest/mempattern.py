@@ -45,7 +45,7 @@ def expected(seed: str, length: int) -> bytes:
 CHUNK = 4 << 20
 
 
-class _Stripe:
+class Stripe:
     """The pattern for ``seed`` as one buffer from which any CHUNK-long piece
     starting at any region offset is a slice (the pattern repeats every PERIOD)."""
 
@@ -109,7 +109,7 @@ class Region:
             del buf  # release the export so the mapping can be closed
 
     def fill(self, seed: str) -> None:
-        stripe = _Stripe(seed)
+        stripe = Stripe(seed)
         mem = self.mem
         for lo in range(0, self.length, CHUNK):
             n = min(CHUNK, self.length - lo)
@@ -117,7 +117,7 @@ class Region:
 
     def check(self, seed: str, limit: int = 16) -> tuple[int, list[BadPage]]:
         """(number of bad pages, the first ``limit`` of them)."""
-        stripe = _Stripe(seed)
+        stripe = Stripe(seed)
         mem = self.mem
         bad: list[BadPage] = []
         count = 0
@@ -130,7 +130,7 @@ class Region:
             bad += pages
         return count, bad
 
-    def _bad_pages(self, stripe: _Stripe, start: int, n: int, limit: int) -> tuple[int, list[BadPage]]:
+    def _bad_pages(self, stripe: Stripe, start: int, n: int, limit: int) -> tuple[int, list[BadPage]]:
         mem = self.mem
         bad: list[BadPage] = []
         count = 0

@@ -315,6 +315,11 @@ class FphintMigrator:
         self.guest_fields = {"token": self.token, "collector": collector_address(self.daemon.port)}
         self.calls: list[MigrateCall] = []
 
+    def wait_ready(self, vm: VM, timeout: float = 600.0) -> None:
+        """Wait until the freshly booted ``vm``'s agent is attached (under TCG
+        on a busy 2-core host its BPF loader takes 50 s to several minutes)."""
+        self.daemon.wait_attached(self.VM_NAME, timeout)
+
     def migrate(self, src: VM, dst: VM, link: LinkRelay, timeout: float) -> Outcome:
         self.daemon.point_qmp(self.VM_NAME, src.aux_qmp)
         source = ""

@@ -1,4 +1,5 @@
-"""Real guests under QEMU (TCG) for end-to-end tests, and migrations between them.
+"""Real guests under QEMU (KVM where a guest runs on it, else TCG: vmimage.accel)
+for end-to-end tests, and migrations between them.
 
 Lifecycle as in qemu.machine's QEMUMachine: a :class:`VM` only records its
 configuration until :meth:`VM.launch`; :meth:`VM.shutdown` always cleans up
@@ -36,6 +37,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
+from vmimage.accel import Accel, choose
 from vmimage.builder import Image
 from vmimage.qemu import Endpoints, GuestConfig, default_binary, qemu_argv, qemu_version
 
@@ -129,12 +131,16 @@ class VM:
         paused: bool = False,
         shm_dir: Path = SHM_DIR,
         binary: str | None = None,
+        accel: Accel | None = None,
         extra_args: tuple[str, ...] = (),
     ) -> None:
         self.name = name
         self.guest = guest
         self.rundir = rundir
         self.binary = binary or default_binary()
+        #: The accelerator this VM runs on (a migration's destination must
+        #: have the source's: VMFactory.destination passes it on).
+        self.accel = accel or choose(self.binary, guest.kernel)
         unique = f"fphvm-{os.getpid()}-{uuid.uuid4().hex[:8]}-{name}"
         self.endpoints = Endpoints(
             name=name,
@@ -176,7 +182,7 @@ class VM:
         return self._proc.pid if self._proc else None
 
     def argv(self) -> list[str]:
-        return qemu_argv(self.guest, self.endpoints, self.binary)
+        return qemu_argv(self.guest, self.endpoints, self.binary, self.accel)
 
     @property
     def qemu_version(self) -> str:
@@ -198,7 +204,7 @@ class VM:
     def describe(self, nbytes: int = 2500) -> str:
         """The tails of this VM's logs, for failure messages."""
         parts = [f"== {self.name}: pid {self.pid}, exit {self.exitcode}, QEMU {self.qemu_version} ({self.binary}), "
-                 f"logs in {self.rundir}"]
+                 f"{self.accel.describe()}, logs in {self.rundir}"]
         for title, path in (
             ("QEMU", self.qemu_log),
             ("console ttyS0", self.endpoints.console_log),
@@ -215,7 +221,7 @@ class VM:
             raise VMError(f"{self.name}: already launched")
         argv = self.argv()
         (self.rundir / f"{self.name}.cmdline").write_text(shlex.join(argv) + "\n")
-        self.log.info("launching QEMU %s: %s", self.qemu_version, shlex.join(argv))
+        self.log.info("launching QEMU %s (%s): %s", self.qemu_version, self.accel.describe(), shlex.join(argv))
         self._logf = self.qemu_log.open("wb")
         try:
             self._proc = subprocess.Popen(
@@ -359,11 +365,19 @@ def remove_stale_ram_files(shm_dir: Path = SHM_DIR) -> list[Path]:
 class VMFactory:
     """Makes VMs from one image in one run directory and tears them all down."""
 
-    def __init__(self, image: Image, rundir: Path) -> None:
+    def __init__(self, image: Image, rundir: Path, accel: Accel | None = None) -> None:
         self.image = image
         self.rundir = rundir
         self.vms: list[VM] = []
         self._disks = 0
+        self._accel = accel
+
+    @property
+    def accel(self) -> Accel:
+        """The accelerator of this factory's guests (decided once, on first use)."""
+        if self._accel is None:
+            self._accel = choose(default_binary(), self.image.kernel)
+        return self._accel
 
     def overlay(self) -> Path:
         """A fresh qcow2 overlay over the cached image (which stays clean)."""
@@ -384,6 +398,8 @@ class VMFactory:
     def vm(self, name: str, guest: GuestConfig, **kw: Any) -> VM:
         if any(v.name == name for v in self.vms):
             raise VMError(f"a VM named {name!r} already exists in this test")
+        if "accel" not in kw and kw.get("binary") in (None, default_binary()):
+            kw["accel"] = self.accel
         vm = VM(name, guest, self.rundir, **kw)
         self.vms.append(vm)
         return vm
@@ -402,7 +418,7 @@ class VMFactory:
             (``-S``) so its RAM file can be compared before it runs.
         """
         guest = replace(src.guest, **guest_changes) if guest_changes else src.guest
-        vm = self.vm(name, guest, incoming=True, paused=paused)
+        vm = self.vm(name, guest, incoming=True, paused=paused, binary=src.binary, accel=src.accel)
         vm.launch()
         return vm
 

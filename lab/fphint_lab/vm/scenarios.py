@@ -33,12 +33,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from vmimage.accel import ACCEL_ENV, choose, parse_mode
 from vmimage.builder import ensure_image
-from vmimage.qemu import Balloon
+from vmimage.qemu import Balloon, default_binary
 
 from ..linkrelay import GIGABIT, LinkRelay, LinkStats
 from .harness import (
     FAST_BANDWIDTH,
+    SHM_DIR,
     VM,
     MigrationError,
     MigrationResult,
@@ -103,7 +105,11 @@ SCENARIOS: dict[str, Scenario] = {
 
 @dataclass(frozen=True)
 class Workload:
-    """What the guest does around each migration."""
+    """What the guest does around each migration: garbage left in free memory,
+    then either a light churn loop (``churn.py``) or the busy guest
+    (``busy.py``: its vCPU saturated by anonymous and tmpfs memory churn,
+    page-cache drops and forks), running through the migration and verified
+    on the destination."""
 
     #: MiB filled with a pattern and freed before the migration (garbage in free memory).
     fill_mib: int = 512
@@ -114,10 +120,42 @@ class Workload:
     #: Seconds between the fill and the migration (free-page reporting acts
     #: on blocks freed for about 2 s; every scenario waits the same).
     settle_s: float = 3.0
+    #: The busy guest instead of the light churn (the busy_* fields size it).
+    busy: bool = False
+    busy_anon_workers: int = 2
+    busy_anon_mib: int = 64
+    busy_keep_mib: int = 16
+    busy_tmpfs_mib: int = 64
+    busy_tmpfs_keep_mib: int = 16
+    busy_cache_mib: int = 32
+    busy_drop_every: float = 1.0
+    busy_forkers: int = 1
+
+    @property
+    def name(self) -> str:
+        return "busy" if self.busy else "churn"
+
+    @property
+    def script(self) -> str:
+        """The in-guest workload that runs during the migration and checks afterwards."""
+        return "busy.py" if self.busy else "churn.py"
 
     def churn_args(self) -> list[str]:
         return ["--workers", str(self.churn_workers), "--loop-mib", str(self.churn_loop_mib),
                 "--keep-mib", str(self.churn_keep_mib), "--dwell", str(self.churn_dwell)]
+
+    def busy_args(self) -> list[str]:
+        return ["--anon-workers", str(self.busy_anon_workers), "--anon-mib", str(self.busy_anon_mib),
+                "--keep-mib", str(self.busy_keep_mib), "--tmpfs-mib", str(self.busy_tmpfs_mib),
+                "--tmpfs-keep-mib", str(self.busy_tmpfs_keep_mib), "--cache-mib", str(self.busy_cache_mib),
+                "--drop-every", str(self.busy_drop_every), "--forkers", str(self.busy_forkers)]
+
+    def start_args(self) -> list[str]:
+        return ["start", *(self.busy_args() if self.busy else self.churn_args())]
+
+    def describe(self) -> str:
+        """One line for reports."""
+        return f"fill and free {self.fill_mib} MiB, then {self.script} {' '.join(self.start_args())}"
 
 
 @dataclass
@@ -162,6 +200,10 @@ class RunResult:
     scenario: str
     run: int
     qemu: str
+    #: The accelerator's label ("TCG", "KVM (-cpu host)"), guest RAM, workload name.
+    accel: str = ""
+    guest_mib: int = 0
+    workload: str = "churn"
     ok: bool = False
     #: Why the run is not ok (migration failed, guest hurt, workload found bad bytes).
     problems: list[str] = field(default_factory=list)
@@ -227,10 +269,10 @@ def guest_problems(vm: VM, boot_id: str) -> list[str]:
     return problems
 
 
-def churn_check(vm: VM) -> tuple[list[str], int]:
-    """Stop the churn workload and let it verify everything; (problems, iterations)."""
+def churn_check(vm: VM, script: str = "churn.py") -> tuple[list[str], int]:
+    """Stop the churn (or busy) workload and let it verify everything; (problems, iterations)."""
     try:
-        check = vm.workload("churn.py", "check", timeout=180, check=False)
+        check = vm.workload(script, "check", timeout=240, check=False)
     except Exception as exc:
         return [f"{vm.name}: churn check did not run: {type(exc).__name__}: {exc}"], 0
     iterations = sum(int(w.get("iterations", 0)) for w in check.get("workers", []))
@@ -249,14 +291,20 @@ def churn_check(vm: VM) -> tuple[list[str], int]:
 
 
 @contextlib.contextmanager
-def vm_session(label: str, keep: bool = False) -> Iterator[VMFactory]:
+def vm_session(label: str, keep: bool = False, accel: str | None = None) -> Iterator[VMFactory]:
     """A VM factory outside pytest (benchmark, demo): builds or reuses the
     image, and shuts every VM down at the end; the run directory (logs) is
-    removed unless something failed or ``keep``."""
+    removed unless something failed or ``keep``.
+
+    :param accel: kvm, tcg or auto (an --accel option); None: ``$FPH_ACCEL``,
+        else auto (vmimage.accel.choose, decided here once for every guest).
+    """
+    parse_mode(accel if accel is not None else os.environ.get(ACCEL_ENV))  # a bad value fails before any build
     remove_stale_ram_files()
     image = ensure_image()
+    chosen = choose(default_binary(), image.kernel, accel)
     rundir = Path(tempfile.mkdtemp(prefix=f"fphvm-{label}-", dir="/tmp"))
-    factory = VMFactory(image, rundir)
+    factory = VMFactory(image, rundir, accel=chosen)
     failed = False
     try:
         yield factory
@@ -271,6 +319,47 @@ def vm_session(label: str, keep: bool = False) -> Iterator[VMFactory]:
             print(f"VM logs kept in {rundir}", file=sys.stderr)
         else:
             shutil.rmtree(rundir, ignore_errors=True)
+
+
+#: Host memory a migration pair needs beyond its two RAM files: two QEMUs
+#: (~0.3 GiB each), the collector, the relay, and room for everyone else.
+PAIR_MARGIN_MIB = 1536
+
+
+def meminfo_mib(path: str = "/proc/meminfo") -> dict[str, float]:
+    """/proc/meminfo in MiB."""
+    out = {}
+    for line in Path(path).read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if rest.split():
+            out[key] = int(rest.split()[0]) / 1024
+    return out
+
+
+def pair_fits(guest_mib: int, *, shm_dir: Path = SHM_DIR, meminfo: Mapping[str, float] | None = None,
+              shm_free_mib: float | None = None) -> str | None:
+    """Why a source and destination of ``guest_mib`` each cannot run here now
+    (None: they fit).
+
+    Both RAM files live in tmpfs (``shm_dir``) and both end up fully
+    allocated (a migration reads or writes every page): 2 x guest RAM of
+    tmpfs space and of available memory, plus :data:`PAIR_MARGIN_MIB`.
+    """
+    need = 2 * guest_mib
+    info = meminfo if meminfo is not None else meminfo_mib()
+    available = info.get("MemAvailable", 0.0)
+    if shm_free_mib is None:
+        st = os.statvfs(shm_dir)
+        shm_free_mib = st.f_bavail * st.f_frsize / MiB
+    shm_free = shm_free_mib
+    if shm_free < need:
+        return (f"a {guest_mib} MiB guest pair needs {need} MiB in {shm_dir}, which has {shm_free:.0f} MiB free "
+                f"(raise its size: mount -o remount,size=... {shm_dir})")
+    if available < need + PAIR_MARGIN_MIB:
+        return (f"a {guest_mib} MiB guest pair needs {need + PAIR_MARGIN_MIB} MiB of host memory (two RAM files "
+                f"of {guest_mib} MiB + {PAIR_MARGIN_MIB} MiB for the QEMUs and the rest), but only "
+                f"{available:.0f} MiB is available (MemAvailable of {info.get('MemTotal', 0):.0f} MiB)")
+    return None
 
 
 def boot_for(factory: VMFactory, scenario: Scenario, name: str, *, mem_mib: int = 1024,
@@ -290,13 +379,14 @@ def boot_for(factory: VMFactory, scenario: Scenario, name: str, *, mem_mib: int 
 
 
 def prepare(vm: VM, workload: Workload) -> None:
-    """Garbage in free memory, then the churn workload running."""
-    filled = vm.workload("fill.py", str(workload.fill_mib), timeout=300)
+    """Garbage in free memory, then the churn (or busy) workload running."""
+    # Under TCG a fill writes and verifies ~50-60 MiB/s: 6 GiB take ~2 min.
+    filled = vm.workload("fill.py", str(workload.fill_mib), timeout=max(300.0, workload.fill_mib / 10))
     if filled["bad_pages"]:
         raise VMError(f"{vm.name}: fill.py read back bad pages before any migration: {filled}")
-    started = vm.workload("churn.py", "start", *workload.churn_args(), timeout=180)
+    started = vm.workload(workload.script, *workload.start_args(), timeout=240)
     if not started.get("ok"):
-        raise VMError(f"{vm.name}: churn did not start: {started}")
+        raise VMError(f"{vm.name}: {workload.script} did not start: {started}")
     time.sleep(workload.settle_s)
 
 
@@ -330,6 +420,7 @@ def migrate_once(
     timeout: float = 300.0,
     paused: bool = False,
     verify: bool = True,
+    workload: Workload | None = None,
 ) -> tuple[RunResult, VM]:
     """One migration of a prepared, churning ``src`` through a fresh link.
 
@@ -337,7 +428,8 @@ def migrate_once(
         then nothing is verified in the guest here (``verify`` is ignored).
     :return: the run's figures and the destination VM (running unless ``paused``).
     """
-    res = RunResult(scenario.name, run, src.qemu_version)
+    res = RunResult(scenario.name, run, src.qemu_version, accel=src.accel.label, guest_mib=src.guest.mem_mib,
+                    workload=(workload or Workload()).name)
     busy0, total0 = cpu_jiffies(src)
     res.guest_used_mib = round(used_mib(src), 1)
     set_switchover_bandwidth(src, link_rate_bps)
@@ -378,7 +470,7 @@ def migrate_once(
         res.guest_cpu_share = round((busy1 - busy0) / max(1, total1 - total0), 3)
     res.survived = not problems
     if verify and not problems:
-        bad, res.churn_iterations = churn_check(dst)
+        bad, res.churn_iterations = churn_check(dst, (workload or Workload()).script)
         problems += bad
     res.problems += problems
     res.ok = not res.problems
@@ -401,35 +493,57 @@ def run_chain(
     guest_fields: Mapping[str, Any] | None = None,
     on_result: Callable[[RunResult], None] | None = None,
     before_migrate: Callable[[VM], None] | None = None,
+    mem_mib: int = 1024,
+    label: str | None = None,
+    after_boot: Callable[[VM], None] | None = None,
 ) -> list[RunResult]:
-    """Boot a guest for ``scenario`` and migrate it ``runs`` times in a chain.
+    """Boot a guest of ``mem_mib`` for ``scenario`` and migrate it ``runs``
+    times in a chain.
 
     A run whose destination did not survive (or whose migration failed) ends
-    the chain; the next run boots a fresh guest.
+    the chain; the next run boots a fresh guest. Before each boot the host
+    must have room for a source and a destination (:func:`pair_fits`); a run
+    without it is recorded with the reason, nothing is booted. VMs are named
+    after ``label`` (default: the scenario's name; unique per factory).
+    ``after_boot`` runs once per boot, before the first fill (e.g. wait for
+    the agent: a user's guest has had its agent up long before a migration).
     """
+    label = label or scenario.name
     results: list[RunResult] = []
     src: VM | None = None
     boot_id = ""
     boots = 0
     for run in range(runs):
         if src is None:
+            no_room = pair_fits(mem_mib)
+            if no_room:
+                res = RunResult(scenario.name, run, "", guest_mib=mem_mib, workload=workload.name,
+                                problems=[f"not run: {no_room}"])
+                results.append(res)
+                if on_result:
+                    on_result(res)
+                continue
             boots += 1
-            src = boot_for(factory, scenario, f"{scenario.name}-boot{boots}", guest_fields=guest_fields)
+            src = boot_for(factory, scenario, f"{label}-boot{boots}", mem_mib=mem_mib,
+                           guest_fields=guest_fields)
             boot_id = src.boot_id()
+            if after_boot is not None:
+                after_boot(src)
         try:
             prepare(src, workload)
             if before_migrate is not None:
                 before_migrate(src)
         except Exception as exc:
-            res = RunResult(scenario.name, run, src.qemu_version, problems=[f"preparing the guest failed: {exc}"])
+            res = RunResult(scenario.name, run, src.qemu_version, problems=[f"preparing the guest failed: {exc}"],
+                            accel=src.accel.label, guest_mib=src.guest.mem_mib, workload=workload.name)
             results.append(res)
             if on_result:
                 on_result(res)
             _retire(src)
             src = None
             continue
-        res, dst = migrate_once(factory, src, f"{scenario.name}-r{run}", migrator, scenario=scenario, run=run,
-                                boot_id=boot_id, link_rate_bps=link_rate_bps)
+        res, dst = migrate_once(factory, src, f"{label}-r{run}", migrator, scenario=scenario, run=run,
+                                boot_id=boot_id, link_rate_bps=link_rate_bps, workload=workload)
         results.append(res)
         if on_result:
             on_result(res)
