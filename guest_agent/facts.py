@@ -25,6 +25,8 @@ from pathlib import Path
 import fphint
 from fphint.v1 import hints_pb2
 
+from . import memory
+
 _TRUE = {"1", "on", "y", "yes", "true"}
 
 
@@ -142,15 +144,16 @@ def build_facts(
     )
 
 
-def self_usage() -> tuple[float, int]:
-    """This process's CPU seconds (user + system, all threads) and current RSS bytes."""
+def self_usage() -> tuple[float, int, int]:
+    """This process's CPU seconds (user + system, all threads), current RSS
+    and PSS bytes (PSS 0 where /proc/self/smaps_rollup is missing)."""
     ru = resource.getrusage(resource.RUSAGE_SELF)
     try:
         with open("/proc/self/statm") as f:
             rss = int(f.read().split()[1]) * resource.getpagesize()
     except (OSError, ValueError, IndexError):
         rss = ru.ru_maxrss * 1024
-    return ru.ru_utime + ru.ru_stime, rss
+    return ru.ru_utime + ru.ru_stime, rss, memory.usage().get("Pss", 0)
 
 
 def is_root() -> bool:

@@ -19,6 +19,7 @@ from ...errors import AgentError
 from . import loader, pagecache, perf
 from .bpfsys import (
     BPF_MAP_TYPE_ARRAY,
+    BPF_PROG_TYPE_KPROBE,
     BPF_MAP_TYPE_RINGBUF,
     BPF_PROG_TYPE_RAW_TRACEPOINT,
     BPF_PROG_TYPE_TRACEPOINT,
@@ -81,6 +82,9 @@ TRACKERS: dict[str, tuple[str, tuple[str, ...], bool]] = {
     "test_pages_isolated": ("on_test_isolated", RANGE_ARGS, False),
 }
 LIVE_TRACEPOINT = ("mm_page_free", "on_free", PAGE_ARGS)
+#: Kernel function whose entry marks every free block isolated from the free
+#: lists (optional: kernels without kprobes, or where it is inlined, lack it).
+ISOLATE_KPROBE = ("__isolate_free_page", "on_isolate_free")
 #: Tracepoints whose absence makes the source unusable.
 REQUIRED_RAW = ("mm_page_free",) + tuple(t for t, (_, _, req) in TRACKERS.items() if req)
 
@@ -231,6 +235,7 @@ PROGRAMS: dict[str, str] = {
     **{name: "raw_tracepoint" for name in SYNC_PROGRAMS},
     **{fn: "raw_tracepoint" for fn, _args, _req in TRACKERS.values()},
     LIVE_TRACEPOINT[1]: "raw_tracepoint",
+    ISOLATE_KPROBE[1]: "kprobe",
     "pair_raw": "raw_tracepoint",
     "pair_tp": "tracepoint",
 }
@@ -410,6 +415,18 @@ class LoadedProgram:
 
     def detach_tracepoint(self, tracepoint: str) -> None:
         self._unlink("tp:" + tracepoint)
+
+    def attach_kprobe(self, function: str, fn: str) -> None:
+        """Run ``fn`` at the entry of kernel function ``function``."""
+        key = self._unattached("kprobe:" + function)
+        self._links[key] = perf.attach_kprobe(function, self._prog_fd(fn, BPF_PROG_TYPE_KPROBE))
+
+    def detach_kprobe(self, function: str) -> None:
+        self._unlink("kprobe:" + function)
+
+    def attached(self, key: str) -> bool:
+        """``raw:NAME``, ``tp:CAT:NAME`` or ``kprobe:FUNCTION`` is attached."""
+        return key in self._links
 
     def close(self) -> None:
         """Detach and unload everything; safe to call twice."""
