@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from ... import memory
 from ..base import FreePageSource, Probe, ScanSummary, SourceUnavailable
 from . import checks, headers, selftest, system, vmemmap
-from .live import EbpfLiveFrees
-from .layout import PageLayout, PageLayoutError, release_version
 from .hooks import Hooks, grace_period
+from .layout import PageLayout, PageLayoutError, release_version
+from .live import EbpfLiveFrees
 from .program import ISOLATE_KPROBE, TRACKERS, Ctl, LoadedProgram, LoadError, ProgramConfig, tracepoint_fields
-from .scanner import RamMap, ScanPart, Scanner
-from .tracked import TrackedAnswer
+from .scanner import RamMap, Scanner, ScanPart
 from .system import KernelPaths
+from .tracked import TrackedAnswer
 
 log = logging.getLogger(__name__)
 

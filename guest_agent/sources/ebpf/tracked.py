@@ -307,8 +307,11 @@ class TrackedSet:
                 s, e = bs[i] >> PAGE_SHIFT, be[i] >> PAGE_SHIFT
                 w0, w1 = s >> 6, (e + 63) >> 6
                 if w1 - w0 == 1 and not holes_pfn:  # one word: all or nothing
-                    bits = (bitmap[w0 << 3 : w1 << 3].cast("Q")[0] >> (s & 63)) & ((1 << (e - s)) - 1) \
-                        if e <= len(self._mine) * 8 else 1
+                    bits = (
+                        (bitmap[w0 << 3 : w1 << 3].cast("Q")[0] >> (s & 63)) & ((1 << (e - s)) - 1)
+                        if e <= len(self._mine) * 8
+                        else 1
+                    )
                     pieces = [] if bits else [(s, e)]
                 else:
                     pieces = subtract((s, e), bitmap, holes_pfn)
