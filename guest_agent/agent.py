@@ -3,7 +3,7 @@
 For each HintRequest, within the request's deadline and stopping early when
 the epoch closes:
 
-1. if the source tracks (scan once, then track: docs/safety-rule-tracked.md),
+1. if the source tracks (scan once, then track: docs/safety-rule.md §5.6),
    its tracked set minus everything allocated since, computed at once in the
    loop thread, goes out as the epoch's first Report call (SNAPSHOT);
 2. a fresh scan, begun after the request arrived, streams as a second

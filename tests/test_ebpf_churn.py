@@ -396,7 +396,7 @@ def test_without_the_recheck(storm: list[subprocess.Popen[bytes]], tracer: Alloc
     assert v.violations == 0, v
 
 
-# Section: scan once, then track (docs/safety-rule-tracked.md)
+# Section: scan once, then track (docs/safety-rule.md §5.6)
 
 #: Time between a scan and the tracked answer checked: the storm allocates
 #: (and frees) hundreds of MiB meanwhile, from pages the scan called free.

@@ -1,7 +1,7 @@
 """The tracked answer's subtraction (guest_agent.sources.ebpf.tracked), no BPF:
 the fast path (packed words, slices, bisection) equals the plain rule page for
 page on random bitmaps, runs and wide ranges, and that rule is the one the
-safety argument states (docs/safety-rule-tracked.md)."""
+safety argument states (docs/safety-rule.md §5.6)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ chunk (median, 90th percentile), pages per epoch; the agent's RSS and PSS
 (smaps_rollup) idle and after the epochs. Printed, not asserted (the
 machine is shared): the assertions are that the agent attached with the
 eBPF source and tracking on (on 6.1 that needs the kprobe on
-``__isolate_free_page``: docs/safety-rule-tracked.md) and that every epoch's
+``__isolate_free_page``: docs/safety-rule.md §5.6) and that every epoch's
 hints were accepted.
 
 Settings: ``tracked`` (the unit as installed: tracking, real-time answering

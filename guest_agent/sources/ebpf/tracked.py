@@ -1,5 +1,5 @@
 """Scan once, then track: the last scan's free runs, kept valid by the
-allocation bitmap (docs/safety-rule-tracked.md).
+allocation bitmap (docs/safety-rule.md §5.6).
 
 After a scan the event gate stays open, so the bitmap keeps every page that
 left the buddy lists since that scan began (and the wide list every event too
