@@ -55,8 +55,8 @@ while True:
 
 
 async def _epochs(source: EbpfSource, track: str, epochs: int, gap_s: float) -> list[dict[str, float]]:
-    from host_collector.layout import RamLayout, RamRange
     from fphint_lab.collector_harness import make_config, running_agent, running_collector, wait_attached, wait_for
+    from host_collector.layout import RamLayout, RamRange
 
     offset, rr = 0, []
     for s, e in system.ram_pfn_ranges():
@@ -76,12 +76,14 @@ async def _epochs(source: EbpfSource, track: str, epochs: int, gap_s: float) -> 
                 st = ep.stats()
                 assert st.rejected_ranges == 0 and st.request_to_first_chunk_s is not None
                 assert st.request_to_last_chunk_s is not None
-                out.append({
-                    "first_ms": st.request_to_first_chunk_s * 1000,
-                    "last_ms": st.request_to_last_chunk_s * 1000,
-                    "pages": float(st.free_pages),
-                    "counted": float(i > 0),
-                })
+                out.append(
+                    {
+                        "first_ms": st.request_to_first_chunk_s * 1000,
+                        "last_ms": st.request_to_last_chunk_s * 1000,
+                        "pages": float(st.free_pages),
+                        "counted": float(i > 0),
+                    }
+                )
                 srv.collector.close_epoch("bench", ep.id)
                 await asyncio.sleep(gap_s)
     source.set_tracking(False)
@@ -119,8 +121,10 @@ def main() -> int:
         for load in ("idle", "churn"):
             for track, name in (("off", "rescan"), ("migration", "tracked")):
                 r = results[f"{load}/{name}"] = scenario(source, track, load == "churn", args.epochs, args.gap)
-                print(f"{load:6s} {name:8s} first {r['first_ms']:8.2f} ms (max {r['first_ms_max']:.1f})  "
-                      f"last {r['last_ms']:8.2f} ms  pages {r['pages']:.0f}")
+                print(
+                    f"{load:6s} {name:8s} first {r['first_ms']:8.2f} ms (max {r['first_ms_max']:.1f})  "
+                    f"last {r['last_ms']:8.2f} ms  pages {r['pages']:.0f}"
+                )
     finally:
         source.close()
     ratios = {
@@ -130,13 +134,17 @@ def main() -> int:
         }
         for load in ("idle", "churn")
     }
-    print(json.dumps({
-        "machine": "this host (shared: other jobs may run; numbers are noisy)",
-        "ram_gib": round(system.ram_pfn_ranges()[-1][1] * 4096 / 2**30, 1),
-        "tracking": source.facts.get("tracking", ""),
-        "results": results,
-        "ratios": ratios,
-    }))
+    print(
+        json.dumps(
+            {
+                "machine": "this host (shared: other jobs may run; numbers are noisy)",
+                "ram_gib": round(system.ram_pfn_ranges()[-1][1] * 4096 / 2**30, 1),
+                "tracking": source.facts.get("tracking", ""),
+                "results": results,
+                "ratios": ratios,
+            }
+        )
+    )
     return 0
 
 

@@ -20,7 +20,6 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,8 +112,10 @@ def main() -> int:
         "tracking": src.facts.get("tracking", ""),
     }
     for m in MODES:
-        print(f"{m:12s} cpu {med[m]['cpu'] * 1000:8.1f} ms  wall {med[m]['wall'] * 1000:8.1f} ms  "
-              f"x{out['ratio_cpu_vs_none'][m]:.3f} cpu  x{out['ratio_wall_vs_none'][m]:.3f} wall")
+        print(
+            f"{m:12s} cpu {med[m]['cpu'] * 1000:8.1f} ms  wall {med[m]['wall'] * 1000:8.1f} ms  "
+            f"x{out['ratio_cpu_vs_none'][m]:.3f} cpu  x{out['ratio_wall_vs_none'][m]:.3f} wall"
+        )
     print(json.dumps(out))
     return 0
 

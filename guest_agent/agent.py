@@ -3,7 +3,7 @@
 For each HintRequest, within the request's deadline and stopping early when
 the epoch closes:
 
-1. if the source tracks (scan once, then track: docs/safety-rule-tracked.md),
+1. if the source tracks (scan once, then track: docs/safety-rule.md §5.6),
    its tracked set minus everything allocated since, computed at once in the
    loop thread, goes out as the epoch's first Report call (SNAPSHOT);
 2. a fresh scan, begun after the request arrived, streams as a second
@@ -60,8 +60,6 @@ CHANNEL_OPTIONS = [
     # (the collector caps streams per connection).
     ("grpc.use_local_subchannel_pool", 1),
 ]
-
-
 
 
 @dataclass(frozen=True)
@@ -150,7 +148,7 @@ class Agent:
             log.debug("reconnecting in %.2fs", delay)
             try:
                 await asyncio.wait_for(stop.wait(), timeout=delay)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         self._cancel_all()
         if self._refresher is not None:
@@ -375,7 +373,7 @@ class Agent:
         stub: hints_pb2_grpc.FreePageHintsStub,
         md: tuple[tuple[str, str], ...],
         req: hints_pb2.HintRequest,
-        scan: "_Scan",
+        scan: _Scan,
         per_chunk: int,
         deadline: float,
         budget: list[int],
@@ -424,7 +422,7 @@ class Agent:
         stub: hints_pb2_grpc.FreePageHintsStub,
         md: tuple[tuple[str, str], ...],
         epoch: int,
-        kind: "hints_pb2.ReportKind",
+        kind: hints_pb2.ReportKind,
         rs: Sequence[tuple[int, int]],
         per_chunk: int,
         deadline: float,
@@ -512,6 +510,11 @@ def _stats(pages: int, seconds: float, truncated: int, tracked: bool) -> hints_p
     """What a snapshot call's last chunk says about the agent and its answer."""
     cpu, rss, pss = self_usage()
     return hints_pb2.AgentStats(
-        cpu_seconds=cpu, rss_bytes=rss, pss_bytes=pss, snapshot_us=min(int(seconds * 1e6), 2**32 - 1),
-        snapshot_pages=pages, truncated_ranges=truncated, tracked=tracked,
+        cpu_seconds=cpu,
+        rss_bytes=rss,
+        pss_bytes=pss,
+        snapshot_us=min(int(seconds * 1e6), 2**32 - 1),
+        snapshot_pages=pages,
+        truncated_ranges=truncated,
+        tracked=tracked,
     )

@@ -42,7 +42,11 @@ class ChunkEncoder:
         if stats is not None and not end:
             raise ValueError("stats go on the chunk that ends the call")
         msg = hints_pb2.ReportChunk(
-            epoch=self.epoch, seq=self.seq, kind=self.kind, ranges=ranges.encode(batch, self._state), end=end,
+            epoch=self.epoch,
+            seq=self.seq,
+            kind=self.kind,
+            ranges=ranges.encode(batch, self._state),
+            end=end,
             stats=stats,
         )
         self.seq += 1
@@ -84,7 +88,11 @@ class ChunkEncoder:
         for i in range(len(cuts) - 1):
             last = i == len(cuts) - 2
             msg = hints_pb2.ReportChunk(
-                epoch=self.epoch, seq=self.seq, kind=self.kind, ranges=words[cuts[i] : cuts[i + 1]], end=last,
+                epoch=self.epoch,
+                seq=self.seq,
+                kind=self.kind,
+                ranges=words[cuts[i] : cuts[i + 1]],
+                end=last,
                 stats=stats if last else None,
             )
             self.seq += 1

@@ -16,8 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from fphint import addresses
-from fphint import logs
+from fphint import addresses, logs
 
 from . import discovery, memory, priority
 from .facts import build_facts, detect_safety
@@ -41,12 +40,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--token-file", help="file holding this VM's token")
     run.add_argument("--config", default=str(discovery.CONFIG_FILE), help="agent config file (TOML)")
     run.add_argument("--chunk-ranges", type=int, default=Settings.chunk_ranges, help="ranges per chunk")
-    run.add_argument("--priority", choices=priority.MODES, default=os.environ.get("FPHINT_PRIORITY", "rt"),
-                     help="the answering path's scheduling: rt (SCHED_FIFO, bounded), nice (-20) or off; "
-                          "memory is locked unless off (default: $FPHINT_PRIORITY or rt)")
-    run.add_argument("--track", choices=TRACK_MODES, default=os.environ.get("FPHINT_TRACK", "migration"),
-                     help="scan once, then track: from the first request until requests stop (migration), "
-                          "always, or off (default: $FPHINT_TRACK or migration)")
+    run.add_argument(
+        "--priority",
+        choices=priority.MODES,
+        default=os.environ.get("FPHINT_PRIORITY", "rt"),
+        help="the answering path's scheduling: rt (SCHED_FIFO, bounded), nice (-20) or off; "
+        "memory is locked unless off (default: $FPHINT_PRIORITY or rt)",
+    )
+    run.add_argument(
+        "--track",
+        choices=TRACK_MODES,
+        default=os.environ.get("FPHINT_TRACK", "migration"),
+        help="scan once, then track: from the first request until requests stop (migration), "
+        "always, or off (default: $FPHINT_TRACK or migration)",
+    )
     sub.add_parser("probe", help="print the facts the agent would attach with (JSON)")
     sub.add_parser("snapshot", help="scan once and print totals (JSON)")
     return ap
@@ -74,8 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     safety = detect_safety()
     sel = select_source(args.source, safety)
     details = getattr(sel.source, "facts", None)
-    facts = build_facts(safety, sel.statuses, sel.name, sel.refusal,
-                        details={str(k): str(v) for k, v in details.items()} if isinstance(details, dict) else None)
+    facts = build_facts(
+        safety,
+        sel.statuses,
+        sel.name,
+        sel.refusal,
+        details={str(k): str(v) for k, v in details.items()} if isinstance(details, dict) else None,
+    )
     if args.cmd == "probe":
         from google.protobuf import json_format  # ~2.5 MiB the serving agent never needs
 
@@ -87,8 +99,17 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         t = time.monotonic()
         snap = sel.source.snapshot()
-        print(json.dumps({"source": snap.source, "ranges": len(snap.ranges), "pages": snap.pages,
-                          "ms": round((time.monotonic() - t) * 1000, 2), "complete": snap.complete}))
+        print(
+            json.dumps(
+                {
+                    "source": snap.source,
+                    "ranges": len(snap.ranges),
+                    "pages": snap.pages,
+                    "ms": round((time.monotonic() - t) * 1000, 2),
+                    "complete": snap.complete,
+                }
+            )
+        )
         return 0
 
     for name, value, allowed in (("priority", args.priority, priority.MODES), ("track", args.track, TRACK_MODES)):

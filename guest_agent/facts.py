@@ -111,9 +111,13 @@ def detect_safety(paths: Paths = Paths()) -> GuestSafety:
         found.append("tdx")
     s.memory_encryption = ",".join(found)
     if s.page_poisoning:
-        s.refusals.append("page poisoning is on (page_poison=1): free pages hold 0xaa, a skipped page would arrive as zeros")
+        s.refusals.append(
+            "page poisoning is on (page_poison=1): free pages hold 0xaa, a skipped page would arrive as zeros"
+        )
     if s.memory_encryption:
-        s.refusals.append(f"memory encryption is active ({s.memory_encryption}): the host cannot reason about private pages")
+        s.refusals.append(
+            f"memory encryption is active ({s.memory_encryption}): the host cannot reason about private pages"
+        )
     return s
 
 
@@ -125,7 +129,11 @@ def total_ram_bytes(paths: Paths = Paths()) -> int:
 
 
 def build_facts(
-    safety: GuestSafety, sources: list[hints_pb2.SourceStatus], chosen: str, refusal: str, paths: Paths = Paths(),
+    safety: GuestSafety,
+    sources: list[hints_pb2.SourceStatus],
+    chosen: str,
+    refusal: str,
+    paths: Paths = Paths(),
     details: dict[str, str] | None = None,
 ) -> hints_pb2.AgentFacts:
     return hints_pb2.AgentFacts(

@@ -20,10 +20,17 @@ from collections.abc import Awaitable, Iterator, Sequence
 from dataclasses import dataclass
 
 from fphint import ranges
+from fphint_lab.collector_harness import (
+    GiB,
+    make_config,
+    pages_of,
+    running_agent,
+    running_collector,
+    wait_attached,
+    wait_for,
+)
 from guest_agent.agent import Settings
 from guest_agent.sources.base import FreePageSource, Part, Probe, WholeScan
-
-from fphint_lab.collector_harness import GiB, make_config, pages_of, running_agent, running_collector, wait_attached, wait_for
 
 MiB = 1 << 20
 SCANNED = [(0x100000, 64 * MiB), (512 * MiB, 4096), (4 * GiB, 8 * MiB)]
@@ -124,8 +131,10 @@ def test_tracked_answer_first_then_the_scan() -> None:
                 scan_end = src.scans[-1][1] - ep.opened_at
                 assert st.request_to_first_chunk_s < scan_end <= st.request_to_last_chunk_s + 0.05
                 scanned = first.stats().request_to_first_chunk_s or 0.0
-                print(f"\nrequest to first chunk: {st.request_to_first_chunk_s * 1000:.1f} ms tracked, "
-                      f"{scanned * 1000:.1f} ms scan (fake scan of 300 ms)")
+                print(
+                    f"\nrequest to first chunk: {st.request_to_first_chunk_s * 1000:.1f} ms tracked, "
+                    f"{scanned * 1000:.1f} ms scan (fake scan of 300 ms)"
+                )
                 assert src.tracking_calls and all(src.tracking_calls)
 
     run(go())
@@ -133,6 +142,7 @@ def test_tracked_answer_first_then_the_scan() -> None:
 
 def test_a_new_request_never_waits_for_an_old_scan() -> None:
     for cancellable in (True, False):
+
         async def go() -> None:
             async with running_collector(make_config(["a"])) as srv:
                 src = TrackingSource(scan_s=0.05, cancellable=cancellable)

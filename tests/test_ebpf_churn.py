@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-import re
 from dataclasses import dataclass, field
 
 import pytest
@@ -252,8 +252,9 @@ def _not_buddy_runs(fd: int, start_pfn: int, npages: int) -> list[tuple[int, int
     return [(start_pfn + m.start(), m.end() - m.start()) for m in re.finditer(rb"\x00+", flags)]
 
 
-def check_ranges(fd: int, tracer: AllocTracer, ranges: Sequence[tuple[int, int]], pages: int, since: float,
-                 v: Verdict) -> None:
+def check_ranges(
+    fd: int, tracer: AllocTracer, ranges: Sequence[tuple[int, int]], pages: int, since: float, v: Verdict
+) -> None:
     """The rule for one answer that claims its pages free at ``since``
     (time.monotonic()): each is KPF_BUDDY on an immediate re-read, or an
     allocation event covering it fired at or after ``since``, or it lies in a
@@ -267,9 +268,11 @@ def check_ranges(fd: int, tracer: AllocTracer, ranges: Sequence[tuple[int, int]]
     wide = tracer.ranges_since(after_ns)
     for pfn0, count in bad:
         v.not_buddy += count
-        left = [p for p in range(pfn0, pfn0 + count)
-                if not (p < tracer.nr_pfns and tracer.last[p] >= after_ns)
-                and not any(s <= p < e for s, e in wide)]
+        left = [
+            p
+            for p in range(pfn0, pfn0 + count)
+            if not (p < tracer.nr_pfns and tracer.last[p] >= after_ns) and not any(s <= p < e for s, e in wide)
+        ]
         v.covered += count - len(left)
         for first, n in runs_of(left):
             if first % block == 0 and n % block == 0:
@@ -368,7 +371,9 @@ def test_planted_race_is_dropped(storm: list[subprocess.Popen[bytes]], tracer: A
     assert v.violations == 0, f"pages reported free, in use, and no allocation after the scan: {v}"
 
 
-def test_checker_catches_scans_without_the_crosscheck(storm: list[subprocess.Popen[bytes]], tracer: AllocTracer) -> None:
+def test_checker_catches_scans_without_the_crosscheck(
+    storm: list[subprocess.Popen[bytes]], tracer: AllocTracer
+) -> None:
     """With the in-scan cross-check off, the pages the planted race takes
     from blocks already read are reported; the rule above must see them."""
     v = _raced(Options(crosscheck=False), tracer, 3, until_violation=True)
@@ -391,15 +396,16 @@ def test_without_the_recheck(storm: list[subprocess.Popen[bytes]], tracer: Alloc
     assert v.violations == 0, v
 
 
-# Section: scan once, then track (docs/safety-rule-tracked.md)
+# Section: scan once, then track (docs/safety-rule.md §5.6)
 
 #: Time between a scan and the tracked answer checked: the storm allocates
 #: (and frees) hundreds of MiB meanwhile, from pages the scan called free.
 TRACK_WAIT_S = 0.3
 
 
-def check_tracked_rounds(src: EbpfSource, tracer: AllocTracer, rounds: int, plant: bool,
-                         until_violation: bool = False) -> Verdict:
+def check_tracked_rounds(
+    src: EbpfSource, tracer: AllocTracer, rounds: int, plant: bool, until_violation: bool = False
+) -> Verdict:
     """Each round: a scan (tracking on), the planted race (64 MiB of small
     pages taken after the scan and held through the check), a wait, then the
     tracked answer checked by the same rule as a part, against the time it
@@ -448,8 +454,9 @@ def test_tracked_answers_are_sound_under_churn(storm: list[subprocess.Popen[byte
     assert v.violations == 0, f"tracked pages in use with no allocation after the answer: {v}"
 
 
-def test_checker_catches_tracking_without_the_subtraction(storm: list[subprocess.Popen[bytes]],
-                                                         tracer: AllocTracer) -> None:
+def test_checker_catches_tracking_without_the_subtraction(
+    storm: list[subprocess.Popen[bytes]], tracer: AllocTracer
+) -> None:
     """The planted fault: the tracked set sent as scanned, nothing subtracted."""
     src = _opened(Options(tracked_subtraction=False))
     try:

@@ -13,9 +13,10 @@ from typing import cast
 import pytest
 
 from guest_agent.sources.ebpf import EbpfSource, Options, ScanPart
-from guest_agent.sources.ebpf.tracked import TrackedAnswer
 from guest_agent.sources.ebpf.program import Ctl
 from guest_agent.sources.ebpf.source import tracking_refusal
+from guest_agent.sources.ebpf.tracked import TrackedAnswer
+
 
 @pytest.fixture(scope="module")
 def src() -> Iterator[EbpfSource]:
@@ -79,9 +80,11 @@ def test_tracked_answer_against_a_fresh_scan(src: EbpfSource) -> None:
             tracked.append(time.perf_counter() - t0)
             assert ans is not None and ans.nranges > 0
         assert ans is not None
-        print(f"\nfresh scan: first part {min(firsts) * 1000:.2f} ms, whole {min(wholes) * 1000:.1f} ms; "
-              f"tracked answer {min(tracked) * 1000:.2f} ms ({ans.nranges} ranges, {ans.pages} pages, "
-              f"{ans.split_runs} runs split, {ans.scanned_pages - ans.pages} pages dropped after 0.2 s)")
+        print(
+            f"\nfresh scan: first part {min(firsts) * 1000:.2f} ms, whole {min(wholes) * 1000:.1f} ms; "
+            f"tracked answer {min(tracked) * 1000:.2f} ms ({ans.nranges} ranges, {ans.pages} pages, "
+            f"{ans.split_runs} runs split, {ans.scanned_pages - ans.pages} pages dropped after 0.2 s)"
+        )
     finally:
         src.set_tracking(False)
 

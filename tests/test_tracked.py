@@ -1,10 +1,11 @@
 """The tracked answer's subtraction (guest_agent.sources.ebpf.tracked), no BPF:
 the fast path (packed words, slices, bisection) equals the plain rule page for
 page on random bitmaps, runs and wide ranges, and that rule is the one the
-safety argument states (docs/safety-rule-tracked.md)."""
+safety argument states (docs/safety-rule.md §5.6)."""
 
 from __future__ import annotations
 
+import itertools
 import random
 from array import array
 
@@ -53,8 +54,10 @@ def random_case(rnd: random.Random) -> tuple[list[tuple[int, int]], bytearray, l
         else:
             runs.append((p, p + n))
         p += n + rnd.choice([0, 1, 5, 70])
-    wide = [(a, a + rnd.choice([1, 64, 500, 1 << 40])) for a in
-            (rnd.randrange(words * 64 + 1) for _ in range(rnd.choice([0, 0, 1, 2])))]
+    wide = [
+        (a, a + rnd.choice([1, 64, 500, 1 << 40]))
+        for a in (rnd.randrange(words * 64 + 1) for _ in range(rnd.choice([0, 0, 1, 2])))
+    ]
     return runs, bm, wide
 
 
@@ -86,7 +89,7 @@ def test_fast_path_equals_the_rule(seed: int) -> None:
         got = ans.ranges
         assert ranges.decode(list(ans.words)) == got  # the words are the wire's encoding
         assert ans.nranges == len(got) and ans.pages == sum(n for _, n in got) // PAGE
-        assert all(a + n <= b for (a, n), (b, _) in zip(got, got[1:])), "sorted, not overlapping"
+        assert all(a + n <= b for (a, n), (b, _) in itertools.pairwise(got)), "sorted, not overlapping"
         assert {p for s, n in got for p in range(s // PAGE, (s + n) // PAGE)} == pages_of(plain)
 
 

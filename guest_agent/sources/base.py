@@ -173,7 +173,7 @@ class FreePageSource(abc.ABC):
 
     def set_tracking(self, on: bool) -> bool:
         """Scan once, then track: keep the last scan valid between requests
-        (docs/safety-rule-tracked.md). True when the source now tracks; the
+        (docs/safety-rule.md §5.6). True when the source now tracks; the
         default cannot."""
         return False
 

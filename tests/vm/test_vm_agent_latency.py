@@ -8,7 +8,7 @@ chunk (median, 90th percentile), pages per epoch; the agent's RSS and PSS
 (smaps_rollup) idle and after the epochs. Printed, not asserted (the
 machine is shared): the assertions are that the agent attached with the
 eBPF source and tracking on (on 6.1 that needs the kprobe on
-``__isolate_free_page``: docs/safety-rule-tracked.md) and that every epoch's
+``__isolate_free_page``: docs/safety-rule.md §5.6) and that every epoch's
 hints were accepted.
 
 Settings: ``tracked`` (the unit as installed: tracking, real-time answering
@@ -30,13 +30,12 @@ from typing import Any
 import pytest
 
 from fphint import addresses
+from fphint_lab.collector_harness import CollectorThread
+from fphint_lab.vm.harness import VM, VMFactory
 from host_collector.config import CollectorConfig, VmEntry
 from host_collector.qmp.ram_layout import read_layout
 from host_collector.qmp.session import QmpSession
 from vmimage.qemu import collector_address
-
-from fphint_lab.collector_harness import CollectorThread
-from fphint_lab.vm.harness import VM, VMFactory
 
 pytestmark = [pytest.mark.vm, pytest.mark.qemu, pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(2400)]
 
@@ -103,9 +102,17 @@ def epochs(col: CollectorThread, n: int = EPOCHS, gap: float = GAP_S) -> list[di
         for ep in eps:
             st = ep.stats()
             first = st.request_to_first_chunk_s
-            rows.append({"first_ms": None if first is None else first * 1000, "reports": st.reports,
-                         "pages": st.free_pages, "rejected": st.rejected_reports, "closed": st.close_reason,
-                         "agent_us": st.agent.get("snapshot_us"), "agent_pages": st.agent.get("snapshot_pages")})
+            rows.append(
+                {
+                    "first_ms": None if first is None else first * 1000,
+                    "reports": st.reports,
+                    "pages": st.free_pages,
+                    "rejected": st.rejected_reports,
+                    "closed": st.close_reason,
+                    "agent_us": st.agent.get("snapshot_us"),
+                    "agent_pages": st.agent.get("snapshot_pages"),
+                }
+            )
         return rows
 
     return list(col.call(go(), timeout=n * gap + 60))
@@ -123,15 +130,19 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "rejected": sum(r["rejected"] for r in rows),  # late reports to closed epochs, mostly
         "poisoned": sum(r["closed"].startswith("poisoned") for r in rows),
         "agent_ms_median": round(statistics.median(r["agent_us"] / 1000 for r in rows if r["agent_us"]), 1)
-        if any(r["agent_us"] for r in rows) else None,
+        if any(r["agent_us"] for r in rows)
+        else None,
     }
 
 
 def show(name: str, r: dict[str, Any]) -> None:
-    print(f"\n{name:32s} report in {r['with_report']:2d}/{r['epochs']} epochs; first chunk median "
-          f"{r['first_ms_median']} ms, p90 {r['first_ms_p90']} ms, <100 ms: {r['under_100ms']}; "
-          f"pages {r['pages_median']}; agent's own answer time {r['agent_ms_median']} ms; "
-          f"rejected {r['rejected']}, poisoned {r['poisoned']}", flush=True)
+    print(
+        f"\n{name:32s} report in {r['with_report']:2d}/{r['epochs']} epochs; first chunk median "
+        f"{r['first_ms_median']} ms, p90 {r['first_ms_p90']} ms, <100 ms: {r['under_100ms']}; "
+        f"pages {r['pages_median']}; agent's own answer time {r['agent_ms_median']} ms; "
+        f"rejected {r['rejected']}, poisoned {r['poisoned']}",
+        flush=True,
+    )
 
 
 def agent_memory(vm: VM) -> dict[str, Any]:
@@ -168,8 +179,11 @@ def stop_load(vm: VM) -> None:
 
 def test_hints_in_time_quiet_and_busy(vm_factory: VMFactory, collector: CollectorThread, tmp_path: Path) -> None:
     qmp_path = tmp_path / "fphint.qmp"
-    vm = vm_factory.boot(token=TOKEN, collector=collector_address(collector.port),
-                         extra_args=["-qmp", f"unix:{qmp_path},server=on,wait=off"])
+    vm = vm_factory.boot(
+        token=TOKEN,
+        collector=collector_address(collector.port),
+        extra_args=["-qmp", f"unix:{qmp_path},server=on,wait=off"],
+    )
     collector.collector.set_layout("guest", collector.call(_layout(qmp_path)))
     collector.wait_attached("guest", timeout=600)
     facts = dict(collector.collector.vms["guest"].attachment.facts.source_details)

@@ -178,7 +178,9 @@ def raw_tracepoint_open(name: str, prog_fd: int) -> int:
     return _bpf(BPF_RAW_TRACEPOINT_OPEN, attr, f"BPF_RAW_TRACEPOINT_OPEN({name})")
 
 
-def _elem_attr(fd: int, key: ctypes.Array[ctypes.c_char], value: ctypes.Array[ctypes.c_char] | None) -> ctypes.Array[ctypes.c_uint64]:
+def _elem_attr(
+    fd: int, key: ctypes.Array[ctypes.c_char], value: ctypes.Array[ctypes.c_char] | None
+) -> ctypes.Array[ctypes.c_uint64]:
     attr = _attr()
     attr[0] = fd
     attr[1] = ctypes.addressof(key)

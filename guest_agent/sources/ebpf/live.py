@@ -42,8 +42,9 @@ _generations = itertools.count(1)
 class EbpfLiveFrees(LiveFrees):
     """Collects frees while started; :meth:`drain` hands them out sorted."""
 
-    def __init__(self, prog: LoadedProgram, max_pending: int = 1 << 16,
-                 keep_attached: Callable[[], bool] = lambda: False) -> None:
+    def __init__(
+        self, prog: LoadedProgram, max_pending: int = 1 << 16, keep_attached: Callable[[], bool] = lambda: False
+    ) -> None:
         self._prog = prog
         self._keep_attached = keep_attached
         self._max_pending = max_pending

@@ -39,6 +39,7 @@ class _PerfEventAttr(ctypes.Structure):
         ("config2", ctypes.c_uint64),
     ]
 
+
 #: Where the kprobe PMU publishes its perf type (kernels with CONFIG_KPROBES).
 KPROBE_PMU_TYPE = "/sys/bus/event_source/devices/kprobe/type"
 

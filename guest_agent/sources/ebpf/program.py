@@ -19,8 +19,8 @@ from ...errors import AgentError
 from . import loader, pagecache, perf
 from .bpfsys import (
     BPF_MAP_TYPE_ARRAY,
-    BPF_PROG_TYPE_KPROBE,
     BPF_MAP_TYPE_RINGBUF,
+    BPF_PROG_TYPE_KPROBE,
     BPF_PROG_TYPE_RAW_TRACEPOINT,
     BPF_PROG_TYPE_TRACEPOINT,
     TestRunner,
@@ -76,9 +76,9 @@ TRACKERS: dict[str, tuple[str, tuple[str, ...], bool]] = {
     # tracepoint: (program, argument kinds, required)
     "mm_page_alloc": ("on_alloc", PAGE_ARGS, True),
     "mm_page_alloc_zone_locked": ("on_alloc_zone_locked", PAGE_ARGS, True),
-    "mm_page_alloc_extfrag": ("on_extfrag", PAGE_ARGS + ("int",), True),
-    "mm_compaction_isolate_freepages": ("on_isolate", RANGE_ARGS + ("long",), False),
-    "mm_compaction_fast_isolate_freepages": ("on_fast_isolate", RANGE_ARGS + ("long",), False),
+    "mm_page_alloc_extfrag": ("on_extfrag", (*PAGE_ARGS, "int"), True),
+    "mm_compaction_isolate_freepages": ("on_isolate", (*RANGE_ARGS, "long"), False),
+    "mm_compaction_fast_isolate_freepages": ("on_fast_isolate", (*RANGE_ARGS, "long"), False),
     "test_pages_isolated": ("on_test_isolated", RANGE_ARGS, False),
 }
 LIVE_TRACEPOINT = ("mm_page_free", "on_free", PAGE_ARGS)
@@ -86,7 +86,7 @@ LIVE_TRACEPOINT = ("mm_page_free", "on_free", PAGE_ARGS)
 #: lists (optional: kernels without kprobes, or where it is inlined, lack it).
 ISOLATE_KPROBE = ("__isolate_free_page", "on_isolate_free")
 #: Tracepoints whose absence makes the source unusable.
-REQUIRED_RAW = ("mm_page_free",) + tuple(t for t, (_, _, req) in TRACKERS.items() if req)
+REQUIRED_RAW = ("mm_page_free", *tuple(t for t, (_, _, req) in TRACKERS.items() if req))
 
 
 def _arg_matches(btf: Btf, tid: int, want: str) -> bool:
@@ -118,9 +118,7 @@ def tracepoint_problems(btf: Btf) -> tuple[list[str], list[str]]:
             problems.append(f"{tp}: {e}")
             continue
         have = [btf.describe(p) for p in params[1:]]
-        if len(params) < 1 + len(args) or not all(
-            _arg_matches(btf, p, w) for p, w in zip(params[1:], args)
-        ):
+        if len(params) < 1 + len(args) or not all(_arg_matches(btf, p, w) for p, w in zip(params[1:], args)):
             problems.append(f"{tp}({', '.join(have)}) does not start with ({', '.join(args)})")
     return problems, missing
 
@@ -411,7 +409,9 @@ class LoadedProgram:
     def attach_tracepoint(self, tracepoint: str, fn: str) -> None:
         """Attach ``fn`` to tracefs event ``category:name``."""
         key = self._unattached("tp:" + tracepoint)
-        self._links[key] = perf.attach_tracepoint(self._tracefs, tracepoint, self._prog_fd(fn, BPF_PROG_TYPE_TRACEPOINT))
+        self._links[key] = perf.attach_tracepoint(
+            self._tracefs, tracepoint, self._prog_fd(fn, BPF_PROG_TYPE_TRACEPOINT)
+        )
 
     def detach_tracepoint(self, tracepoint: str) -> None:
         self._unlink("tp:" + tracepoint)

@@ -25,7 +25,7 @@
  *                                                  (compaction, incl. 6.1's untraced
  *                                                  fast path; page isolation; reporting)
  *   on_free                                       live frees during an open epoch
- * While the agent tracks (docs/safety-rule-tracked.md) the gate stays open
+ * While the agent tracks (docs/safety-rule.md §5.6) the gate stays open
  * between scans, so the bitmap holds every page that left the buddy lists
  * since the last scan began.
  * Attached only while discovering vmemmap_base (no kallsyms entry):

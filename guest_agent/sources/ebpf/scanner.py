@@ -25,9 +25,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from . import system
+from .hooks import Hooks
 from .program import WIDE_MAX, Ctl, LoadedProgram
 from .system import PAGE_SHIFT, KernelPaths, PfnRanges
-from .hooks import Hooks
 from .tracked import TrackedAnswer, TrackedSet
 
 #: Re-read which memory blocks are online at least this often; /proc/iomem is

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from ... import memory
 from ..base import FreePageSource, Probe, ScanSummary, SourceUnavailable
 from . import checks, headers, selftest, system, vmemmap
-from .live import EbpfLiveFrees
-from .layout import PageLayout, PageLayoutError, release_version
 from .hooks import Hooks, grace_period
+from .layout import PageLayout, PageLayoutError, release_version
+from .live import EbpfLiveFrees
 from .program import ISOLATE_KPROBE, TRACKERS, Ctl, LoadedProgram, LoadError, ProgramConfig, tracepoint_fields
-from .scanner import RamMap, ScanPart, Scanner
-from .tracked import TrackedAnswer
+from .scanner import RamMap, Scanner, ScanPart
 from .system import KernelPaths
+from .tracked import TrackedAnswer
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class Options:
     #: Seconds the loader child may take to compile and load (TCG guests
     #: need ~30 s).
     load_timeout: float = 120.0
-    #: Allow scan once, then track (docs/safety-rule-tracked.md); it is used
+    #: Allow scan once, then track (docs/safety-rule.md §5.6); it is used
     #: only where every exit from the free lists is marked.
     tracking: bool = True
 
@@ -275,7 +275,7 @@ def tracking_refusal(attached: list[str], options: Options) -> str:
     """Why this kernel's attached hooks do not allow tracking, or "".
 
     Tracking needs every exit from the buddy free lists marked
-    (docs/safety-rule-tracked.md): the allocation tracepoints (required to
+    (docs/safety-rule.md §5.6): the allocation tracepoints (required to
     open at all) and every isolation of a free block, either from the kprobe
     on ``__isolate_free_page`` or from both compaction tracepoints (Linux 6.1
     isolates blocks in ``fast_isolate_freepages`` with no tracepoint).

@@ -1,5 +1,5 @@
 """Scan once, then track: the last scan's free runs, kept valid by the
-allocation bitmap (docs/safety-rule-tracked.md).
+allocation bitmap (docs/safety-rule.md §5.6).
 
 After a scan the event gate stays open, so the bitmap keeps every page that
 left the buddy lists since that scan began (and the wide list every event too
@@ -307,8 +307,11 @@ class TrackedSet:
                 s, e = bs[i] >> PAGE_SHIFT, be[i] >> PAGE_SHIFT
                 w0, w1 = s >> 6, (e + 63) >> 6
                 if w1 - w0 == 1 and not holes_pfn:  # one word: all or nothing
-                    bits = (bitmap[w0 << 3 : w1 << 3].cast("Q")[0] >> (s & 63)) & ((1 << (e - s)) - 1) \
-                        if e <= len(self._mine) * 8 else 1
+                    bits = (
+                        (bitmap[w0 << 3 : w1 << 3].cast("Q")[0] >> (s & 63)) & ((1 << (e - s)) - 1)
+                        if e <= len(self._mine) * 8
+                        else 1
+                    )
                     pieces = [] if bits else [(s, e)]
                 else:
                     pieces = subtract((s, e), bitmap, holes_pfn)
