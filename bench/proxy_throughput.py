@@ -374,7 +374,9 @@ def main() -> None:
         ap.error(f"--parser {choice}: {status}")
     proxies = ["proxy", "proxy_hints", "proxy_held"]
     py_modes = [m + "_py" for m in proxies]
-    modes = ["relay"] + {"c": proxies, "python": py_modes, "both": [x for p in zip(proxies, py_modes) for x in p]}[choice]
+    modes = ["relay"] + {"c": proxies, "python": py_modes, "both": [x for p in zip(proxies, py_modes) for x in p]}[
+        choice
+    ]
     load_before = os.getloadavg()[0]
     args.cache.mkdir(exist_ok=True)
     stream, mask = capture(args.cache, args.ram_mib)

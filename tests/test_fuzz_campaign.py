@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 
 from tests.fuzz import targets
 from tests.fuzz.targets import TARGETS
+from tests.stream_reference import reference_read
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "tests" / "fuzz" / "corpus"
@@ -50,9 +52,21 @@ def campaign(name: str, seconds: float, runs: int, work: Path, extra: tuple[str,
     scratch.mkdir(parents=True, exist_ok=True)
     art.mkdir(parents=True, exist_ok=True)
     _, directory = TARGETS[name]
-    argv = [sys.executable, "-m", "tests.fuzz.run", name, f"-max_total_time={int(seconds)}", f"-runs={runs}",
-            "-print_final_stats=1", f"-artifact_prefix={art}/", "-timeout=30", "-rss_limit_mb=4096",
-            *extra, str(scratch), str(CORPUS / directory)]
+    argv = [
+        sys.executable,
+        "-m",
+        "tests.fuzz.run",
+        name,
+        f"-max_total_time={int(seconds)}",
+        f"-runs={runs}",
+        "-print_final_stats=1",
+        f"-artifact_prefix={art}/",
+        "-timeout=30",
+        "-rss_limit_mb=4096",
+        *extra,
+        str(scratch),
+        str(CORPUS / directory),
+    ]
     p = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=seconds + 120)
     out = p.stderr + p.stdout
     stats = {k: int(v) for k, v in re.findall(r"stat::(\w+):\s+(\d+)", out)}
@@ -99,7 +113,7 @@ def test_the_stream_checker_catches_a_parser_that_takes_too_much(monkeypatch: py
 
     seed = corpus("stream")[0].read_bytes()
     data = bytearray(seed)
-    ref = targets.reference_read(bytes(data))
+    ref = reference_read(bytes(data))
     a = ref.pages[0][0]
     data[a : a + 8] = ((1 << 40) | (data[a + 7])).to_bytes(8, "big")  # offset 1 TiB: beyond any block
     targets.stream(bytes(data))  # the real parser agrees with the reference
@@ -110,10 +124,10 @@ def test_the_stream_checker_catches_a_parser_that_takes_too_much(monkeypatch: py
     assert orig is subjects.StreamParser._bad_offset
 
 
-def _lenient(records):  # type: ignore[no-untyped-def]
+def _lenient(records: Callable[..., Any]) -> Callable[..., Any]:
     """_ram_records with every block made huge (so out-of-range offsets pass)."""
 
-    def patched(self, buf, pos, end):  # type: ignore[no-untyped-def]
+    def patched(self: Any, buf: Any, pos: int, end: int) -> Any:
         self._block_len = 1 << 62
         self.blocks = {k: 1 << 62 for k in self.blocks}
         return records(self, buf, pos, end)

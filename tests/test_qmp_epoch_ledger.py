@@ -48,7 +48,7 @@ def syncs(oracle: object) -> tuple[int, ...]:
 
 
 def test_nothing_is_decided_before_a_poll_answers() -> None:
-    led, c = ledger()
+    led, _c = ledger()
     led.received(5000)
     led.on_pass(1)
     assert led.decided_through() == 0
@@ -100,7 +100,7 @@ def test_records_received_before_the_request_use_it() -> None:
 
 
 def test_earliest_poll_after_the_record_decides() -> None:
-    led, c = ledger()
+    led, _c = ledger()
     led.received(10)
     led.on_pass(1)
     led.received(1000)
@@ -119,7 +119,7 @@ def test_earliest_poll_after_the_record_decides() -> None:
 
 
 def test_newer_epochs_apply_to_older_confirmed_records() -> None:
-    led, c = ledger()
+    led, _c = ledger()
     led.received(10)
     led.on_pass(1)
     led.received(1000)
@@ -144,7 +144,7 @@ def test_pass_going_backwards_stops_rewriting() -> None:
 
 
 def test_poll_answer_below_a_seen_pass_stops_rewriting() -> None:
-    led, c = ledger()
+    led, _c = ledger()
     led.on_pass(1)
     led.on_pass(2)
     led.received(1000)
@@ -154,7 +154,7 @@ def test_poll_answer_below_a_seen_pass_stops_rewriting() -> None:
 
 
 def test_polls_going_backwards_stop_rewriting() -> None:
-    led, c = ledger()
+    led, _c = ledger()
     led.on_pass(1)
     led.received(1000)
     led.on_poll(1000, 2)
@@ -192,7 +192,7 @@ def test_stale_epochs_are_released_and_never_consulted() -> None:
 
 
 def test_poll_history_is_bounded() -> None:
-    led, c = ledger(max_polls=8)
+    led, _c = ledger(max_polls=8)
     led.on_pass(1)
     for x in range(100, 10_000, 100):
         led.received(x)
@@ -255,7 +255,7 @@ def simulate(seed: int, make: type[EpochLedger[FakeEpoch]] = EpochLedger, span: 
     # A busy proxy judges in bursts, so one burst can span several polls' windows.
     judge_every = rnd.randint(1, 12) if span else 1
     coll = FakeCollector()
-    led = make(coll, VM, release_lag_polls=rnd.randint(1, 3))  # type: ignore[arg-type]
+    led = make(coll, VM, release_lag_polls=rnd.randint(1, 3))
     world = World()
 
     # QEMU's sync schedule: sync 1 at t=0 (setup), later ones at random gaps.
@@ -287,7 +287,7 @@ def simulate(seed: int, make: type[EpochLedger[FakeEpoch]] = EpochLedger, span: 
 
     for t in range(horizon + 60):
         # QEMU: syncs begin and end; MIGRATION_PASS at the end.
-        for c, (s, e) in enumerate(zip(world.sync_start, world.sync_end), 1):
+        for c, (_s, e) in enumerate(zip(world.sync_start, world.sync_end), 1):
             if e == t:
                 emit(t, "pass", c)
         syncing = any(s <= t < e for s, e in zip(world.sync_start, world.sync_end))
@@ -356,11 +356,13 @@ def simulate(seed: int, make: type[EpochLedger[FakeEpoch]] = EpochLedger, span: 
 
     violations = []
     for r, entries, _ in judged:
-        for e in entries:
-            for h in world.hints.get(e.epoch.id, []):
+        for entry in entries:
+            for h in world.hints.get(entry.epoch.id, []):
                 if h.page == r.page and not world.safe(h, r):
-                    violations.append(f"seed {seed}: record page {r.page} picked {r.q} (end {r.end}) "
-                                      f"zeroable by epoch {e.sync} hint at {h.t}; syncs {world.sync_start}")
+                    violations.append(
+                        f"seed {seed}: record page {r.page} picked {r.q} (end {r.end}) "
+                        f"zeroable by epoch {entry.sync} hint at {h.t}; syncs {world.sync_start}"
+                    )
     return SimResult(violations, len(judged), sum(1 for *_, z in judged if z), mismatches)
 
 
@@ -430,7 +432,7 @@ def test_windowed_verdicts_equal_per_record_verdicts() -> None:
 
 
 def test_oracle_until_window_ends_at_the_next_poll_and_request_offset() -> None:
-    led, c = ledger()
+    led, _c = ledger()
     led.on_pass(1)  # request at 0
     led.received(100)
     led.on_poll(100, 1)

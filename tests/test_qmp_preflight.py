@@ -21,9 +21,10 @@ def settings(report: SafetyReport) -> set[tuple[str, str]]:
 
 
 async def pair(body: Any, src_args: list[str] | None = None) -> None:
-    async with qemu(src_args if src_args is not None else ["-S", *VM], name="pf-src") as s, qemu(
-        ["-S", "-incoming", "defer", *VM], name="pf-dst"
-    ) as d:
+    async with (
+        qemu(src_args if src_args is not None else ["-S", *VM], name="pf-src") as s,
+        qemu(["-S", "-incoming", "defer", *VM], name="pf-dst") as d,
+    ):
         await body(s, await s.qmp(), await d.qmp())
 
 
@@ -77,7 +78,9 @@ def test_each_unsafe_capability_is_named_on_the_side_it_is_on() -> None:
                 if cap not in have:  # removed in later QEMU (compress, block: 9.1)
                     continue
                 first = [{"capability": k, "state": v} for k, v in needs.items()]
-                await qmp.execute("migrate-set-capabilities", {"capabilities": [*first, {"capability": cap, "state": True}]})
+                await qmp.execute(
+                    "migrate-set-capabilities", {"capabilities": [*first, {"capability": cap, "state": True}]}
+                )
                 report = await check_migration_safety(src, dst)
                 assert (side, f"capability {cap}") in settings(report), report.summary()
                 assert UNSAFE_CAPABILITIES[cap] in report.summary()

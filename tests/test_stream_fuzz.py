@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
+from fphint_lab.qemu_pair import PAGE, Machine, MiB, Tap, Vm, boot_image, pattern, wait_loop_running, write_gpa
 from host_collector.proxy.results import ProxyOutcome
 from host_collector.stream.parser import StreamParser
 from host_collector.stream.wire import Phase
-from fphint_lab.qemu_pair import MiB, PAGE, Machine, Tap, Vm, boot_image, pattern, wait_loop_running, write_gpa
 from tests.stream_helpers import FixedGate, run_proxy
 from tests.stream_reference import reference_read
 

@@ -31,7 +31,9 @@ EXIT_INTERRUPTED = 130
 def report_json(report: admin_pb2.MigrationReport) -> dict[str, Any]:
     """Every field, defaults included, 64-bit integers as numbers."""
     out: dict[str, Any] = json_format.MessageToDict(
-        report, always_print_fields_with_no_presence=True, preserving_proto_field_name=True,
+        report,
+        always_print_fields_with_no_presence=True,
+        preserving_proto_field_name=True,
         unquote_int64_if_possible=True,
     )
     return out
@@ -62,8 +64,11 @@ def parse_size(text: str) -> int:
 
 
 def progress_line(vm: str, p: admin_pb2.MigrateProgress, page_size: int = 4096) -> str:
-    parts = [f"{vm} [{p.status or '-'}] {p.elapsed_s:6.1f}s", f"in {size(p.source_bytes)}",
-             f"out {size(p.destination_bytes)}"]
+    parts = [
+        f"{vm} [{p.status or '-'}] {p.elapsed_s:6.1f}s",
+        f"in {size(p.source_bytes)}",
+        f"out {size(p.destination_bytes)}",
+    ]
     if p.rewriting:
         parts.append(f"rewritten {p.pages_rewritten} ({size(p.pages_rewritten * page_size)})")
         if p.epoch:
@@ -90,17 +95,24 @@ def render_report(r: admin_pb2.MigrationReport) -> str:
     else:
         lines.append(f"{head} {r.outcome.upper()}: {r.message}")
         state = r.source_runstate or "unknown"
-        lines.append(f"  source     still on the source: run state {state}, migration {r.source_status or '-'}"
-                     + (f" ({r.source_error})" if r.source_error else ""))
+        lines.append(
+            f"  source     still on the source: run state {state}, migration {r.source_status or '-'}"
+            + (f" ({r.source_error})" if r.source_error else "")
+        )
     if r.proxy_outcome:
-        lines.append(f"  stream     {size(r.source_bytes)} from the source, {size(r.destination_bytes)} to the "
-                     f"destination ({r.proxy_outcome}); {r.page_records} page records, {r.zero_records} zero records")
-        lines.append(f"  rewritten  {r.pages_rewritten} pages to zero ({size(r.pages_rewritten * ps)}); "
-                     f"{r.pages_held} waited for the gate, {r.pages_released_unjudged} went out unjudged")
+        lines.append(
+            f"  stream     {size(r.source_bytes)} from the source, {size(r.destination_bytes)} to the "
+            f"destination ({r.proxy_outcome}); {r.page_records} page records, {r.zero_records} zero records"
+        )
+        lines.append(
+            f"  rewritten  {r.pages_rewritten} pages to zero ({size(r.pages_rewritten * ps)}); "
+            f"{r.pages_held} waited for the gate, {r.pages_released_unjudged} went out unjudged"
+        )
     if r.rewriting:
         agent = f"agent {r.agent_source}" if r.agent_attached else "no agent attached"
-        lines.append(f"  hints      {agent}; {r.passes} syncs, {len(r.epochs) + r.epochs_not_listed} epochs, "
-                     f"{r.polls} polls")
+        lines.append(
+            f"  hints      {agent}; {r.passes} syncs, {len(r.epochs) + r.epochs_not_listed} epochs, {r.polls} polls"
+        )
         ram_pages = r.ram_bytes // ps if r.ram_bytes else 0
         for e in r.epochs:
             cover = f" ({100 * e.hint_pages / ram_pages:.1f}% of RAM)" if ram_pages else ""
@@ -110,30 +122,40 @@ def render_report(r: admin_pb2.MigrationReport) -> str:
                 when = f"snapshot in {e.request_to_last_chunk_s * 1000:.1f} ms"
             else:
                 when = "no complete snapshot"
-            lines.append(f"             sync {e.sync} epoch {e.epoch}: {e.hint_pages} pages{cover}, {when}; "
-                         f"{e.close_reason}")
+            lines.append(
+                f"             sync {e.sync} epoch {e.epoch}: {e.hint_pages} pages{cover}, {when}; {e.close_reason}"
+            )
         if r.epochs_not_listed:
             lines.append(f"             ... {r.epochs_not_listed} older epochs not listed")
     else:
         lines.append(f"  hints      none: plain relay because {r.plain_relay_reason or 'of an earlier error'}")
     pf = r.preflight
     versions = f"source {pf.source_version or '?'}, destination " + (
-        pf.destination_version or "?" if pf.destination_checked else "not checked")
-    lines.append(f"  pre-flight {'rewriting allowed' if pf.safe else 'rewriting refused'}; {versions}"
-                 + (f"; enabled {', '.join(pf.enabled)}" if pf.enabled else ""))
+        pf.destination_version or "?" if pf.destination_checked else "not checked"
+    )
+    lines.append(
+        f"  pre-flight {'rewriting allowed' if pf.safe else 'rewriting refused'}; {versions}"
+        + (f"; enabled {', '.join(pf.enabled)}" if pf.enabled else "")
+    )
     for p in pf.problems:
         lines.append(f"             - {p.side}: {p.setting}: {p.why}")
     for w in pf.warnings:
         lines.append(f"             warning: {w}")
-    for label, text in (("gate", r.gate_failure), ("fallback", r.fallback_reason), ("abort", r.abort_reason),
-                        ("error", r.proxy_error)):
+    for label, text in (
+        ("gate", r.gate_failure),
+        ("fallback", r.fallback_reason),
+        ("abort", r.abort_reason),
+        ("error", r.proxy_error),
+    ):
         if text:
             lines.append(f"  {label:<10} {text}")
     if r.source_status:
-        lines.append(f"  QEMU       {r.source_status}, now {r.source_runstate or '?'}; {r.dirty_sync_count} syncs, "
-                     f"{size(r.qemu_transferred_bytes)} transferred, {r.qemu_normal_pages} normal and "
-                     f"{r.qemu_zero_pages} zero pages"
-                     + (f"; destination {r.destination_status}" if r.destination_status else ""))
+        lines.append(
+            f"  QEMU       {r.source_status}, now {r.source_runstate or '?'}; {r.dirty_sync_count} syncs, "
+            f"{size(r.qemu_transferred_bytes)} transferred, {r.qemu_normal_pages} normal and "
+            f"{r.qemu_zero_pages} zero pages"
+            + (f"; destination {r.destination_status}" if r.destination_status else "")
+        )
     for n in r.notes:
         lines.append(f"  note       {n}")
     return "\n".join(lines)
@@ -222,8 +244,11 @@ def follow(
         if interrupts > 1:
             raise KeyboardInterrupt
         printer.end_line()
-        print("fph-collector: cancelling (migrate_cancel on the source; Ctrl-C again to stop waiting)",
-              file=sys.stderr, flush=True)
+        print(
+            "fph-collector: cancelling (migrate_cancel on the source; Ctrl-C again to stop waiting)",
+            file=sys.stderr,
+            flush=True,
+        )
         threading.Thread(target=cancel_remotely, daemon=True).start()
 
     old = signal.signal(signal.SIGINT, on_sigint)

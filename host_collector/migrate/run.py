@@ -118,7 +118,7 @@ def make_plan(
     if not entry.qmp:
         raise MigrateError(
             "FAILED_PRECONDITION",
-            f"VM {vm!r} has no QMP monitor in the registry: add qmp = \"unix:/path\" to its [[vm]] entry "
+            f'VM {vm!r} has no QMP monitor in the registry: add qmp = "unix:/path" to its [[vm]] entry '
             "and start QEMU with -qmp unix:/path,server=on,wait=off (docs/migrate.md)",
         )
     if not to:
@@ -234,8 +234,11 @@ class MigrationRun:
                 return self._finish(None, None)
             limits = self.collector.limits
             proxy = self._proxy = MigrationProxy(
-                self.plan.listen, self.plan.to, self._watch.gate(gate),
-                hold_bytes=limits.proxy_hold_bytes, hold_seconds=limits.proxy_hold_s,
+                self.plan.listen,
+                self.plan.to,
+                self._watch.gate(gate),
+                hold_bytes=limits.proxy_hold_bytes,
+                hold_seconds=limits.proxy_hold_s,
                 readahead_bytes=limits.proxy_readahead_bytes,
             )
             try:
@@ -243,9 +246,16 @@ class MigrationRun:
             except (ProxyError, OSError) as e:
                 return self._error(f"the proxy cannot listen: {e}")
             self.listen_address = r.proxy_address = proxy.listen_address
-            self.emit(admin_pb2.MigrateEvent(ready=admin_pb2.ProxyReady(
-                migration=self.number, listen_address=self.listen_address, rewriting=self.rewriting,
-                plain_relay_reason=r.plain_relay_reason)))
+            self.emit(
+                admin_pb2.MigrateEvent(
+                    ready=admin_pb2.ProxyReady(
+                        migration=self.number,
+                        listen_address=self.listen_address,
+                        rewriting=self.rewriting,
+                        plain_relay_reason=r.plain_relay_reason,
+                    )
+                )
+            )
             if self._epoch_gate is not None:
                 await self._epoch_gate.start()
                 await self._note_paused(self._epoch_gate)
@@ -302,7 +312,10 @@ class MigrationRun:
         if not self.rewriting:
             return NoHints()
         gate = self._epoch_gate = EpochGate(
-            self.src, self.collector, self.plan.vm, hint_deadline_s=self.plan.hint_deadline_s,
+            self.src,
+            self.collector,
+            self.plan.vm,
+            hint_deadline_s=self.plan.hint_deadline_s,
             on_release=self._recorder.released,
         )
         if self.issue_migrate:
@@ -387,13 +400,17 @@ class MigrationRun:
                 return info
             st = proxy.stats()
             ram = info.get("ram")
-            mark = (st.source_bytes, st.destination_bytes,
-                    int(ram.get("transferred", 0)) if isinstance(ram, Mapping) else 0)
+            mark = (
+                st.source_bytes,
+                st.destination_bytes,
+                int(ram.get("transferred", 0)) if isinstance(ram, Mapping) else 0,
+            )
             if mark != moved:
                 moved, moved_at = mark, now
             elif now - moved_at > STALL_S:
-                self.request_cancel(f"the migration stream did not move for {STALL_S:g} s "
-                                    f"(source {status}, proxy {st.phase.value})")
+                self.request_cancel(
+                    f"the migration stream did not move for {STALL_S:g} s (source {status}, proxy {st.phase.value})"
+                )
             if plan.timeout_s is not None and now - self._t0 > plan.timeout_s:
                 self.request_cancel(f"timed out after {plan.timeout_s:g} s")
             if self._cancel.is_set() and cancel_sent is None:
@@ -415,8 +432,7 @@ class MigrationRun:
                     else:
                         return info
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._cancel.wait() if cancel_sent is None else asyncio.sleep(1),
-                                       STATUS_POLL_S)
+                await asyncio.wait_for(self._cancel.wait() if cancel_sent is None else asyncio.sleep(1), STATUS_POLL_S)
 
     async def _migrate_cancel(self) -> None:
         try:
@@ -429,13 +445,13 @@ class MigrationRun:
     async def _drain(self, proxy: MigrationProxy) -> ProxyResult:
         try:
             return await asyncio.wait_for(proxy.wait_async(), PROXY_DRAIN_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             why = "the source's migration ended but its stream did not"
             self._notes.append(why)
             proxy.abort(why)
         try:
             return await asyncio.wait_for(proxy.wait_async(), 10)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._notes.append("the proxy did not stop after an abort")
             return ProxyResult(ProxyOutcome.ABORTED, proxy.stats())
 
@@ -526,8 +542,10 @@ class MigrationRun:
             return "cancelled", f"cancelled: {self.cancel_reason}"
         if status == "completed":
             if result is not None and result.outcome is not ProxyOutcome.FINISHED:
-                return "failed", (f"the source reports completed but the proxy's stream was {result.outcome.value}: "
-                                  f"{proxy_problem}; check the destination")
+                return "failed", (
+                    f"the source reports completed but the proxy's stream was {result.outcome.value}: "
+                    f"{proxy_problem}; check the destination"
+                )
             return "completed", ""
         if status == "cancelled":
             return "cancelled", "the migration was cancelled on the source"
@@ -538,9 +556,17 @@ class MigrationRun:
 
     def _log(self, r: admin_pb2.MigrationReport) -> None:
         log.info(
-            "migration %s: %s", r.outcome, r.message or "ok",
-            extra={"vm": r.vm, "migration": r.migration, "to": r.to, "wall_s": round(r.wall_s, 3),
-                   "pages_rewritten": r.pages_rewritten, "source_bytes": r.source_bytes},
+            "migration %s: %s",
+            r.outcome,
+            r.message or "ok",
+            extra={
+                "vm": r.vm,
+                "migration": r.migration,
+                "to": r.to,
+                "wall_s": round(r.wall_s, 3),
+                "pages_rewritten": r.pages_rewritten,
+                "source_bytes": r.source_bytes,
+            },
         )
 
     async def _note_paused(self, gate: EpochGate[Epoch]) -> None:

@@ -102,9 +102,7 @@ class SafetyReport:
         }
 
 
-async def check_migration_safety(
-    src: QmpSession, dst: QmpSession | None, *, enable: bool = True
-) -> SafetyReport:
+async def check_migration_safety(src: QmpSession, dst: QmpSession | None, *, enable: bool = True) -> SafetyReport:
     """Check both ends and (``enable``) switch on return-path (both) and events (source).
 
     Never raises for an unsafe setting: each one becomes a :class:`Problem`.

@@ -23,7 +23,7 @@ from typing import Any, Generic
 
 from host_collector.qmp.session import EventQueue, QmpError, QmpSession
 from host_collector.rewrite.gate import PageOracle, RewriteGate
-from host_collector.rewrite.ledger import E, CollectorLike, EpochEntry, EpochLedger, LedgerStats
+from host_collector.rewrite.ledger import CollectorLike, E, EpochEntry, EpochLedger, LedgerStats
 
 #: query-migrate states that still carry a current ``ram.dirty-sync-count``.
 _COUNTING = frozenset({"active", "pre-switchover", "device", "completed", "cancelling"})

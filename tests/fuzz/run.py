@@ -16,7 +16,7 @@ import atheris
 with atheris.instrument_imports(include=["host_collector", "fphint"]):
     from tests.fuzz import subjects  # noqa: F401  (instrumented here, used by the targets)
 
-from tests.fuzz.targets import TARGETS  # noqa: E402
+from tests.fuzz.targets import TARGETS
 
 
 def main() -> None:

@@ -151,9 +151,9 @@ def mtree(data: bytes) -> None:
 
 _END = 1 << 64
 #: Four blocks of 2**62 bytes tiling the whole address space: every well-formed range maps.
-_WHOLE = S.LayoutIndex(S.RamLayout.from_ranges(
-    [S.RamRange(gpa=i << 62, size=1 << 62, block=f"b{i}", offset=0) for i in range(4)]
-))
+_WHOLE = S.LayoutIndex(
+    S.RamLayout.from_ranges([S.RamRange(gpa=i << 62, size=1 << 62, block=f"b{i}", offset=0) for i in range(4)])
+)
 
 
 def _words(data: bytes) -> list[int] | None:
@@ -223,4 +223,3 @@ TARGETS: dict[str, tuple[Callable[[bytes], None], str]] = {
     "mtree": (mtree, "mtree"),
     "ranges": (ranges, "ranges"),
 }
-

@@ -22,8 +22,9 @@ BENCH = ROOT / "bench"
 
 
 def bench(script: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=180,
-                          cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=180, cwd=ROOT
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {args}: exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
@@ -34,8 +35,19 @@ def last_json(out: str) -> Any:
 
 
 def test_comparison_dry_run_writes_the_document(tmp_path: Path) -> None:
-    proc = bench("migration_comparison.py", "--dry-run", "--runs", "3", "--sizes", "1,8", "--busy",
-                 "--scenarios", "plain,init_on_free,balloon_hint,balloon_report,fphint", "--out", str(tmp_path))
+    proc = bench(
+        "migration_comparison.py",
+        "--dry-run",
+        "--runs",
+        "3",
+        "--sizes",
+        "1,8",
+        "--busy",
+        "--scenarios",
+        "plain,init_on_free,balloon_hint,balloon_report,fphint",
+        "--out",
+        str(tmp_path),
+    )
     assert "[1/" in proc.stdout and "min left" in proc.stdout, "progress lines"
     line = last_json(proc.stdout)
     assert set(line["written"]) == {"json", "md", "png"} and line["dry_run"] is True

@@ -97,9 +97,7 @@ def by_pairing(prog: LoadedProgram, timeout: float = 2.0) -> Vmemmap:
         raise VmemmapError("no mm_page_free pairs seen (tracepoints not firing?)")
     best, n = max(counts.items(), key=lambda kv: kv[1])
     if n < MIN_VOTES or n < AGREEMENT * total:
-        raise VmemmapError(
-            f"mm_page_free pairs disagree: best {best:#x} has {n} of {total} votes"
-        )
+        raise VmemmapError(f"mm_page_free pairs disagree: best {best:#x} has {n} of {total} votes")
     if not plausible(best):
         raise VmemmapError(f"mm_page_free pairs point at {best:#x}, not a kernel address")
     return Vmemmap(best, f"tracepoint pairing ({n}/{total} pairs agree)")
