@@ -45,8 +45,12 @@ def parse_cases(text: str) -> list[tuple[faults.Kind, faults.Phase]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", default="", help="comma-separated KIND@PHASE (default: all "
-                    f"{len(faults.CASES)}), e.g. {faults.CASES[0][0].value}@{faults.CASES[0][1].value}")
+    ap.add_argument(
+        "--cases",
+        default="",
+        help="comma-separated KIND@PHASE (default: all "
+        f"{len(faults.CASES)}), e.g. {faults.CASES[0][0].value}@{faults.CASES[0][1].value}",
+    )
     ap.add_argument("--mem-mib", type=int, default=768)
     args = ap.parse_args()
     cases = parse_cases(args.cases)
@@ -60,8 +64,14 @@ def main() -> None:
                     res = rig.run_case(kind, phase, test="bench/faults.py")
                     results.append(res.as_dict())
                 except Exception as exc:  # one broken case must not hide the others
-                    results.append({"kind": kind.value, "aimed": phase.value, "survived": False,
-                                    "problems": [f"{type(exc).__name__}: {exc}"]})
+                    results.append(
+                        {
+                            "kind": kind.value,
+                            "aimed": phase.value,
+                            "survived": False,
+                            "problems": [f"{type(exc).__name__}: {exc}"],
+                        }
+                    )
                     rig.vm = None if rig.vm is None or not rig.vm.is_running() else rig.vm
                 print(json.dumps(results[-1]), file=sys.stderr, flush=True)
         finally:
@@ -71,17 +81,21 @@ def main() -> None:
     for r in results:
         key = f"{r['kind']}@{r['aimed']}"
         per[key] = {"injected": 1, "survived": int(bool(r.get("survived")))}
-    print(json.dumps({
-        "wall_s": round(time.monotonic() - t0, 1),
-        "cases": len(results),
-        "survived": sum(bool(r.get("survived")) for r in results),
-        "per_case": per,
-        "migrations_checked": len(migrations),
-        "corrupted_pages": sum(int(m["corrupted_pages"]) for m in migrations),
-        "ram_compared": sum(bool(m["ram_compared"]) for m in migrations),
-        "results": results,
-        "tally_kinds": [tally.MIGRATION, tally.FAULT],
-    }))
+    print(
+        json.dumps(
+            {
+                "wall_s": round(time.monotonic() - t0, 1),
+                "cases": len(results),
+                "survived": sum(bool(r.get("survived")) for r in results),
+                "per_case": per,
+                "migrations_checked": len(migrations),
+                "corrupted_pages": sum(int(m["corrupted_pages"]) for m in migrations),
+                "ram_compared": sum(bool(m["ram_compared"]) for m in migrations),
+                "results": results,
+                "tally_kinds": [tally.MIGRATION, tally.FAULT],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -53,16 +53,21 @@ def main(argv: list[str]) -> int:
         slot = per.setdefault(key, {"injected": 0, "survived": 0})
         slot["injected"] += 1
         slot["survived"] += int(bool(f.get("survived")))
-    print(json.dumps({
-        "migrations_checked": len(migrations),
-        "ram_compared": sum(bool(m.get("ram_compared")) for m in migrations),
-        "workload_ok": sum(bool(m.get("workload_ok")) for m in migrations),
-        "corrupted_pages": sum(int(m.get("corrupted_pages", 0)) for m in migrations),
-        "verified_mib": round(sum(int(m.get("verified_bytes", 0)) for m in migrations) / (1 << 20)),
-        "faults_injected": len(faults),
-        "faults_survived": sum(bool(f.get("survived")) for f in faults),
-        "per_case": dict(sorted(per.items())),
-    }, sort_keys=True))
+    print(
+        json.dumps(
+            {
+                "migrations_checked": len(migrations),
+                "ram_compared": sum(bool(m.get("ram_compared")) for m in migrations),
+                "workload_ok": sum(bool(m.get("workload_ok")) for m in migrations),
+                "corrupted_pages": sum(int(m.get("corrupted_pages", 0)) for m in migrations),
+                "verified_mib": round(sum(int(m.get("verified_bytes", 0)) for m in migrations) / (1 << 20)),
+                "faults_injected": len(faults),
+                "faults_survived": sum(bool(f.get("survived")) for f in faults),
+                "per_case": dict(sorted(per.items())),
+            },
+            sort_keys=True,
+        )
+    )
     return 0
 
 

@@ -41,15 +41,17 @@ def test_spotter_counts_requests_on_the_attach_stream_only() -> None:
     assert feed is not None and spotter.tap(0, True) is None  # only collector -> agent
     request = grpc_message(hints_pb2.CollectorMessage(request=hints_pb2.HintRequest(epoch=7, deadline_ms=500)))
     closed = grpc_message(hints_pb2.CollectorMessage(closed=hints_pb2.EpochClosed(epoch=6)))
-    stream = b"".join([
-        frame(4, 0, b"\x00" * 12),  # SETTINGS
-        frame(6, 0, b"\x00" * 8),  # PING
-        frame(8, 0, b"\x00\x00\x10\x00"),  # WINDOW_UPDATE
-        frame(0, 1, closed),
-        frame(0, 3, request),  # a Report call's stream: not the Attach call
-        frame(0, 1, request[:10]),  # one message over two DATA frames, one padded
-        frame(0, 1, b"\x02" + request[10:] + b"\x00\x00", flags=0x8),
-    ])
+    stream = b"".join(
+        [
+            frame(4, 0, b"\x00" * 12),  # SETTINGS
+            frame(6, 0, b"\x00" * 8),  # PING
+            frame(8, 0, b"\x00\x00\x10\x00"),  # WINDOW_UPDATE
+            frame(0, 1, closed),
+            frame(0, 3, request),  # a Report call's stream: not the Attach call
+            frame(0, 1, request[:10]),  # one message over two DATA frames, one padded
+            frame(0, 1, b"\x02" + request[10:] + b"\x00\x00", flags=0x8),
+        ]
+    )
     for i in range(0, len(stream), 7):  # split at arbitrary places
         feed(memoryview(stream[i : i + 7]))
     assert spotter.requests == [7]
@@ -72,9 +74,16 @@ def ev(name: str, t: float, **data: object) -> dict[str, object]:
 
 
 def test_phase_from_event_timestamps() -> None:
-    tl = Timeline.of([ev("MIGRATION", 99.0, status="setup"), ev("MIGRATION_PASS", 100.0, **{"pass": 1}),
-                      ev("MIGRATION_PASS", 110.5, **{"pass": 2}), ev("MIGRATION_PASS", 111.0, **{"pass": 3}),
-                      ev("STOP", 120.0), ev("MIGRATION", 121.0, status="completed")])
+    tl = Timeline.of(
+        [
+            ev("MIGRATION", 99.0, status="setup"),
+            ev("MIGRATION_PASS", 100.0, **{"pass": 1}),
+            ev("MIGRATION_PASS", 110.5, **{"pass": 2}),
+            ev("MIGRATION_PASS", 111.0, **{"pass": 3}),
+            ev("STOP", 120.0),
+            ev("MIGRATION", 121.0, status="completed"),
+        ]
+    )
     assert (tl.stop, tl.end, tl.end_status) == (120.0, 121.0, "completed")
     assert observed_phase(100.2, tl, 0) == "setup"  # nothing reached the destination
     assert observed_phase(105.0, tl, 1 << 20) == "first_pass"
@@ -105,8 +114,9 @@ def test_unix_relay_cuts_and_accepts_again(tmp_path: Path) -> None:
                 c, _ = server.accept()
             except OSError:
                 return
-            threading.Thread(target=lambda c=c: [c.sendall(d) for d in iter(lambda: c.recv(100), b"")],
-                             daemon=True).start()
+            threading.Thread(
+                target=lambda c=c: [c.sendall(d) for d in iter(lambda: c.recv(100), b"")], daemon=True
+            ).start()
 
     threading.Thread(target=echo, daemon=True).start()
     with UnixRelay(tmp_path / "relay.sock", tmp_path / "qmp.sock") as relay:
@@ -130,7 +140,7 @@ def test_tally_lines_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv(tally.ENV, str(tmp_path / "t.jsonl"))
     tally.migration("t", corrupted_pages=0, ram_compared=True, workload_ok=True, verified_bytes=5)
     tally.record(tally.FAULT, {"kind": "link_reset", "survived": True})
-    found = tally.parse((tmp_path / "t.jsonl").read_text().splitlines() + ["noise fphint-migration {bad"])
+    found = tally.parse([*(tmp_path / "t.jsonl").read_text().splitlines(), "noise fphint-migration {bad"])
     assert [m["verified_bytes"] for m in found[tally.MIGRATION]] == [5]
     assert found[tally.FAULT] == [{"kind": "link_reset", "survived": True}]
 
@@ -181,8 +191,13 @@ def stand_in_rig(tmp_path: Path) -> Any:
 def settle(rig: Any, src: StandInVM, dst: StandInVM, status: str, kind: Kind = Kind.RESET) -> Any:
     from fphint_lab.vm.fault_rig import CaseResult
 
-    res = CaseResult(kind.value, Phase.LATER_PASS.value, observed=Phase.LATER_PASS.value,
-                     allowed=sorted(faults.outcomes(kind, Phase.SWITCHOVER)), source_outcome=status)
+    res = CaseResult(
+        kind.value,
+        Phase.LATER_PASS.value,
+        observed=Phase.LATER_PASS.value,
+        allowed=sorted(faults.outcomes(kind, Phase.SWITCHOVER)),
+        source_outcome=status,
+    )
     res.problems += rig._settle(res, src, dst, status, "planted", witness_ok=True)
     return res
 
@@ -211,8 +226,9 @@ def test_a_guest_stopped_on_the_source_is_caught(tmp_path: Path, monkeypatch: py
 
 
 @pytest.mark.parametrize("plant", ["flipped", "zeroed_unhinted"])
-def test_a_corrupted_page_on_the_destination_is_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                      plant: str) -> None:
+def test_a_corrupted_page_on_the_destination_is_caught(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, plant: str
+) -> None:
     from fphint_lab.vm import fault_rig
     from fphint_lab.vm.fphint_daemon import Witness
 

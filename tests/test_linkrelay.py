@@ -236,6 +236,7 @@ def test_a_tap_sees_each_direction_and_can_stall_right_after_a_chunk() -> None:
             seen.append((index, forward, bytes(chunk)))
             if forward and bytes(chunk).endswith(b"?"):
                 link.stall()  # a request passed: hold whatever answers it
+
         return feed
 
     with LinkRelay(("127.0.0.1", server.getsockname()[1]), rate_bps=None, tap=tap) as link:

@@ -184,15 +184,20 @@ class Watcher:
     """Waits for a phase of one migration from the source's events (read by
     ``events``, the test's QMP monitor of the source) and the link's counts."""
 
-    def __init__(self, events: Callable[[], list[dict[str, Any]]], link: LinkRelay, start: int,
-                 alive: Callable[[], bool] = lambda: True) -> None:
+    def __init__(
+        self,
+        events: Callable[[], list[dict[str, Any]]],
+        link: LinkRelay,
+        start: int,
+        alive: Callable[[], bool] = lambda: True,
+    ) -> None:
         self.events = events
         self.link = link
         self.start = start
         self.alive = alive
 
     def timeline(self) -> Timeline:
-        return Timeline.of(self.events()[self.start:])
+        return Timeline.of(self.events()[self.start :])
 
     def forwarded(self) -> int:
         return self.link.stats().main.forward_bytes
@@ -216,8 +221,11 @@ class Watcher:
         self.until("connection on the link", lambda tl: bool(self.link.stats().connections), timeout)
 
     def first_pass(self, min_bytes: int, timeout: float = 60.0) -> None:
-        self.until(f"first pass with {min_bytes / MiB:.0f} MiB across",
-                   lambda tl: tl.last_pass(time.time()) == 1 and self.forwarded() >= min_bytes, timeout)
+        self.until(
+            f"first pass with {min_bytes / MiB:.0f} MiB across",
+            lambda tl: tl.last_pass(time.time()) == 1 and self.forwarded() >= min_bytes,
+            timeout,
+        )
 
     def later_pass(self, min_bytes_into: int = MiB, timeout: float = 120.0) -> int:
         """Until a pass >= 2 has begun and ``min_bytes_into`` crossed since; the pass."""

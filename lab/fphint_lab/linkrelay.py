@@ -38,8 +38,8 @@ import socket
 import struct
 import threading
 import time
-from dataclasses import dataclass, field, replace
 from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 LOG = logging.getLogger(__name__)
 

@@ -63,13 +63,16 @@ def rig(vm_module_factory: VMFactory) -> Iterator[FaultRig]:
 
 
 @pytest.mark.parametrize(("kind", "phase"), SUITE, ids=[f"{k.value}@{p.value}" for k, p in SUITE])
-def test_fault_is_survived(rig: FaultRig, kind: Kind, phase: Phase,
-                           record_property: Callable[[str, object], None]) -> None:
+def test_fault_is_survived(
+    rig: FaultRig, kind: Kind, phase: Phase, record_property: Callable[[str, object], None]
+) -> None:
     res = rig.run_case(kind, phase, test=f"tests/vm/test_e2e_faults.py::{kind.value}@{phase.value}")
     for m in res.migrations:
         record_property("fphint_migration", m)
-    record_property("fphint_fault", f"{res.kind}@{res.aimed} observed {res.observed}: {res.source_outcome}, "
-                                    f"guest on the {res.guest_on}")
+    record_property(
+        "fphint_fault",
+        f"{res.kind}@{res.aimed} observed {res.observed}: {res.source_outcome}, guest on the {res.guest_on}",
+    )
     assert res.problems == [], res.as_dict()
     assert res.observed == phase.value, res.injection
     assert res.source_outcome in res.allowed, res.as_dict()

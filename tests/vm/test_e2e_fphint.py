@@ -259,8 +259,16 @@ def test_b_integrity_under_churn_across_dirty_syncs(rig: Rig, record_property: C
     verified = sum(w["bytes_verified"] for w in check["workers"])
     rig.note(f"(b) workload verified {verified / MiB:.0f} MiB on the destination, no error")
     assert_healthy(rig, vm)
-    record_property("fphint_migration", tally.migration("tests/vm/test_e2e_fphint.py::test_b", corrupted_pages=0,
-                                                        ram_compared=True, workload_ok=True, verified_bytes=verified))
+    record_property(
+        "fphint_migration",
+        tally.migration(
+            "tests/vm/test_e2e_fphint.py::test_b",
+            corrupted_pages=0,
+            ram_compared=True,
+            workload_ok=True,
+            verified_bytes=verified,
+        ),
+    )
 
 
 # (c)

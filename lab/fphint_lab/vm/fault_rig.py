@@ -33,7 +33,6 @@ import logging
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from vmimage.qemu import collector_address
@@ -115,8 +114,9 @@ class FaultRig:
 
     def start(self) -> FaultRig:
         self.daemon.start()
-        self.agent_link = LinkRelay(("127.0.0.1", self.daemon.port), rate_bps=None, rcvbuf=None,
-                                    tap=self.spotter.tap).start()
+        self.agent_link = LinkRelay(
+            ("127.0.0.1", self.daemon.port), rate_bps=None, rcvbuf=None, tap=self.spotter.tap
+        ).start()
         self.spotter.link = self.agent_link
         self.daemon.point_qmp(VM_NAME, self.qmp.path)
         return self
@@ -139,11 +139,18 @@ class FaultRig:
         if self.vm is not None:
             self.vm.shutdown(hard=True)
         assert self.agent_link is not None
-        vm = self.factory.boot(f"boot{len(self.factory.vms)}", token=TOKEN, mem_mib=self.mem_mib,
-                               collector=collector_address(self.agent_link.address[1]), append=(NO_AGENT,))
+        vm = self.factory.boot(
+            f"boot{len(self.factory.vms)}",
+            token=TOKEN,
+            mem_mib=self.mem_mib,
+            collector=collector_address(self.agent_link.address[1]),
+            append=(NO_AGENT,),
+        )
         vm.run("modprobe -q qemu_fw_cfg || true")
-        vm.run(f"systemd-run --unit {AGENT_UNIT} --property=Restart=always --property=RestartSec=1 "
-               "--setenv=PYTHONUNBUFFERED=1 /opt/fphint/bin/fph-agent --source kpageflags --log-format json run")
+        vm.run(
+            f"systemd-run --unit {AGENT_UNIT} --property=Restart=always --property=RestartSec=1 "
+            "--setenv=PYTHONUNBUFFERED=1 /opt/fphint/bin/fph-agent --source kpageflags --log-format json run"
+        )
         self.vm = vm
         self.boot_id = vm.boot_id()
         info = self.daemon.wait_attached(VM_NAME, 180)
@@ -225,13 +232,22 @@ class FaultRig:
         with LinkRelay(start_incoming(dst), rate_bps=CLEAN_RATE) as link:
             call = self.daemon.migrate(VM_NAME, link.uri, dest_qmp=dst.aux_qmp, timeout=300)
             if not call.completed:
-                return {"rc": call.rc, "report": dict(call.report)}, [
-                    f"clean migration after the fault did not complete: exit {call.rc}: "
-                    f"{call.report.get('outcome')} {call.report.get('message')} {call.stderr[-1500:]}"], ""
+                return (
+                    {"rc": call.rc, "report": dict(call.report)},
+                    [
+                        f"clean migration after the fault did not complete: exit {call.rc}: "
+                        f"{call.report.get('outcome')} {call.report.get('message')} {call.stderr[-1500:]}"
+                    ],
+                    "",
+                )
             wait_incoming(dst, 60)
         rep = call.report
-        figures = {"pages_rewritten": rep.get("pages_rewritten"), "dirty_sync_count": rep.get("dirty_sync_count"),
-                   "wall_s": round(call.wall_s, 2), "agent_source": rep.get("agent_source")}
+        figures = {
+            "pages_rewritten": rep.get("pages_rewritten"),
+            "dirty_sync_count": rep.get("dirty_sync_count"),
+            "wall_s": round(call.wall_s, 2),
+            "agent_source": rep.get("agent_source"),
+        }
         problems: list[str] = []
         if not rep.get("rewriting") or not int(rep.get("pages_rewritten") or 0):
             problems.append(f"the clean migration rewrote nothing: {rep.get('plain_relay_reason')!r} {figures}")
@@ -242,8 +258,14 @@ class FaultRig:
         vm = self.advance(src, dst)
         more, verified = self.verify(vm)
         problems += more
-        record = tally.migration(test, corrupted_pages=bad, ram_compared=True, workload_ok=not more,
-                                 verified_bytes=verified, role="clean after fault")
+        record = tally.migration(
+            test,
+            corrupted_pages=bad,
+            ram_compared=True,
+            workload_ok=not more,
+            verified_bytes=verified,
+            role="clean after fault",
+        )
         return figures, problems, record
 
     # Section: one fault case
@@ -269,8 +291,9 @@ class FaultRig:
             self.daemon.kill()
 
         assert self.agent_link is not None
-        injector = Injector(Target(link, kill_daemon, lambda: dst.pid, self.qmp, lambda: self.kill_agent(src),
-                                   self.agent_link))
+        injector = Injector(
+            Target(link, kill_daemon, lambda: dst.pid, self.qmp, lambda: self.kill_agent(src), self.agent_link)
+        )
         cli = self.daemon.start_migrate(VM_NAME, link.uri, dest_qmp=dst.aux_qmp)
         watch = Watcher(src.qmp.events, link, start, alive=lambda: cli.poll() is None)
         try:
@@ -293,13 +316,18 @@ class FaultRig:
         res.source_outcome = status
         timeline = watch.timeline()
         res.observed = inj.phase(timeline)
-        res.injection = {"detail": inj.detail, "forwarded_mib": round(inj.forwarded / MiB, 1),
-                         "source_pass": timeline.last_pass(inj.at), **inj.extra}
+        res.injection = {
+            "detail": inj.detail,
+            "forwarded_mib": round(inj.forwarded / MiB, 1),
+            "source_pass": timeline.last_pass(inj.at),
+            **inj.extra,
+        }
         if timeline.stop is not None:
             res.injection["stop_minus_injection_s"] = round(timeline.stop - inj.at, 3)
         if phase is Phase.MID_REPORT:
-            res.injection["epochs"] = [e for e in report.get("epochs", [])
-                                       if e.get("epoch") == inj.extra.get("request_epoch")]
+            res.injection["epochs"] = [
+                e for e in report.get("epochs", []) if e.get("epoch") == inj.extra.get("request_epoch")
+            ]
         if kind is Kind.DAEMON:
             self.restart_daemon()
         res.problems += self._settle(res, src, dst, status, test, witness_ok=not daemon_killed)
@@ -310,13 +338,25 @@ class FaultRig:
             if record:
                 res.migrations.append(record)
         res.wall_s = round(time.monotonic() - t0, 1)
-        tally.record(tally.FAULT, {"test": test, "kind": res.kind, "aimed": res.aimed, "observed": res.observed,
-                                   "source_outcome": res.source_outcome, "guest_on": res.guest_on,
-                                   "survived": res.survived, "problems": res.problems[:3]})
-        self.note(f"fault {kind.value} @ {phase.value}: observed {res.observed}, source {status} "
-                  f"(allowed {res.allowed}), guest on the {res.guest_on}, CLI {res.cli_rc} {res.report_outcome} "
-                  f"{res.report_message[:160]!r}; {res.injection}; recovery {res.recovery}; "
-                  f"problems {res.problems}; {res.wall_s} s")
+        tally.record(
+            tally.FAULT,
+            {
+                "test": test,
+                "kind": res.kind,
+                "aimed": res.aimed,
+                "observed": res.observed,
+                "source_outcome": res.source_outcome,
+                "guest_on": res.guest_on,
+                "survived": res.survived,
+                "problems": res.problems[:3],
+            },
+        )
+        self.note(
+            f"fault {kind.value} @ {phase.value}: observed {res.observed}, source {status} "
+            f"(allowed {res.allowed}), guest on the {res.guest_on}, CLI {res.cli_rc} {res.report_outcome} "
+            f"{res.report_message[:160]!r}; {res.injection}; recovery {res.recovery}; "
+            f"problems {res.problems}; {res.wall_s} s"
+        )
         return res
 
     def _reach_and_inject(self, injector: Injector, watch: Watcher, inj: Injection, src: VM, link: LinkRelay) -> None:
@@ -392,9 +432,17 @@ class FaultRig:
             more, verified = self.verify(vm)
             problems += more
             res.verified_bytes = verified
-            res.migrations.append(tally.migration(test, corrupted_pages=bad, ram_compared=compared,
-                                                  workload_ok=not more, verified_bytes=verified,
-                                                  role=f"{res.kind} at {res.aimed}", differing_pages=differing))
+            res.migrations.append(
+                tally.migration(
+                    test,
+                    corrupted_pages=bad,
+                    ram_compared=compared,
+                    workload_ok=not more,
+                    verified_bytes=verified,
+                    role=f"{res.kind} at {res.aimed}",
+                    differing_pages=differing,
+                )
+            )
             return problems
         if status == "completed":
             # Completed, then the destination died: the source has the whole

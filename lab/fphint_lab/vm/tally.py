@@ -32,12 +32,22 @@ def record(kind: str, entry: Mapping[str, Any]) -> str:
     return text
 
 
-def migration(test: str, *, corrupted_pages: int, ram_compared: bool, workload_ok: bool, verified_bytes: int,
-              **extra: Any) -> str:
+def migration(
+    test: str, *, corrupted_pages: int, ram_compared: bool, workload_ok: bool, verified_bytes: int, **extra: Any
+) -> str:
     """A migration that completed under churn and was checked: RAM files
     compared page by page (with the witness) and/or the workload verified."""
-    return record(MIGRATION, {"test": test, "corrupted_pages": corrupted_pages, "ram_compared": ram_compared,
-                              "workload_ok": workload_ok, "verified_bytes": verified_bytes, **extra})
+    return record(
+        MIGRATION,
+        {
+            "test": test,
+            "corrupted_pages": corrupted_pages,
+            "ram_compared": ram_compared,
+            "workload_ok": workload_ok,
+            "verified_bytes": verified_bytes,
+            **extra,
+        },
+    )
 
 
 def parse(lines: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
