@@ -20,6 +20,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -52,14 +53,29 @@ def main() -> None:
         f"{len(faults.CASES)}), e.g. {faults.CASES[0][0].value}@{faults.CASES[0][1].value}",
     )
     ap.add_argument("--mem-mib", type=int, default=768)
+    ap.add_argument(
+        "--budget-min",
+        type=float,
+        default=0.0,
+        help="start no new case after this many minutes (0: no limit); the cases left are listed as skipped",
+    )
     args = ap.parse_args()
     cases = parse_cases(args.cases)
+    if args.budget_min < 0:
+        ap.error("--budget-min must be >= 0")
     t0 = time.monotonic()
-    results = []
+    results: list[dict[str, Any]] = []
+    skipped: list[str] = []
     with vm_session("faults") as factory:
         rig = FaultRig(factory, mem_mib=args.mem_mib).start()
         try:
-            for kind, phase in cases:
+            for i, (kind, phase) in enumerate(cases):
+                elapsed = time.monotonic() - t0
+                if args.budget_min and elapsed > args.budget_min * 60:
+                    skipped = [f"{k.value}@{p.value}" for k, p in cases[i:]]
+                    print(f"budget of {args.budget_min:g} min spent: {len(skipped)} cases skipped", file=sys.stderr)
+                    break
+                print(f"[{i + 1}/{len(cases)}] {kind.value}@{phase.value} ({elapsed / 60:.1f} min)", file=sys.stderr)
                 try:
                     res = rig.run_case(kind, phase, test="bench/faults.py")
                     results.append(res.as_dict())
@@ -91,6 +107,7 @@ def main() -> None:
                 "migrations_checked": len(migrations),
                 "corrupted_pages": sum(int(m["corrupted_pages"]) for m in migrations),
                 "ram_compared": sum(bool(m["ram_compared"]) for m in migrations),
+                "skipped": skipped,
                 "results": results,
                 "tally_kinds": [tally.MIGRATION, tally.FAULT],
             }

@@ -35,20 +35,16 @@ from fphint_lab.vm.harness import VMFactory
 pytestmark = [pytest.mark.vm, pytest.mark.qemu, pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(600)]
 pytest.importorskip("host_collector.migrate.run", reason="fph-collector migrate (host_collector/migrate/) is needed")
 
-#: Every kind at least once, every phase at least once; the rest is in bench/faults.py.
+#: The four kinds the issue names (collector killed and restarted, destination
+#: killed, link cut, agent killed), each once, and every phase at least once
+#: (the agent's case is killed mid-report, in a later pass); kept small for
+#: make test's time, the other cases of the 25 are in bench/faults.py.
 SUITE: tuple[tuple[Kind, Phase], ...] = (
     (Kind.DAEMON, Phase.SETUP),
-    (Kind.DAEMON, Phase.SWITCHOVER),
-    (Kind.DESTINATION, Phase.LATER_PASS),
     (Kind.RESET, Phase.FIRST_PASS),
-    (Kind.RESET, Phase.SWITCHOVER),
-    (Kind.STALL, Phase.SWITCHOVER),
-    (Kind.AGENT, Phase.FIRST_PASS),
-    (Kind.AGENT, Phase.LATER_PASS),
+    (Kind.DESTINATION, Phase.LATER_PASS),
     (Kind.AGENT, Phase.MID_REPORT),
-    (Kind.AGENT, Phase.SWITCHOVER),
-    (Kind.QMP, Phase.FIRST_PASS),
-    (Kind.QMP, Phase.SWITCHOVER),
+    (Kind.DAEMON, Phase.SWITCHOVER),
 )
 
 
