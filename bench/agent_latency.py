@@ -31,13 +31,9 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from guest_agent.agent import Settings  # noqa: E402
-from guest_agent.sources.ebpf import EbpfSource, system  # noqa: E402
+from guest_agent.agent import Settings
+from guest_agent.sources.ebpf import EbpfSource, system
 
 STORM = r"""
 import mmap, random, sys

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The long fuzz campaign: every target of tests/fuzz/ under atheris, one after the other.
+"""The long fuzz campaign: every target of fphint_lab.fuzz under atheris, one after the other.
 
 Each target starts from the committed seed corpus (tests/fuzz/corpus) plus
 what earlier runs of this benchmark found (kept in --work, default
@@ -23,11 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from tests.fuzz.targets import TARGETS  # noqa: E402
-from tests.test_fuzz_campaign import campaign  # noqa: E402
+from fphint_lab.fuzz.campaign import campaign
+from fphint_lab.fuzz.targets import TARGETS
 
 
 def main() -> None:

@@ -20,12 +20,8 @@ import json
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from guest_agent.sources.ebpf import EbpfSource  # noqa: E402
+from guest_agent.sources.ebpf import EbpfSource
 
 WORKER = r"""
 import json, mmap, os, resource, sys, time

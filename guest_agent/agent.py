@@ -41,6 +41,7 @@ from fphint.v1 import hints_pb2, hints_pb2_grpc
 from . import memory, priority
 from .chunks import ChunkEncoder
 from .facts import self_usage
+from .reclaim import PageCacheReclaim
 from .settings import TRACK_MODES as TRACK_MODES  # re-exported: the agent's settings
 from .settings import Settings as Settings
 from .sources.base import FreePageSource, LiveFrees, Part, TrackedPart
@@ -99,7 +100,10 @@ class Agent:
         facts: hints_pb2.AgentFacts,
         endpoint: Callable[[], Endpoint],
         settings: Settings = Settings(),
+        reclaim: PageCacheReclaim | None = None,
     ) -> None:
+        """``reclaim``: where and how the opt-in page-cache reclaim runs
+        (default: /proc/sys/vm/drop_caches, when ``settings.reclaim_page_cache``)."""
         self.source = source
         self.facts = facts
         self.endpoint = endpoint
@@ -115,6 +119,9 @@ class Agent:
         self._track_timer: asyncio.TimerHandle | None = None
         self._refresher: asyncio.Task[None] | None = None
         self._trim: asyncio.TimerHandle | None = None
+        if settings.reclaim_page_cache and reclaim is None:
+            reclaim = PageCacheReclaim(settings.track_idle_s)
+        self._reclaim = reclaim if settings.reclaim_page_cache else None
         #: Counters for tests and logs.
         self.attaches = 0
         self.requests = 0
@@ -310,7 +317,8 @@ class Agent:
                 tracked = self.source.tracked()
             except Exception as e:  # a broken tracked answer only means waiting for the scan
                 log.warning("tracked answer failed: %r", e)
-        scan = _Scan(self.source, self._scanner, deadline)  # begins now, after the request
+        reclaim = self._reclaim if self._reclaim is not None and self._reclaim.due(received) else None
+        scan = _Scan(self.source, self._scanner, deadline, reclaim)  # begins now, after the request
         try:
             if tracked is not None and tracked.pages:
                 await self._send_tracked(stub, md, req.epoch, tracked, per_chunk, deadline, budget)
@@ -470,7 +478,13 @@ class _Scan:
     never waits here.
     """
 
-    def __init__(self, source: FreePageSource, executor: concurrent.futures.Executor, deadline: float) -> None:
+    def __init__(
+        self,
+        source: FreePageSource,
+        executor: concurrent.futures.Executor,
+        deadline: float,
+        reclaim: PageCacheReclaim | None = None,
+    ) -> None:
         loop = asyncio.get_running_loop()
         self.parts: asyncio.Queue[Part | BaseException | None] = asyncio.Queue()
         self._stop = threading.Event()
@@ -483,6 +497,8 @@ class _Scan:
                 if self._stop.is_set():  # stopped while queued behind an older scan
                     loop.call_soon_threadsafe(self.parts.put_nowait, None)
                     return
+                if reclaim is not None:  # before the scan: the pages it frees are found free
+                    reclaim.run()
                 for part in source.parts(deadline):
                     loop.call_soon_threadsafe(self.parts.put_nowait, part)
                     if self._stop.is_set():

@@ -48,6 +48,13 @@ def _parser() -> argparse.ArgumentParser:
         "memory is locked unless off (default: $FPHINT_PRIORITY or rt)",
     )
     run.add_argument(
+        "--reclaim-page-cache",
+        action="store_true",
+        default=os.environ.get("FPHINT_RECLAIM_PAGE_CACHE", "") in ("1", "yes", "true"),
+        help="opt-in: drop the guest's clean page cache before a migration's first scan, so those pages "
+        "are skipped too; the guest re-reads them later (default: $FPHINT_RECLAIM_PAGE_CACHE or off)",
+    )
+    run.add_argument(
         "--track",
         choices=TRACK_MODES,
         default=os.environ.get("FPHINT_TRACK", "migration"),
@@ -158,7 +165,10 @@ def main(argv: list[str] | None = None) -> int:
                 said[key] = where
         return Endpoint(addresses.parse(addr.value), token.value if token else None)
 
-    agent = Agent(sel.source, facts, endpoint, Settings(chunk_ranges=args.chunk_ranges, track=args.track))
+    settings = Settings(chunk_ranges=args.chunk_ranges, track=args.track, reclaim_page_cache=args.reclaim_page_cache)
+    if settings.reclaim_page_cache:
+        facts.source_details["reclaim_page_cache"] = "on: clean page cache dropped before a migration's first scan"
+    agent = Agent(sel.source, facts, endpoint, settings)
     # After the imports and the source's loader child, before serving: file
     # pages loading touched go back (what is used returns), then the
     # answering path first, its pages locked (guest_agent/memory.py, priority.py).

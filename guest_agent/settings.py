@@ -20,6 +20,9 @@ class Settings:
     track: str = "migration"
     track_idle_s: float = 30.0
     refresh_s: float = 10.0
+    #: Opt-in: drop the clean page cache before a migration's first fresh scan
+    #: (guest_agent/reclaim.py), at most once per track_idle_s.
+    reclaim_page_cache: bool = False
 
     def __post_init__(self) -> None:
         if self.track not in TRACK_MODES:

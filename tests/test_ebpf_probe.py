@@ -240,3 +240,17 @@ def test_paths_are_all_injectable() -> None:
     # Every field is a path string; replace() keeps the others.
     p = replace(KernelPaths(), btf="/x")
     assert p.btf == "/x" and p.iomem == "/proc/iomem"
+
+
+def test_vmemmap_pairing_winner_needs_a_clear_majority() -> None:
+    """Mismatched pairs (a nested free) vote for scattered bases: a busy host's
+    80 % winner with a thin tail is clear; an even split or too few votes is not."""
+    from guest_agent.sources.ebpf.vmemmap import winner
+
+    base = 0xFFFFEA0000000000
+    tail = {base + (i + 1) * 0x1000_0000: 20 for i in range(120)}  # 2400 scattered wrong votes
+    assert winner({base: 10243, **tail}) == (base, 10243)
+    assert winner({base: 950, base + 0x4000_0000: 50}) == (base, 950)  # 95 %
+    assert winner({base: 700, base + 0x4000_0000: 300}) is None  # two real contenders
+    assert winner({base: 20}) is None  # too few pairs
+    assert winner({}) is None

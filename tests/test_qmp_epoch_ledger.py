@@ -222,10 +222,17 @@ class World:
     sync_start: list[int] = field(default_factory=list)  # index c-1
     sync_end: list[int] = field(default_factory=list)
     hints: dict[int, list[Hint]] = field(default_factory=dict)  # collector epoch id -> accepted hints
+    #: KVM with manual dirty-log protection: a sync leaves the pages it read
+    #: writable until their chunk's first pick clears the log, so a write
+    #: between sync and pick leaves no mark (docs/safety-rule.md §7.2); only a
+    #: record read before the hint may be zeroed.
+    kvm: bool = False
 
     def safe(self, h: Hint, r: Record) -> bool:
         if r.q < h.t:
             return True
+        if self.kvm:
+            return False
         for s, e in zip(self.sync_start, self.sync_end):
             if s <= h.t < e:  # taken while a sync was collecting the log
                 return False
@@ -243,8 +250,15 @@ class SimResult:
     mismatches: list[str] = field(default_factory=list)
 
 
-def simulate(seed: int, make: type[EpochLedger[FakeEpoch]] = EpochLedger, span: bool = False) -> SimResult:
-    """``span``: judge like the proxy with ``oracle_until``, one window at a time."""
+def simulate(
+    seed: int,
+    make: type[EpochLedger[FakeEpoch]] = EpochLedger,
+    span: bool = False,
+    kvm: bool = False,
+    same_sync: bool | None = None,
+) -> SimResult:
+    """``span``: judge like the proxy with ``oracle_until``, one window at a time.
+    ``kvm``: the world of §7.2; the ledger's ``same_sync`` follows it unless given."""
     rnd = random.Random(seed)
     pages = rnd.choice([4, 8, 16])
     net = rnd.randint(0, 4)
@@ -255,8 +269,8 @@ def simulate(seed: int, make: type[EpochLedger[FakeEpoch]] = EpochLedger, span: 
     # A busy proxy judges in bursts, so one burst can span several polls' windows.
     judge_every = rnd.randint(1, 12) if span else 1
     coll = FakeCollector()
-    led = make(coll, VM, release_lag_polls=rnd.randint(1, 3))
-    world = World()
+    led = make(coll, VM, release_lag_polls=rnd.randint(1, 3), same_sync=not kvm if same_sync is None else same_sync)
+    world = World(kvm=kvm)
 
     # QEMU's sync schedule: sync 1 at t=0 (setup), later ones at random gaps.
     t = 0
@@ -378,6 +392,46 @@ def test_simulated_verdicts_follow_the_rule() -> None:
         rewritten += res.rewritten
     assert judged > 10_000
     assert rewritten > judged // 20  # the rule still lets plenty through
+
+
+@pytest.mark.parametrize("span", [False, True])
+def test_simulated_kvm_verdicts_follow_the_rule(span: bool) -> None:
+    """Under KVM (deferred dirty-log clear) the ledger without the same-sync
+    case zeroes only records read before the hint, and still zeroes some."""
+    judged = rewritten = 0
+    for seed in SEEDS:
+        res = simulate(seed, span=span, kvm=True)
+        assert not res.violations, res.violations[:3]
+        judged += res.judged
+        rewritten += res.rewritten
+    assert judged > 10_000
+    assert rewritten > 0
+
+
+def test_simulator_catches_the_kvm_gap() -> None:
+    """Planted fault: rule (b)'s same-sync case kept under KVM (the ledger
+    before §7.2 was closed) zeroes records whose page was written unseen."""
+    caught = sum(1 for seed in SEEDS if simulate(seed, kvm=True, same_sync=True).violations)
+    assert caught > 0, "the same-sync case under KVM was never caught"
+
+
+def test_same_sync_case_only_where_allowed() -> None:
+    """A record read after epoch 1's request and confirmed by a poll answering
+    1 is zeroed by epoch 1 only with same_sync; one read before the request is
+    zeroed either way (rule (a))."""
+    for allowed in (True, False):
+        led, c = ledger(same_sync=allowed)
+        led.received(100)
+        e1 = epoch(c, led.on_pass(1))
+        e1.add_free(BLOCK, 7)
+        led.received(1000)
+        led.on_poll(1000, 1)
+        o = led.oracle_for(900)
+        assert bool(o is not None and o.is_free(BLOCK, 7)) is allowed
+        early = led.oracle_for(100)
+        assert early is not None and early.is_free(BLOCK, 7)
+        o2, _ = led.oracle_until(900)
+        assert bool(o2 is not None and o2.is_free(BLOCK, 7)) is allowed
 
 
 class StalePollLedger(EpochLedger[FakeEpoch]):

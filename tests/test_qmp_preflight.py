@@ -148,6 +148,7 @@ class ScriptedMonitor:
         self.params: dict[str, Any] = {"tls-creds": "", "mode": "normal", "zero-page-detection": "multifd"}
         self.version = {"qemu": {"major": 10, "minor": 0, "micro": 2}, "package": ""}
         self.refuse_set = False
+        self.kvm: Any = {"enabled": True, "present": True}
         self.fail: str | None = None
         for k, v in overrides.items():
             setattr(self, k, v)
@@ -160,7 +161,7 @@ class ScriptedMonitor:
         if cmd == "query-migrate":
             return {"status": "none"}
         if cmd == "query-kvm":
-            return {"enabled": True, "present": True}
+            return copy.deepcopy(self.kvm)
         if cmd == "query-migrate-capabilities":
             return [{"capability": k, "state": v} for k, v in self.caps.items()]
         if cmd == "migrate-set-capabilities":
@@ -186,6 +187,21 @@ def test_mapped_ram_and_mode_exist_only_in_newer_qemu() -> None:
     src.caps["mapped-ram"] = False
     src.params["mode"] = "cpr-reboot"
     assert ("source", "parameter mode") in settings(check(src))
+
+
+def test_only_a_tcg_source_gets_the_same_sync_case() -> None:
+    """KVM defers its dirty-log clear (docs/safety-rule.md §7.2): rewriting
+    stays allowed, without rule (b)'s same-sync case, and the report says so."""
+    src = ScriptedMonitor("src")
+    report = check(src)
+    assert report.safe and report.source_accelerator == "kvm" and not report.same_sync_allowed
+    assert any("§7.2" in w for w in report.warnings)
+    src.kvm = {"enabled": False, "present": True}
+    report = check(src)
+    assert report.safe and report.source_accelerator == "tcg" and report.same_sync_allowed
+    src.kvm = "nonsense"
+    report = check(src)
+    assert report.source_accelerator == "unknown" and not report.same_sync_allowed
 
 
 def test_unknown_capability_that_is_on_blocks_rewriting() -> None:

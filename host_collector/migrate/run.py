@@ -317,6 +317,7 @@ class MigrationRun:
             self.plan.vm,
             hint_deadline_s=self.plan.hint_deadline_s,
             on_release=self._recorder.released,
+            same_sync=preflight.same_sync_allowed,
         )
         if self.issue_migrate:
             return gate

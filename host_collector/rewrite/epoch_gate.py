@@ -48,10 +48,13 @@ class EpochGate(RewriteGate, Generic[E]):
         poll_timeout_s: float = 1.0,
         hint_deadline_s: float = 5.0,
         on_release: Callable[[EpochEntry[E]], None] | None = None,
+        same_sync: bool = True,
     ) -> None:
         if poll_interval_s <= 0 or poll_timeout_s <= 0:
             raise ValueError("poll interval and timeout must be positive")
-        self.ledger = EpochLedger(collector, vm, hint_deadline_s=hint_deadline_s, on_release=on_release)
+        self.ledger = EpochLedger(
+            collector, vm, hint_deadline_s=hint_deadline_s, on_release=on_release, same_sync=same_sync
+        )
         self._source = source
         self._interval = poll_interval_s
         self._timeout = poll_timeout_s

@@ -14,7 +14,8 @@ A record ending at ``end`` is judged by the earliest answered poll with
 X >= end (answer s). Epoch e's hints may zero it when
 
 * e == s: rule (b). The hints were taken after sync s ended and no sync
-  started between them and the record's pick;
+  started between them and the record's pick (only with ``same_sync``: it
+  is off under KVM, whose deferred dirty-log clear breaks it, §7.2);
 * e > s: rule (a). Sync e started after that poll's reply, so after the
   record was read; every hint of epoch e is later still;
 * O_e >= end: rule (a). The record was received before epoch e's request
@@ -145,8 +146,11 @@ class EpochLedger(Generic[E]):
         max_polls: int = 4096,
         release_lag_polls: int = 2,
         on_release: Callable[[EpochEntry[E]], None] | None = None,
+        same_sync: bool = True,
     ) -> None:
         self._collector = collector
+        #: Rule (b)'s e == s case allowed (TCG); off, only e > s and O_e >= end judge.
+        self._same_sync = same_sync
         self._on_release = on_release
         self._vm = vm
         self._deadline_s = hint_deadline_s
@@ -302,7 +306,9 @@ class EpochLedger(Generic[E]):
             # one: its answer is no smaller, so the usable set only shrinks.
             s = self._poll_s[i]
             usable = tuple(
-                e for e in self._epochs.values() if not e.released and (e.sync >= s or e.request_offset >= end)
+                e
+                for e in self._epochs.values()
+                if not e.released and (e.sync > s or (self._same_sync and e.sync == s) or e.request_offset >= end)
             )
             return self._oracle_locked(usable)
 
@@ -326,7 +332,7 @@ class EpochLedger(Generic[E]):
             for e in self._epochs.values():
                 if e.released:
                     continue
-                if e.sync >= s:
+                if e.sync > s or (self._same_sync and e.sync == s):
                     usable.append(e)
                 elif e.request_offset >= end:
                     usable.append(e)

@@ -15,6 +15,7 @@ from fphint import addresses, ranges
 from fphint.v1 import hints_pb2, hints_pb2_grpc
 from guest_agent.agent import Agent, Endpoint
 from guest_agent.facts import GuestSafety, build_facts
+from guest_agent.reclaim import PageCacheReclaim
 from guest_agent.settings import Settings
 from guest_agent.sources.base import FreePageSource, Part, Probe, WholeScan
 from host_collector.config import CollectorConfig, Limits, VmEntry
@@ -80,10 +81,11 @@ async def running_agent(
     source: FreePageSource | None,
     settings: Settings = Settings(backoff_initial_s=0.05, backoff_max_s=0.5),
     tok: str | None = None,
+    reclaim: PageCacheReclaim | None = None,
 ) -> AsyncIterator[Agent]:
     facts = build_facts(GuestSafety(), [], source.name if source else "", "" if source else "test refusal")
     addr = srv.bound[0]
-    agent = Agent(source, facts, lambda: Endpoint(addr, tok or token(vm)), settings)
+    agent = Agent(source, facts, lambda: Endpoint(addr, tok or token(vm)), settings, reclaim=reclaim)
     stop = asyncio.Event()
     task = asyncio.ensure_future(agent.run(stop))
     try:

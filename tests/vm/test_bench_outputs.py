@@ -6,6 +6,7 @@ test here times anything."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -118,11 +119,10 @@ def test_pair_fits_counts_both_ram_files_and_the_margin() -> None:
 
 
 def test_coverage_block_is_passed_through() -> None:
-    sys.path.insert(0, str(BENCH))
-    try:
-        import comparison_report
-    finally:
-        sys.path.remove(str(BENCH))
+    spec = importlib.util.spec_from_file_location("comparison_report", BENCH / "comparison_report.py")
+    assert spec is not None and spec.loader is not None
+    comparison_report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(comparison_report)
     r = RunResult("fphint", 0, "10.0.2", qemu_transferred=5 * MiB, wire_bytes=4 * MiB, ok=True, survived=True)
     assert "coverage" not in comparison_report.run_record(r)
     r.report = {"coverage": [{"epoch": 1, "reported": 10, "sent_after": 8, "rewritten": 7}], "pages_rewritten": 7}

@@ -76,6 +76,9 @@ class Scenario:
     #: The guest agent: not started, the image's unit (source auto: eBPF
     #: first), or started by hand with the kpageflags source.
     agent: Agent = "off"
+    #: Opt-in rows: the clean page cache dropped before each migration (by
+    #: the agent's --reclaim-page-cache for fphint, by the lab otherwise).
+    reclaim: bool = False
     note: str = ""
 
     @property
@@ -125,6 +128,23 @@ SCENARIOS: dict[str, Scenario] = {
             fphint=True,
             agent="kpageflags",
             note="fphint with the agent's /proc/kpageflags source (no bcc/LLVM in the guest)",
+        ),
+        Scenario(
+            "init_on_free_reclaim",
+            "init_on_free=1, page cache dropped",
+            append=("init_on_free=1",),
+            reclaim=True,
+            note="opt-in row: init_on_free=1 and the clean page cache dropped right before the migration",
+        ),
+        Scenario(
+            "fphint_reclaim",
+            "fphint, page cache dropped",
+            # The unit inherits the manager's environment: the agent's opt-in.
+            append=("systemd.setenv=FPHINT_RECLAIM_PAGE_CACHE=1",),
+            fphint=True,
+            agent="auto",
+            reclaim=True,
+            note="opt-in row: the agent drops the clean page cache before the migration's first scan",
         ),
     )
 }
@@ -504,6 +524,8 @@ def migrate_once(
         workload=(workload or Workload()).name,
     )
     busy0, total0 = cpu_jiffies(src)
+    if scenario.reclaim and not scenario.fphint:  # fphint's agent does its own, at the first request
+        src.run("echo 1 > /proc/sys/vm/drop_caches")
     res.guest_used_mib = round(used_mib(src), 1)
     set_switchover_bandwidth(src, link_rate_bps)
     dst = factory.destination(src, dst_name, paused=paused)

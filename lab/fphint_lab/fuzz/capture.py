@@ -8,7 +8,7 @@ qmp/mtree.py parses) and ``info mtree -f`` (which it must refuse cleanly) of
 several machine types. Ranges: real ReportChunks of this host's free pages
 (/proc/kpageflags), cut small.
 
-    flock /tmp/fphint-heavy.lock .venv/bin/python -m tests.fuzz.capture
+    flock /tmp/fphint-heavy.lock .venv/bin/python -m fphint_lab.fuzz.capture
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-CORPUS = Path(__file__).resolve().parent / "corpus"
+CORPUS = Path(__file__).resolve().parents[3] / "tests" / "fuzz" / "corpus"
 QEMU72 = ("qemu-system-x86_64", "")
 QEMU10 = ("/var/cache/fphint/qemu-10.0/bin/qemu-system-x86_64", "/var/cache/fphint/qemu-10.0/share/qemu")
 
