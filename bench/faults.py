@@ -19,16 +19,12 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from fphint_lab import faults  # noqa: E402
-from fphint_lab.vm import tally  # noqa: E402
-from fphint_lab.vm.fault_rig import FaultRig  # noqa: E402
-from fphint_lab.vm.scenarios import vm_session  # noqa: E402
+from fphint_lab import faults
+from fphint_lab.vm import tally
+from fphint_lab.vm.fault_rig import FaultRig
+from fphint_lab.vm.scenarios import vm_session
 
 
 def parse_cases(text: str) -> list[tuple[faults.Kind, faults.Phase]]:

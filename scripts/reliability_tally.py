@@ -24,11 +24,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "lab"))
-
-from fphint_lab.faults import Kind, Phase  # noqa: E402
-from fphint_lab.vm import tally  # noqa: E402
+from fphint_lab.faults import Kind, Phase
+from fphint_lab.vm import tally
 
 
 def records(path: Path) -> dict[str, list[dict[str, Any]]]:
