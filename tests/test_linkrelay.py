@@ -1,6 +1,8 @@
 """The emulated link used by the e2e tests and the comparison benchmark:
 bytes arrive intact and are counted exactly each way, the rate limit holds,
-half closes pass through, and a reset on one side cuts the other."""
+half closes pass through, and a reset on one side cuts the other. The fault
+controls: a stall forwards nothing until resumed (bytes intact after it), a
+cut resets both sides (ECONNRESET, not a clean EOF), the rate changes live."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -147,6 +149,133 @@ def test_unreachable_target_closes_client() -> None:
         with socket.create_connection(link.address, timeout=5) as c:
             assert_ends(c)
         assert link.stats().connections == ()
+
+
+def pair(link: LinkRelay, server: socket.socket) -> tuple[socket.socket, socket.socket]:
+    """A client connected through ``link`` and the server's end of it."""
+    client = socket.create_connection(link.address, timeout=5)
+    conn, _ = server.accept()
+    conn.settimeout(5)
+    return client, conn
+
+
+def test_stall_forwards_nothing_until_resumed() -> None:
+    server = socket.create_server(("127.0.0.1", 0))
+    with LinkRelay(("127.0.0.1", server.getsockname()[1]), rate_bps=None, stalled=True) as link:
+        client, conn = pair(link, server)
+        client.sendall(b"a" * 1000)
+        conn.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            conn.recv(10)
+        assert link.stalled and link.stats().main.forward_bytes == 0
+        link.resume()
+        conn.settimeout(5)
+        got = b""
+        while len(got) < 1000:
+            got += conn.recv(1000)
+        assert got == b"a" * 1000
+        # Stalled mid-stream: both directions stop, and go on intact afterwards.
+        link.stall()
+        time.sleep(0.2)  # the pumps are waiting now
+        conn.sendall(b"back")
+        client.sendall(b"more")
+        client.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            client.recv(10)
+        link.resume()
+        client.settimeout(5)
+        assert client.recv(10) == b"back" and conn.recv(10) == b"more"
+        # The counts are updated just after each send, so they may trail the
+        # receiver by a moment.
+        deadline = time.monotonic() + 5
+        while (link.stats().main.forward_bytes, link.stats().main.backward_bytes) != (1004, 4):
+            assert time.monotonic() < deadline, link.stats().main
+            time.sleep(0.01)
+        client.close()
+        conn.close()
+    server.close()
+
+
+def test_cut_resets_both_sides_even_while_stalled() -> None:
+    server = socket.create_server(("127.0.0.1", 0))
+    with LinkRelay(("127.0.0.1", server.getsockname()[1]), rate_bps=None) as link:
+        for stall in (False, True):
+            client, conn = pair(link, server)
+            client.sendall(b"x")
+            assert conn.recv(1) == b"x"
+            if stall:
+                link.stall()
+            assert link.cut() == 1
+            for s in (client, conn):
+                with pytest.raises(ConnectionResetError):
+                    s.settimeout(5)
+                    s.recv(10)  # a reset, not a clean end of stream
+                s.close()
+            link.resume()
+            deadline = time.monotonic() + 5
+            while not link.stats().connections[-1].closed:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            assert link.stats().connections[-1].error.endswith("cut")
+        # The link itself still works after a cut.
+        client, conn = pair(link, server)
+        client.sendall(b"ok")
+        assert conn.recv(2) == b"ok"
+        client.close()
+        conn.close()
+    server.close()
+
+
+def test_a_tap_sees_each_direction_and_can_stall_right_after_a_chunk() -> None:
+    server = socket.create_server(("127.0.0.1", 0))
+    seen: list[tuple[int, bool, bytes]] = []
+    link: LinkRelay
+
+    def tap(index: int, forward: bool) -> Callable[[memoryview], None]:
+        def feed(chunk: memoryview) -> None:
+            seen.append((index, forward, bytes(chunk)))
+            if forward and bytes(chunk).endswith(b"?"):
+                link.stall()  # a request passed: hold whatever answers it
+
+        return feed
+
+    with LinkRelay(("127.0.0.1", server.getsockname()[1]), rate_bps=None, tap=tap) as link:
+        client, conn = pair(link, server)
+        client.sendall(b"request?")
+        got = b""
+        while len(got) < 8:
+            got += conn.recv(100)
+        conn.sendall(b"answer")
+        client.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            client.recv(10)
+        assert link.stalled
+        link.resume()
+        client.settimeout(5)
+        assert client.recv(10) == b"answer"
+        deadline = time.monotonic() + 5
+        while (0, False, b"answer") not in seen:  # the tap runs just after the send
+            assert time.monotonic() < deadline, seen
+            time.sleep(0.01)
+        client.close()
+        conn.close()
+    server.close()
+    assert seen[0] == (0, True, b"request?")
+
+
+def test_rate_changes_live(sink: EchoSink) -> None:
+    data = os.urandom(2_000_000)
+    with LinkRelay(("127.0.0.1", sink.port), rate_bps=1e6) as link:
+        link.set_rate(None)
+        t = time.monotonic()
+        send_all(link.address, data)  # 16 s at the old rate
+        assert time.monotonic() - t < 3
+        link.set_rate(40e6)
+        t = time.monotonic()
+        send_all(link.address, data)  # 0.4 s at the new one
+        assert 0.3 < time.monotonic() - t < 2
+    with pytest.raises(ValueError):
+        link.set_rate(0)
 
 
 def test_token_bucket_bursts_then_paces() -> None:

@@ -21,14 +21,24 @@ Used by the VM tests (tests/vm/test_e2e_*.py), the comparison benchmark
     with LinkRelay(("127.0.0.1", dst_port), rate_bps=1e9) as link:
         migrate(src, link.uri, dst=dst)
         wire = link.stats().main.forward_bytes
+
+Fault injection (fphint_lab/faults.py) drives three controls: ``stall()``
+stops forwarding both ways until ``resume()`` (a relay made with
+``stalled=True`` accepts and connects but forwards nothing until then), and
+``cut()`` resets every open connection on both sides, as a broken link would.
+``set_rate`` changes the rate of both directions on the fly. A ``tap`` sees
+each connection's bytes as they pass (fphint_lab/faults.py spots the
+collector's hint requests on an agent's connection with one).
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 LOG = logging.getLogger(__name__)
@@ -37,6 +47,8 @@ LOG = logging.getLogger(__name__)
 GIGABIT = 1e9
 #: Bytes per recv: a trade-off between per-call overhead and pacing granularity.
 CHUNK = 256 << 10
+#: How soon a pump blocked on a peer notices a cut or a stall.
+POLL_S = 0.1
 
 
 class TokenBucket:
@@ -57,12 +69,22 @@ class TokenBucket:
         # earlier than that.
         self._tat = time.monotonic()
 
+    def set_rate(self, rate_bps: float | None) -> None:
+        """Change the rate from now on (None: unlimited)."""
+        if rate_bps is not None and rate_bps <= 0:
+            raise ValueError(f"rate must be positive, not {rate_bps}")
+        with self._lock:
+            self.rate_bps = rate_bps
+            self._tat = time.monotonic()
+
     def wait(self, nbytes: int) -> float:
         """Block until ``nbytes`` may be sent; return the seconds waited."""
         if self.rate_bps is None or nbytes <= 0:
             return 0.0
-        bytes_per_s = self.rate_bps / 8
         with self._lock:
+            if self.rate_bps is None:
+                return 0.0
+            bytes_per_s = self.rate_bps / 8
             now = time.monotonic()
             tat = max(self._tat, now)
             send_at = max(now, tat - self.burst_bytes / bytes_per_s)
@@ -114,6 +136,12 @@ class LinkStats:
         return sum(c.backward_bytes for c in self.connections)
 
 
+#: Made per connection and direction (index, forward); sees every chunk right
+#: after it was forwarded, in the pump's thread, so a tap that calls
+#: ``stall()`` lets nothing after that chunk pass in its direction.
+Tap = Callable[[int, bool], "Callable[[memoryview], None] | None"]
+
+
 class LinkError(Exception):
     pass
 
@@ -125,6 +153,7 @@ class _Conn:
         self.stats = ConnStats(index=index, opened=time.monotonic())
         self.lock = threading.Lock()
         self.pumps_done = 0
+        self.cut = False
 
     def update(self, **changes: object) -> None:
         with self.lock:
@@ -148,6 +177,8 @@ class LinkRelay:
         listen: tuple[str, int] = ("127.0.0.1", 0),
         burst_bytes: int = CHUNK,
         rcvbuf: int | None = 1 << 20,
+        stalled: bool = False,
+        tap: Tap | None = None,
     ) -> None:
         self.target = parse_target(target) if isinstance(target, str) else target
         self.rate_bps = rate_bps
@@ -158,6 +189,11 @@ class LinkRelay:
         self._conns: list[_Conn] = []
         self._threads: list[threading.Thread] = []
         self._closing = False
+        #: Set while bytes may flow (cleared by stall()).
+        self._flowing = threading.Event()
+        if not stalled:
+            self._flowing.set()
+        self._tap = tap
         self._sock = socket.create_server(listen, reuse_port=False)
         self._sock.settimeout(0.2)
         self.address: tuple[str, int] = self._sock.getsockname()[:2]
@@ -195,9 +231,41 @@ class LinkRelay:
                 raise LinkError(f"connections still open after {timeout:.0f} s: {st}")
             time.sleep(0.02)
 
+    # Section: fault controls
+
+    @property
+    def stalled(self) -> bool:
+        return not self._flowing.is_set()
+
+    def stall(self) -> None:
+        """Stop forwarding both ways (connections stay open; nothing is read)."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        """Forward again after :meth:`stall` (or a relay made ``stalled``)."""
+        self._flowing.set()
+
+    def set_rate(self, rate_bps: float | None) -> None:
+        """Change both directions' rate from now on (None: unlimited)."""
+        for bucket in self._buckets:
+            bucket.set_rate(rate_bps)
+        self.rate_bps = rate_bps
+
+    def cut(self) -> int:
+        """Reset every open connection on both sides (RST, as a broken link
+        would); new connections are still accepted. Returns how many were cut."""
+        with self._lock:
+            conns = [c for c in self._conns if not c.stats.closed]
+        for c in conns:
+            c.cut = True
+            for s in (c.client, c.target):
+                _reset(s)
+        return len(conns)
+
     def close(self) -> None:
         """Stop accepting and cut every connection."""
         self._closing = True
+        self._flowing.set()
         self._sock.close()
         with self._lock:
             conns = list(self._conns)
@@ -221,12 +289,12 @@ class LinkRelay:
                 return
             try:
                 target = socket.create_connection(self.target, timeout=10)
-                target.settimeout(None)
+                target.settimeout(POLL_S)
             except OSError as exc:
                 LOG.warning("link: cannot reach %s: %s", self.target, exc)
                 _close_quietly(client)
                 continue
-            client.settimeout(None)
+            client.settimeout(POLL_S)
             if self.rcvbuf:
                 client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
                 target.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
@@ -248,19 +316,24 @@ class LinkRelay:
     def _pump(self, conn: _Conn, forward: bool) -> None:
         src, dst = (conn.client, conn.target) if forward else (conn.target, conn.client)
         bucket = self._buckets[0 if forward else 1]
+        tap = self._tap(conn.stats.index, forward) if self._tap is not None else None
         buf = bytearray(CHUNK)
         view = memoryview(buf)
         total = 0
         error = ""
         try:
             while True:
-                n = src.recv_into(buf)
+                self._await_flow(conn)
+                n = self._recv(conn, src, buf)
                 if n == 0:
                     dst.shutdown(socket.SHUT_WR)  # pass the half close on
                     break
                 waited = bucket.wait(n)
-                dst.sendall(view[:n])
+                self._await_flow(conn)  # stalled with a chunk in hand
+                self._send(conn, dst, view[:n])
                 total += n
+                if tap is not None:
+                    tap(view[:n])
                 now = time.monotonic()
                 with self._lock:
                     self._waited[0 if forward else 1] += waited
@@ -272,7 +345,10 @@ class LinkRelay:
         except OSError as exc:
             # A reset on one side: cut the other at once, like a broken link.
             if not self._closing:
-                error = f"{'forward' if forward else 'backward'}: {exc}"
+                error = f"{'forward' if forward else 'backward'}: {'cut' if conn.cut else exc}"
+            if conn.cut:
+                _reset(conn.client)
+                _reset(conn.target)
             _close_quietly(conn.client)
             _close_quietly(conn.target)
         with conn.lock:
@@ -285,6 +361,39 @@ class LinkRelay:
             _close_quietly(conn.target)
             conn.update(closed=True)
 
+    # The sockets have a short timeout (POLL_S) so that a pump blocked on a
+    # peer notices a cut or a stall; a cut is carried out by the pumps
+    # themselves (a socket closed under another thread's recv or send would
+    # only be released, and its RST sent, when that call returns).
+
+    def _await_flow(self, conn: _Conn) -> None:
+        while not self._flowing.wait(POLL_S):
+            self._check_cut(conn)
+        self._check_cut(conn)
+
+    def _check_cut(self, conn: _Conn) -> None:
+        if conn.cut or self._closing:
+            raise ConnectionResetError("link cut")
+
+    def _recv(self, conn: _Conn, src: socket.socket, buf: bytearray) -> int:
+        while True:
+            try:
+                n = src.recv_into(buf)
+            except TimeoutError:
+                self._check_cut(conn)
+                continue
+            self._check_cut(conn)
+            return n
+
+    def _send(self, conn: _Conn, dst: socket.socket, data: memoryview) -> None:
+        off = 0
+        while off < len(data):
+            try:
+                off += dst.send(data[off:])
+            except TimeoutError:
+                pass
+            self._check_cut(conn)
+
 
 def parse_target(uri: str) -> tuple[str, int]:
     """ "tcp:HOST:PORT" -> (HOST, PORT)."""
@@ -293,6 +402,18 @@ def parse_target(uri: str) -> tuple[str, int]:
     if kind != "tcp" or not host or not port.isdigit():
         raise ValueError(f"not a tcp:HOST:PORT address: {uri!r}")
     return host, int(port)
+
+
+def _reset(s: socket.socket) -> None:
+    """Close with an RST (SO_LINGER 0), so the peer sees ECONNRESET, not EOF."""
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    try:
+        s.close()
+    except OSError:
+        pass
 
 
 def _close_quietly(s: socket.socket) -> None:

@@ -29,7 +29,7 @@ import json
 import logging
 import shlex
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,7 @@ import pytest
 
 from fphint_lab.guest import rogue_agent
 from fphint_lab.linkrelay import GIGABIT, LinkRelay, LinkStats
+from fphint_lab.vm import tally
 from fphint_lab.vm.fphint_daemon import CollectorDaemon, MigrateCall, Witness
 from fphint_lab.vm.harness import VM, VMFactory, migrate, start_incoming, wait_incoming
 from fphint_lab.vm.ramcompare import NOT_REWRITTEN, PAGE, RamDiff, compare_ram_files
@@ -235,7 +236,7 @@ def test_a_garbage_in_free_memory_is_not_sent(rig: Rig) -> None:
 # (b)
 
 
-def test_b_integrity_under_churn_across_dirty_syncs(rig: Rig) -> None:
+def test_b_integrity_under_churn_across_dirty_syncs(rig: Rig, record_property: Callable[[str, object], None]) -> None:
     vm = rig.current()
     start_churn(vm, "--workers", "2", "--loop-mib", "16", "--keep-mib", "16", "--dwell", "0.3")
     vm.workload("fill.py", "256", "--seed", "b-garbage", timeout=300)
@@ -258,6 +259,16 @@ def test_b_integrity_under_churn_across_dirty_syncs(rig: Rig) -> None:
     verified = sum(w["bytes_verified"] for w in check["workers"])
     rig.note(f"(b) workload verified {verified / MiB:.0f} MiB on the destination, no error")
     assert_healthy(rig, vm)
+    record_property(
+        "fphint_migration",
+        tally.migration(
+            "tests/vm/test_e2e_fphint.py::test_b",
+            corrupted_pages=0,
+            ram_compared=True,
+            workload_ok=True,
+            verified_bytes=verified,
+        ),
+    )
 
 
 # (c)
