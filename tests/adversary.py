@@ -239,6 +239,24 @@ async def call_code(coro: Any) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
+#: What a client streaming into a call the server has just ended may see
+#: instead of the server's status: its own next send fails in gRPC's core.
+LOCAL_SEND_FAILURE = "SendMessageOperation"
+
+
+async def ended_by_server(coro: Any) -> str:
+    """The server's status code name, or "send refused" when the client's
+    next write lost the race with the server's end of the call (then the
+    server's status never reaches the client: both mean the call was ended)."""
+    try:
+        await coro
+    except grpc.aio.AioRpcError as e:
+        if e.code() is grpc.StatusCode.INTERNAL and LOCAL_SEND_FAILURE in (e.details() or ""):
+            return "send refused"
+        return str(e.code().name)
+    return "OK"
+
+
 # -- the legitimate agent's process --------------------------------------------------
 
 
