@@ -40,6 +40,7 @@ from host_collector.rewrite.gate import NoHints, RewriteGate
 from host_collector.rewrite.held import HeldGate
 from host_collector.rewrite.recorder import EpochRecorder
 
+from .coverage import CoverageCounter
 from .observer import NO_OBSERVER, MigrationObserver
 from .report import preflight_message, progress_message, progress_text
 
@@ -189,7 +190,9 @@ class MigrationRun:
         self.rewriting = False
         self._layout: RamLayout | None = None
         self._watch = observer.migration(plan.vm, number)
-        self._recorder = EpochRecorder(on_release=self._watch.epoch_released)
+        self._recorder = EpochRecorder(on_release=self._epoch_released)
+        self._coverage: CoverageCounter | None = None
+        self._ended_at: float | None = None
         self._epoch_gate: EpochGate[Epoch] | None = None
         self._held: HeldGate | None = None
         self._proxy: MigrationProxy | None = None
@@ -197,6 +200,16 @@ class MigrationRun:
         self._source_lost: str | None = None
         self._t0 = time.monotonic()
         self._notes: list[str] = []
+
+    @property
+    def connected_or_sent(self) -> bool:
+        """A stream may have flowed: ``migrate`` was issued, or the orchestrator's source connected."""
+        return self._migrate_sent or self.connected
+
+    def _epoch_released(self, epoch: Epoch) -> None:
+        if self._coverage is not None:
+            self._coverage.epoch_released(epoch)
+        self._watch.epoch_released(epoch)
 
     @property
     def source_lost(self) -> bool:
@@ -220,6 +233,8 @@ class MigrationRun:
         if report is not None:
             report.epochs.extend(self._recorder.reports())
             report.epochs_not_listed = self._recorder.dropped
+            if self._coverage is not None and self._proxy is not None and self.connected_or_sent:
+                report.coverage.CopyFrom(self._coverage.report(self._t0, self._ended_at or time.monotonic()))
             await self._read_states()
             self._log(report)
         return report
@@ -237,6 +252,7 @@ class MigrationRun:
                 self.plan.listen, self.plan.to, self._watch.gate(gate),
                 hold_bytes=limits.proxy_hold_bytes, hold_seconds=limits.proxy_hold_s,
                 readahead_bytes=limits.proxy_readahead_bytes,
+                tap=self._coverage.batch if self._coverage is not None else None,
             )
             try:
                 proxy.start()
@@ -301,9 +317,12 @@ class MigrationRun:
             r.page_size = self._layout.page_size
         if not self.rewriting:
             return NoHints()
+        if self._layout is not None:
+            self._coverage = CoverageCounter(self._layout, guest_stopped=lambda: gate.guest_stopped)
         gate = self._epoch_gate = EpochGate(
             self.src, self.collector, self.plan.vm, hint_deadline_s=self.plan.hint_deadline_s,
             on_release=self._recorder.released,
+            on_open=self._coverage.epoch_opened if self._coverage is not None else None,
         )
         if self.issue_migrate:
             return gate
@@ -477,7 +496,8 @@ class MigrationRun:
 
     def _finish(self, info: Mapping[str, Any] | None, result: ProxyResult | None) -> admin_pb2.MigrationReport:
         r = self.report
-        r.wall_s = time.monotonic() - self._t0
+        self._ended_at = time.monotonic()
+        r.wall_s = self._ended_at - self._t0
         info = info or {}
         r.source_status = str(info.get("status", ""))
         r.source_error = str(info.get("error-desc", ""))
@@ -505,12 +525,19 @@ class MigrationRun:
             r.fallback_reason = st.fallback_reason or ""
             r.abort_reason = st.abort_reason or ""
             r.proxy_error = st.error or ""
+            r.timing.paced_s = st.paced_s
+            r.timing.send_s = st.send_s
+            r.timing.held_wait_s = st.held_wait_s
         r.rewriting = self.rewriting
         gate = self._epoch_gate
         if gate is not None:
             gst = gate.stats()
             r.passes = gst.passes
             r.polls = gst.polls_answered
+            r.timing.polls = gate.poll_rtt_n
+            if gate.poll_rtt_n:
+                r.timing.poll_ms_mean = 1000 * gate.poll_rtt_sum / gate.poll_rtt_n
+                r.timing.poll_ms_max = 1000 * gate.poll_rtt_max
             if gate.failure and not (self._held is not None and self._held.refusal):
                 r.gate_failure = gate.failure
         r.notes.extend(self._notes)

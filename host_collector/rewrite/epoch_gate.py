@@ -35,7 +35,9 @@ class EpochGate(RewriteGate, Generic[E]):
     """The :class:`RewriteGate` of one migration stream.
 
     ``on_release`` is the ledger's (:class:`EpochLedger`): it sees each
-    epoch's entry before the collector frees its bitmaps.
+    epoch's entry before the collector frees its bitmaps. ``on_open(sync,
+    epoch)`` is told of each epoch as it opens (the migration's coverage
+    figures); neither may block.
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class EpochGate(RewriteGate, Generic[E]):
         poll_timeout_s: float = 1.0,
         hint_deadline_s: float = 5.0,
         on_release: Callable[[EpochEntry[E]], None] | None = None,
+        on_open: Callable[[int, E], None] | None = None,
     ) -> None:
         if poll_interval_s <= 0 or poll_timeout_s <= 0:
             raise ValueError("poll interval and timeout must be positive")
@@ -63,6 +66,11 @@ class EpochGate(RewriteGate, Generic[E]):
         self._events: EventQueue | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.polls_issued = 0
+        self._on_open = on_open
+        #: query-migrate round trips: answered polls, their sum and the longest (seconds).
+        self.poll_rtt_n = 0
+        self.poll_rtt_sum = 0.0
+        self.poll_rtt_max = 0.0
         self._started = False
         #: The guest stopped (QMP STOP): its agent cannot answer any more.
         self._stopped = False
@@ -184,7 +192,12 @@ class EpochGate(RewriteGate, Generic[E]):
         if not isinstance(count, int) or isinstance(count, bool) or count < 1:
             self._fail(f"malformed MIGRATION_PASS event: {dict(ev)!r}")
             return
-        self.ledger.on_pass(count)
+        entry = self.ledger.on_pass(count)
+        if entry is not None and self._on_open is not None:
+            try:
+                self._on_open(entry.sync, entry.epoch)
+            except Exception:  # a watcher's bug must not stop the gate
+                pass
         if self.ledger.failure:
             self._notify()
 
@@ -215,6 +228,10 @@ class EpochGate(RewriteGate, Generic[E]):
             except QmpError as err:
                 self._fail(f"query-migrate: {err}")
                 return
+            rtt = time.monotonic() - last_issue
+            self.poll_rtt_n += 1
+            self.poll_rtt_sum += rtt
+            self.poll_rtt_max = max(self.poll_rtt_max, rtt)
             # Events queued before this reply are applied before it (QEMU emits
             # MIGRATION_PASS s before it can answer s; the client keeps wire order).
             self._take_events()
