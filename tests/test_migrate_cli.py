@@ -152,6 +152,7 @@ def test_paused_source_hinted_pages_arrive_zero(setup: Setup) -> None:
     assert sum(e["records"] for e in cov["epochs"]) + cov["records_before_first_epoch"] \
         + cov["end_section_records"] == r["page_records"], (cov, r["page_records"])
     assert r["timing"]["polls"] == r["polls"] > 0
+    assert r["same_sync_rule"]  # TCG: rule (b)'s same-sync case in use (§7.2 concerns KVM)
     # The checker catches a destination page zeroed without a hint, and one with wrong content.
     for fault, where in ((b"\0" * 4096, 20 * MiB), (b"\1" * 4096, 120 * MiB)):
         with open(dst.files["mem"], "r+b") as f:
@@ -359,3 +360,22 @@ def test_running_source_on_qemu10_rewrites_and_stays_exact(setup: Setup) -> None
     zeroed = assert_hinted_pages_zeroed(src, dst, r)
     assert zeroed, json.dumps(r, indent=1)
     assert r["return_bytes"] > 0  # return path used although only the source's capability is on
+
+
+def test_switchover_bandwidth_is_set_on_the_source_or_refused_clearly(setup: Setup) -> None:
+    """``--switchover-bandwidth`` sets avail-switchover-bandwidth (QEMU >= 8.2); an older
+    QEMU refuses the parameter, and the report says so before anything migrates."""
+    s = setup
+    s.start_daemon()
+    src, dst = s.pair()
+    version = tuple(src.cmd("query-version")["qemu"][k] for k in ("major", "minor"))
+    rc, r, err = migrate(s, dst, "--switchover-bandwidth", "100M", *PAUSED)
+    if version >= (8, 2):
+        assert rc == 0 and r["outcome"] == "completed", (err, r)
+        assert r["switchover_bandwidth"] == 100 * MiB
+        assert src.cmd("query-migrate-parameters")["avail-switchover-bandwidth"] == 100 * MiB
+    else:
+        assert rc != 0 and r["outcome"] == "error", r
+        assert "avail-switchover-bandwidth" in r["message"] and r["source_bytes"] == 0, r
+    proc = s.daemon.run("migrate", VM, "--to", "tcp:127.0.0.1:1", "--switchover-bandwidth", "0")
+    assert proc.returncode == 2 and "must be positive" in proc.stderr

@@ -209,6 +209,7 @@ class Record:
     page: int
     q: int  # pick time
     end: int = 0  # stream offset of its last byte
+    final: bool = False  # picked in the END section: the proxy never judges it
 
 
 @dataclass
@@ -222,10 +223,15 @@ class World:
     sync_start: list[int] = field(default_factory=list)  # index c-1
     sync_end: list[int] = field(default_factory=list)
     hints: dict[int, list[Hint]] = field(default_factory=dict)  # collector epoch id -> accepted hints
+    #: KVM with manual dirty-log protection, no dirty ring (docs/safety-rule.md §7.2): a write after
+    #: the sync that read P's bit may leave no trace, so only rule (a) holds.
+    kvm: bool = False
 
     def safe(self, h: Hint, r: Record) -> bool:
         if r.q < h.t:
             return True
+        if self.kvm:
+            return False
         for s, e in zip(self.sync_start, self.sync_end):
             if s <= h.t < e:  # taken while a sync was collecting the log
                 return False
@@ -243,8 +249,17 @@ class SimResult:
     mismatches: list[str] = field(default_factory=list)
 
 
-def simulate(seed: int, make: type[EpochLedger[FakeEpoch]] = EpochLedger, span: bool = False) -> SimResult:
-    """``span``: judge like the proxy with ``oracle_until``, one window at a time."""
+def simulate(seed: int, make: type[EpochLedger[FakeEpoch]] = EpochLedger, span: bool = False, *,
+             completion: bool = False, kvm: bool = False, same_sync: bool | None = None) -> SimResult:
+    """``span``: judge like the proxy with ``oracle_until``, one window at a time.
+
+    ``completion``: the migration ends as QEMU's does (docs/safety-rule.md §3.7, §3.9): right
+    after a sync the guest stops (STOP reaches the gate), no hint is taken after that, the
+    final sync runs and the END section's records follow, never judged; QEMU holds the lock
+    ``query-migrate`` needs from the stop to the last END record, so replies wait.
+    ``kvm``: the rule as it stands under KVM without the dirty ring (rule (a) only); the
+    ledger gets ``same_sync`` (default: ``not kvm``).
+    """
     rnd = random.Random(seed)
     pages = rnd.choice([4, 8, 16])
     net = rnd.randint(0, 4)
@@ -255,8 +270,9 @@ def simulate(seed: int, make: type[EpochLedger[FakeEpoch]] = EpochLedger, span: 
     # A busy proxy judges in bursts, so one burst can span several polls' windows.
     judge_every = rnd.randint(1, 12) if span else 1
     coll = FakeCollector()
-    led = make(coll, VM, release_lag_polls=rnd.randint(1, 3))  # type: ignore[arg-type]
-    world = World()
+    led = make(coll, VM, release_lag_polls=rnd.randint(1, 3),  # type: ignore[arg-type]
+               same_sync=(not kvm) if same_sync is None else same_sync)
+    world = World(kvm=kvm)
 
     # QEMU's sync schedule: sync 1 at t=0 (setup), later ones at random gaps.
     t = 0
@@ -265,6 +281,16 @@ def simulate(seed: int, make: type[EpochLedger[FakeEpoch]] = EpochLedger, span: 
         world.sync_start.append(t)
         world.sync_end.append(t + dur)
         t += dur + rnd.randint(3, 40)
+    stop_at = horizon  # iteration picks end here
+    locked: tuple[int, int] = (horizon + 60, horizon + 60)  # [from, to): no query-migrate reply computed
+    if completion:
+        # Completion follows a sync at once: the guest stops at its end, the final sync runs, END follows.
+        k = max(1, len(world.sync_start) - 1 - rnd.randint(0, 2))
+        del world.sync_start[k:], world.sync_end[k:]
+        stop_at = world.sync_end[-1]
+        world.sync_start.append(stop_at)
+        world.sync_end.append(stop_at + 2)
+        locked = (stop_at, stop_at + 2 + rnd.randint(2, 12))
 
     qmp_fifo: list[tuple[int, str, int, int, int]] = []  # (deliver_at, kind, a, b, c)
     last_delivery = 0
@@ -292,12 +318,16 @@ def simulate(seed: int, make: type[EpochLedger[FakeEpoch]] = EpochLedger, span: 
                 emit(t, "pass", c)
         syncing = any(s <= t < e for s, e in zip(world.sync_start, world.sync_end))
         count = sum(1 for s in world.sync_start if s <= t)
-        if poll is not None and poll[0] == t:
+        if completion and t == stop_at:
+            emit(t, "stop", 0)  # after the final pass's predecessor: one FIFO
+        if poll is not None and poll[0] <= t and not locked[0] <= t < locked[1]:
             emit(t, "reply", poll[1], count, poll[2])
             poll = None
         # QEMU's migration thread picks a page when not syncing.
-        if t < horizon and not syncing and rnd.random() < 0.7:
+        if t < stop_at and not syncing and rnd.random() < 0.7:
             in_flight.append(Record(rnd.randrange(pages), t))
+        elif completion and world.sync_end[-1] <= t < locked[1] and rnd.random() < 0.7:
+            in_flight.append(Record(rnd.randrange(pages), t, final=True))
         # The proxy receives what was picked `net` ticks ago.
         while in_flight and in_flight[0].q + net <= t:
             r = in_flight.pop(0)
@@ -309,13 +339,17 @@ def simulate(seed: int, make: type[EpochLedger[FakeEpoch]] = EpochLedger, span: 
         for item in [p for p in pending_hints if p[0] == t]:
             pending_hints.remove(item)
             _, ep, h = item
+            if completion and h.t >= stop_at:
+                continue  # a stopped guest takes no hints
             if ep.add_free(BLOCK, h.page):
                 world.hints.setdefault(ep.id, []).append(h)
         # QMP deliveries, in wire order.
         while deliveries < len(qmp_fifo) and qmp_fifo[deliveries][0] <= t:
             _, kind, a, b, c = qmp_fifo[deliveries]
             deliveries += 1
-            if kind == "pass":
+            if kind == "stop":
+                led.completion_started()
+            elif kind == "pass":
                 entry = led.on_pass(a)
                 if entry is not None:
                     ep = coll.epochs[entry.epoch.id]
@@ -337,6 +371,8 @@ def simulate(seed: int, make: type[EpochLedger[FakeEpoch]] = EpochLedger, span: 
         keep = []
         window: tuple[object, int] = (None, -1)
         for r in held:
+            if r.final:
+                continue  # the END section: sent unchanged, never judged (§3.7)
             if r.end <= limit:
                 if span:
                     if r.end > window[1]:
@@ -417,6 +453,83 @@ class LateOffsetLedger(EpochLedger[FakeEpoch]):
 def test_simulator_catches_planted_faults(fault: type[EpochLedger[FakeEpoch]]) -> None:
     caught = sum(1 for seed in SEEDS if simulate(seed, fault).violations)
     assert caught > 0, f"{fault.__name__} was never caught"
+
+
+class EagerCompletionLedger(EpochLedger[FakeEpoch]):
+    """Planted fault: at completion, an unpolled record may use every epoch still kept."""
+
+    def oracle_for(self, end: int):  # type: ignore[no-untyped-def]
+        if self._completing and (not self._poll_x or end > self._poll_x[-1]):
+            usable = [e for e in self._epochs.values() if not e.released]
+            return EpochOracle(usable) if usable else None
+        return super().oracle_for(end)
+
+
+def test_completion_decides_unpolled_records_at_once_by_request_offsets() -> None:
+    """§3.9: after the stop, a record no poll covers is decided at once, with only the
+    epochs whose request went out after it arrived (rule (a), no poll needed)."""
+    led, c = ledger()
+    led.received(100)
+    e1 = epoch(c, led.on_pass(1))
+    e1.add_free(BLOCK, 7)
+    led.received(1000)
+    led.on_poll(1000, 1)
+    led.received(2000)
+    e2 = epoch(c, led.on_pass(2))  # requested at 2000
+    e2.add_free(BLOCK, 8)
+    led.received(3000)
+    assert led.decided_through() == 1000
+    led.completion_started()
+    assert led.decided_through() == NEVER
+    # 1500: before epoch 2's request (case 3 for epoch 2), after the last poll (no case 1 for epoch 1)
+    o = led.oracle_for(1500)
+    assert syncs(o) == (2,) and o is not None and o.is_free(BLOCK, 8) and not o.is_free(BLOCK, 7)
+    assert led.oracle_for(2500) is None  # after every request: nothing may zero it
+    o2, through = led.oracle_until(1500)
+    assert syncs(o2) == (2,) and through == 2000
+    assert led.oracle_until(2500) == (None, NEVER)
+    # records a poll covers keep the full rule
+    assert syncs(led.oracle_for(900)) == (1, 2)
+
+
+def test_simulated_completion_follows_the_rule_and_decides_everything() -> None:
+    judged = rewritten = 0
+    for seed in SEEDS:
+        res = simulate(seed, completion=True)
+        assert not res.violations, res.violations[:3]
+        judged += res.judged
+        rewritten += res.rewritten
+    assert judged > 10_000 and rewritten > judged // 20
+
+
+@pytest.mark.parametrize("fault", [EagerCompletionLedger])
+def test_simulator_catches_planted_completion_faults(fault: type[EpochLedger[FakeEpoch]]) -> None:
+    caught = sum(1 for seed in SEEDS if simulate(seed, fault, completion=True).violations)
+    assert caught > 0, f"{fault.__name__} was never caught"
+
+
+def test_kvm_without_dirty_ring_refuses_the_same_sync_case_and_tcg_uses_it() -> None:
+    """§7.2: the e == s case (rule (b)) is refused when the ledger is told KVM runs without the
+    dirty ring; the other cases stay. Scripted, then by the simulator under KVM's rule."""
+    for same_sync, want in ((True, (1,)), (False, ())):
+        led, c = ledger(same_sync=same_sync)
+        led.received(100)
+        e1 = epoch(c, led.on_pass(1))
+        e1.add_free(BLOCK, 7)
+        led.received(1000)
+        led.on_poll(1000, 1)
+        assert syncs(led.oracle_for(900)) == want
+        assert syncs(led.oracle_until(900)[0]) == want
+        assert syncs(led.oracle_for(50)) == (1,)  # received before the request: rule (a), kept
+    judged = rewritten = 0
+    for seed in SEEDS:
+        res = simulate(seed, kvm=True, completion=bool(seed % 2))
+        assert not res.violations, res.violations[:3]
+        judged += res.judged
+        rewritten += res.rewritten
+    assert judged > 10_000 and rewritten > 0
+    # The same KVM world with the case left on: the simulator finds the records it would corrupt.
+    assert sum(1 for seed in SEEDS if simulate(seed, kvm=True, same_sync=True).violations) > 0
 
 
 def test_windowed_verdicts_equal_per_record_verdicts() -> None:

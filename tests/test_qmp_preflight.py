@@ -145,6 +145,7 @@ class ScriptedMonitor:
         self.params: dict[str, Any] = {"tls-creds": "", "mode": "normal", "zero-page-detection": "multifd"}
         self.version = {"qemu": {"major": 10, "minor": 0, "micro": 2}, "package": ""}
         self.refuse_set = False
+        self.kvm = True
         self.fail: str | None = None
         for k, v in overrides.items():
             setattr(self, k, v)
@@ -157,7 +158,7 @@ class ScriptedMonitor:
         if cmd == "query-migrate":
             return {"status": "none"}
         if cmd == "query-kvm":
-            return {"enabled": True, "present": True}
+            return {"enabled": self.kvm, "present": True}
         if cmd == "query-migrate-capabilities":
             return [{"capability": k, "state": v} for k, v in self.caps.items()]
         if cmd == "migrate-set-capabilities":
@@ -213,3 +214,12 @@ def test_a_monitor_that_stops_answering_is_a_problem_not_a_crash() -> None:
     report = check(ScriptedMonitor("src"), ScriptedMonitor("dst", fail="query-migrate-parameters"))
     assert ("destination", "QMP") in settings(report)
     assert report.to_json()["safe"] is False
+
+
+def test_a_kvm_source_is_flagged_so_the_same_sync_case_is_not_used() -> None:
+    """docs/safety-rule.md §7.2: KVM's deferred dirty-log clear breaks rule (b), and QMP cannot
+    show the dirty ring; the report says KVM, warns, and stays safe for rule (a)."""
+    kvm = check(ScriptedMonitor("src"))
+    assert kvm.safe and kvm.source_kvm and any("§7.2" in w for w in kvm.warnings)
+    tcg = check(ScriptedMonitor("src", kvm=False))
+    assert tcg.safe and not tcg.source_kvm and not any("§7.2" in w for w in tcg.warnings)

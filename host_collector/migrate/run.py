@@ -86,6 +86,8 @@ class Plan:
     timeout_s: float | None = None
     max_bandwidth: int | None = None
     downtime_limit_ms: int | None = None
+    #: avail-switchover-bandwidth, bytes/s (QEMU >= 8.2).
+    switchover_bandwidth: int | None = None
 
 
 def _endpoint(spec: str, what: str) -> str:
@@ -110,6 +112,7 @@ def make_plan(
     timeout_s: float = 0.0,
     max_bandwidth: int | None = None,
     downtime_limit_ms: int | None = None,
+    switchover_bandwidth: int | None = None,
 ) -> Plan:
     """Check a request against the registry. :raise MigrateError: with a message naming what is wrong."""
     try:
@@ -141,6 +144,7 @@ def make_plan(
         timeout_s=timeout_s or None,
         max_bandwidth=max_bandwidth,
         downtime_limit_ms=downtime_limit_ms,
+        switchover_bandwidth=switchover_bandwidth,
     )
 
 
@@ -319,9 +323,10 @@ class MigrationRun:
             return NoHints()
         if self._layout is not None:
             self._coverage = CoverageCounter(self._layout, guest_stopped=lambda: gate.guest_stopped)
+        r.same_sync_rule = not preflight.source_kvm
         gate = self._epoch_gate = EpochGate(
             self.src, self.collector, self.plan.vm, hint_deadline_s=self.plan.hint_deadline_s,
-            on_release=self._recorder.released,
+            on_release=self._recorder.released, same_sync=r.same_sync_rule,
             on_open=self._coverage.epoch_opened if self._coverage is not None else None,
         )
         if self.issue_migrate:
@@ -335,6 +340,11 @@ class MigrationRun:
             params["max-bandwidth"] = self.plan.max_bandwidth
         if self.plan.downtime_limit_ms is not None:
             params["downtime-limit"] = self.plan.downtime_limit_ms
+        if self.plan.switchover_bandwidth is not None:
+            # Not a limit: the rate QEMU's switchover test assumes instead of the one it
+            # measures, which behind the proxy is how fast the proxy reads (docs/migrate.md).
+            params["avail-switchover-bandwidth"] = self.plan.switchover_bandwidth
+            self.report.switchover_bandwidth = self.plan.switchover_bandwidth
         if not params:
             return True
         try:

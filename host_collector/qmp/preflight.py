@@ -82,6 +82,8 @@ class SafetyReport:
     enabled: list[str] = field(default_factory=list)
     versions: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     capabilities: dict[str, dict[str, bool]] = field(default_factory=dict)
+    #: The source runs KVM (query-kvm): rule (b)'s same-sync case is off (docs/safety-rule.md §7.2).
+    source_kvm: bool = False
 
     @property
     def safe(self) -> bool:
@@ -139,6 +141,12 @@ async def _check_end(report: SafetyReport, side: str, qmp: QmpSession, enable: t
             )
         )
     if side == "source":
+        kvm = await qmp.execute("query-kvm")
+        report.source_kvm = isinstance(kvm, Mapping) and bool(kvm.get("enabled"))
+        if report.source_kvm:
+            report.warnings.append(
+                "source: KVM, and QMP cannot show whether it uses the dirty ring: records are rewritten only "
+                "by hints taken after they were read (rule (a); docs/safety-rule.md §7.2)")
         status = await qmp.execute("query-migrate")
         state = status.get("status") if isinstance(status, Mapping) else None
         if state in ("setup", "active", "pre-switchover", "device", "postcopy-active", "cancelling"):

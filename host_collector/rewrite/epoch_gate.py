@@ -27,6 +27,8 @@ from host_collector.rewrite.ledger import E, CollectorLike, EpochEntry, EpochLed
 
 #: query-migrate states that still carry a current ``ram.dirty-sync-count``.
 _COUNTING = frozenset({"active", "pre-switchover", "device", "completed", "cancelling"})
+#: MIGRATION statuses of the source's completion: the guest is stopped, the final sync comes next.
+_COMPLETING = frozenset({"pre-switchover", "device"})
 #: States before the first page record (setup runs sync 1; wait-unplug follows it).
 _BEFORE_PAGES = frozenset({"setup", "wait-unplug"})
 
@@ -37,7 +39,8 @@ class EpochGate(RewriteGate, Generic[E]):
     ``on_release`` is the ledger's (:class:`EpochLedger`): it sees each
     epoch's entry before the collector frees its bitmaps. ``on_open(sync,
     epoch)`` is told of each epoch as it opens (the migration's coverage
-    figures); neither may block.
+    figures); neither may block. ``same_sync=False`` drops rule (b)'s
+    e == s case (a KVM source: docs/safety-rule.md §7.2).
     """
 
     def __init__(
@@ -51,10 +54,12 @@ class EpochGate(RewriteGate, Generic[E]):
         hint_deadline_s: float = 5.0,
         on_release: Callable[[EpochEntry[E]], None] | None = None,
         on_open: Callable[[int, E], None] | None = None,
+        same_sync: bool = True,
     ) -> None:
         if poll_interval_s <= 0 or poll_timeout_s <= 0:
             raise ValueError("poll interval and timeout must be positive")
-        self.ledger = EpochLedger(collector, vm, hint_deadline_s=hint_deadline_s, on_release=on_release)
+        self.ledger = EpochLedger(collector, vm, hint_deadline_s=hint_deadline_s, on_release=on_release,
+                                  same_sync=same_sync)
         self._source = source
         self._interval = poll_interval_s
         self._timeout = poll_timeout_s
@@ -87,7 +92,7 @@ class EpochGate(RewriteGate, Generic[E]):
         self._started = True
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
-        self._events = self._source.listen("MIGRATION_PASS", "STOP")
+        self._events = self._source.listen("MIGRATION_PASS", "STOP", "MIGRATION")
         self._tasks = [
             asyncio.create_task(self._event_loop(), name="fph-gate-events"),
             asyncio.create_task(self._poll_loop(), name="fph-gate-polls"),
@@ -184,8 +189,15 @@ class EpochGate(RewriteGate, Generic[E]):
             self._apply_event(ev)
 
     def _apply_event(self, ev: Mapping[str, Any]) -> None:
-        if ev.get("event") == "STOP":
+        name = ev.get("event")
+        if name == "STOP" or (name == "MIGRATION" and _status(ev) in _COMPLETING):
+            # The guest stopped during the migration (QEMU's completion, or anyone's
+            # stop): decide unpolled records now, by request offsets alone (§3.9).
+            self.ledger.completion_started()
             self.guest_not_running()
+            self._notify()
+            return
+        if name == "MIGRATION":
             return
         data = ev.get("data")
         count = data.get("pass") if isinstance(data, Mapping) else None
@@ -251,3 +263,8 @@ class EpochGate(RewriteGate, Generic[E]):
             self._fail(f"query-migrate status {status!r} without a dirty-sync-count")
             return
         self.ledger.on_poll(x, count, passes_before)
+
+
+def _status(ev: Mapping[str, Any]) -> object:
+    data = ev.get("data")
+    return data.get("status") if isinstance(data, Mapping) else None
