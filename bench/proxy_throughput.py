@@ -377,6 +377,13 @@ def run_proxy(mode: str, helper: Peer, tr: Transport, sink: str, free: dict[str,
         cov = CoverageCounter(layout)
         epoch = _Epoch(free)
         cov.epoch_opened(1, epoch)
+        drainer = threading.Event()
+
+        def drain_loop() -> None:  # as the daemon's status loop does, every 0.1 s
+            while not drainer.wait(0.1):
+                cov.drain()
+
+        threading.Thread(target=drain_loop, daemon=True).start()
     # The proxy's parser reads the switch when it is created (on accept).
     os.environ[stream_parser.NO_C_ENV] = "1" if mode.endswith("_py") else ""
     px = MigrationProxy(tr.spare_address(), sink, gate, hold_bytes=256 * MiB, readahead_bytes=readahead,
@@ -395,6 +402,7 @@ def run_proxy(mode: str, helper: Peer, tr: Transport, sink: str, free: dict[str,
     r.update(rewritten=st.pages_rewritten, held=st.pages_held, unjudged=st.pages_released_unjudged,
              paced_s=st.paced_s)
     if cov is not None:
+        drainer.set()
         cov.epoch_released(epoch)
         c = cov.report(0.0, time.monotonic())
         assert c.rewritten == c.sent_after_report > 0, f"{mode}: coverage counted {c.rewritten} of {c.sent_after_report}"

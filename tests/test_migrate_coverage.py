@@ -175,3 +175,21 @@ def test_the_text_report_shows_each_epoch_and_the_goals() -> None:
     assert "goals: first report <= 100 ms met, >= 90 % rewritten NOT met, a report in every epoch > 200 ms NOT met" \
         in text
     assert "sync 2: at 1.50 s for 300 ms, no report;" in text and "sync 4:" in text and "guest stopped" in text
+
+
+def test_the_queue_is_bounded_and_counted_the_same_in_bulk() -> None:
+    from host_collector.migrate.coverage import DRAIN_BATCHES
+
+    cov = CoverageCounter(LAYOUT)
+    e = FakeEpoch(1, 0.0, 0.0)
+    cov.epoch_opened(1, e)
+    for i in range(DRAIN_BATCHES + 10):  # nobody drains: the tap itself does, once
+        cov.batch(0.5, recs("pc.ram", [i % PAGES]), [0] if i % 2 else None, False)
+    assert len(cov._queue) < DRAIN_BATCHES
+    cov.drain()
+    assert not cov._queue
+    e.free("pc.ram", range(PAGES))
+    cov.epoch_released(e)
+    c = cov.report(0.0, 1.0)
+    assert c.epochs[0].records == DRAIN_BATCHES + 10
+    assert c.sent_after_report == PAGES and c.rewritten == PAGES // 2  # odd pages were rewritten (34 wraps)

@@ -19,16 +19,25 @@ report and which were rewritten, one byte per page of each block it saw, and
 intersects them with the epoch's final free set once both are complete.
 Pages, not records: a page sent twice in one window counts once.
 
-Cost on the relay's thread: one numpy conversion and one fancy-indexed store
-per batch (tens of ns per record; bench/proxy_throughput.py measures it).
+Cost on the relay's thread: :meth:`CoverageCounter.batch` only queues the
+batch (a deque append). The queue is worked off in bulk by
+:meth:`CoverageCounter.drain`, which the migration's status loop calls every
+0.1 s on the asyncio loop (and epoch openings and releases), while the relay
+thread mostly waits in recv/send without the GIL: one numpy conversion and
+one indexed store per window and block, about 0.1 us per record. Should
+nobody drain, the relay does it itself every :data:`DRAIN_BATCHES` batches,
+so the queue stays bounded. bench/proxy_throughput.py's ``proxy_held_cov``
+measures the cost.
 """
 
 from __future__ import annotations
 
 import bisect
+import collections
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import chain
 from operator import itemgetter
 from typing import Protocol
 
@@ -37,6 +46,9 @@ import numpy.typing as npt
 
 from fphint.v1 import admin_pb2
 from host_collector.layout import RamLayout
+
+#: Batches queued before the relay's own call works them off (~0.25 GB of records).
+DRAIN_BATCHES = 1024
 
 #: Goals of issue 13.
 FIRST_REPORT_GOAL_MS = 100.0
@@ -106,12 +118,16 @@ class CoverageCounter:
         self._end_pages: dict[str, Mask] = {}
         #: The free set of the newest answered window finalised so far (for the END figure).
         self._last_answered: tuple[int, dict[str, Mask]] | None = None
+        #: Batches not yet counted: (received_at, pages, rewritten indices, final).
+        self._queue: collections.deque[tuple[float, list[tuple[int, int, str, int]], list[int] | None, bool]] = (
+            collections.deque())
 
     # ---- inputs ---------------------------------------------------------------
 
     def epoch_opened(self, sync: int, epoch: CoveredEpoch) -> None:
         stopped = self._guest_stopped()
         with self._lock:
+            self._drain_locked()
             if len(self._windows) >= self._limit:
                 self._not_tracked += 1
                 return
@@ -133,6 +149,7 @@ class CoverageCounter:
             if m is not None:
                 free[b] = np.array(m, dtype=np.bool_, copy=True)
         with self._lock:
+            self._drain_locked()
             w = self._by_id.get(epoch.id)
             if w is None or w.free is not None:
                 return
@@ -142,52 +159,73 @@ class CoverageCounter:
 
     def batch(self, received_at: float, pages: list[tuple[int, int, str, int]], rewritten: list[int] | None,
               final: bool) -> None:
-        """The relay's tap: a batch of PAGE records parsed at ``received_at`` is done with."""
-        n = len(pages)
-        if not n:
-            return
-        with self._lock:
+        """The relay's tap: a batch of PAGE records parsed at ``received_at`` is done with.
+
+        Only queued; every :data:`DRAIN_BATCHES` the queue is counted here, in bulk.
+        """
+        if pages:
+            q = self._queue
+            q.append((received_at, pages, rewritten, final))
+            if len(q) >= DRAIN_BATCHES:
+                with self._lock:
+                    self._drain_locked()
+
+    def drain(self) -> None:
+        """Count the queued batches now (any thread; the daemon's status loop calls it)."""
+        if self._queue:
+            with self._lock:
+                self._drain_locked()
+
+    def _drain_locked(self) -> None:
+        """Count every queued batch: per (mask, block) the batches' page numbers in one array, one store."""
+        q = self._queue
+        #: (id of the mask dict, block) -> _Pending
+        todo: dict[tuple[int, str], _Pending] = {}
+
+        def pending(target: dict[str, Mask], block: str, rw_target: dict[str, Mask] | None) -> _Pending:
+            key = (id(target), block)
+            got = todo.get(key)
+            if got is None:
+                got = todo[key] = _Pending(target, block, rw_target)
+            return got
+
+        while q:
+            received_at, pages, rewritten, final = q.popleft()
+            n = len(pages)
+            rw_target: dict[str, Mask] | None = None
             if final:
                 self._end_records += n
-                self._mark(self._end_pages, pages, None)
-                return
-            i = bisect.bisect_right(self._starts, received_at) - 1
-            if i < 0:
-                self._before_first += n
-                return
-            w = self._windows[i]
-            if w.result is not None:
-                return  # finalised already (a batch parsed long before it was done with): too late to count
-            w.records += n
-            first = w.epoch.first_chunk_at
-            target = w.after if first is not None and first <= received_at else w.before
-            self._mark(target, pages, rewritten, w.rewritten)
-
-    def _mark(self, target: dict[str, Mask], pages: Sequence[tuple[int, int, str, int]],
-              rewritten: list[int] | None, rw_target: dict[str, Mask] | None = None) -> None:
-        pg = np.fromiter(map(_PAGE, pages), dtype=np.intp, count=len(pages))
-        blocks = set(map(_BLOCK, pages))
-        rw = np.asarray(rewritten, dtype=np.intp) if rewritten else None
-        for b in blocks:
-            size = self._pages.get(b)
-            if size is None:
-                continue  # a block outside the layout: never hinted
-            if len(blocks) == 1:
-                sel, rsel = pg, (pg[rw] if rw is not None else None)
+                target = self._end_pages
             else:
-                inb = np.fromiter((blk == b for blk in map(_BLOCK, pages)), dtype=np.bool_, count=len(pages))
-                sel = pg[inb]
-                rsel = pg[rw[inb[rw]]] if rw is not None else None
-            sel = sel[sel < size]
-            _mask(target, b, size)[sel] = True
-            if rw_target is not None and rsel is not None and rsel.size:
-                _mask(rw_target, b, size)[rsel[rsel < size]] = True
+                i = bisect.bisect_right(self._starts, received_at) - 1
+                if i < 0:
+                    self._before_first += n
+                    continue
+                w = self._windows[i]
+                if w.result is not None:
+                    continue  # finalised already (parsed long before it was done with): too late to count
+                w.records += n
+                first = w.epoch.first_chunk_at
+                target = w.after if first is not None and first <= received_at else w.before
+                rw_target = w.rewritten
+            b = pages[0][2]
+            if pages[-1][2] == b and len(set(map(_BLOCK, pages))) == 1:
+                pending(target, b, rw_target).add(pages, rewritten if rw_target is not None else None)
+                continue
+            rw = set(rewritten or ())
+            for k, rec in enumerate(pages):  # a batch across blocks (rare): record by record
+                pending(target, rec[2], rw_target).add([rec], [0] if rw_target is not None and k in rw else None)
+        for job in todo.values():
+            size = self._pages.get(job.block)
+            if size is not None:  # a block outside the layout: never hinted
+                job.store(size)
 
     # ---- the report -------------------------------------------------------------
 
     def report(self, started_at: float, ended_at: float) -> admin_pb2.Coverage:
         """The coverage block; call once the proxy and the gate are done (every epoch released)."""
         with self._lock:
+            self._drain_locked()
             for w in self._windows:
                 w.complete = True
                 if w.free is None:
@@ -222,6 +260,33 @@ class CoverageCounter:
                     self._last_answered is None or self._last_answered[0] < w.sync):
                 self._last_answered = (w.sync, w.free)
             w.before, w.after, w.rewritten, w.free = {}, {}, {}, {}
+
+
+class _Pending:
+    """Batches of one block bound for one mask (and their rewrites for ``rw_target``)."""
+
+    __slots__ = ("target", "block", "rw_target", "chunks", "n", "rw")
+
+    def __init__(self, target: dict[str, Mask], block: str, rw_target: dict[str, Mask] | None) -> None:
+        self.target = target
+        self.block = block
+        self.rw_target = rw_target
+        self.chunks: list[list[tuple[int, int, str, int]]] = []
+        self.n = 0
+        self.rw: list[int] = []  # indices into the concatenation of chunks
+
+    def add(self, pages: list[tuple[int, int, str, int]], rewritten: list[int] | None) -> None:
+        if rewritten:
+            self.rw.extend(map(self.n.__add__, rewritten))
+        self.chunks.append(pages)
+        self.n += len(pages)
+
+    def store(self, size: int) -> None:
+        pg = np.fromiter(chain.from_iterable(map(_PAGE, c) for c in self.chunks), dtype=np.intp, count=self.n)
+        _mask(self.target, self.block, size)[pg[pg < size]] = True
+        if self.rw_target is not None and self.rw:
+            r = pg[np.array(self.rw, dtype=np.intp)]
+            _mask(self.rw_target, self.block, size)[r[r < size]] = True
 
 
 def _mask(masks: dict[str, Mask], block: str, size: int) -> Mask:

@@ -406,6 +406,8 @@ class MigrationRun:
                 return last
             info: Mapping[str, Any] = reply if isinstance(reply, Mapping) else {}
             last = info
+            if self._coverage is not None:
+                self._coverage.drain()  # off the relay's thread (coverage.py)
             status = info.get("status")
             if now >= next_progress or status in TERMINAL:
                 next_progress = now + plan.progress_interval_s
