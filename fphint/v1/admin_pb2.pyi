@@ -321,20 +321,28 @@ class Coverage(_message.Message):
     def __init__(self, epochs: _Optional[_Iterable[_Union[EpochCoverage, _Mapping]]] = ..., first_report_ms: _Optional[float] = ..., sent_after_report: _Optional[int] = ..., rewritten: _Optional[int] = ..., fraction: _Optional[float] = ..., sent_after_open: _Optional[int] = ..., rewritten_after_open: _Optional[int] = ..., fraction_after_open: _Optional[float] = ..., epochs_over_200ms_without_report: _Optional[int] = ..., end_section_records: _Optional[int] = ..., end_section_reported_free: _Optional[int] = ..., records_before_first_epoch: _Optional[int] = ..., epochs_not_tracked: _Optional[int] = ..., first_report_goal_met: _Optional[bool] = ..., fraction_goal_met: _Optional[bool] = ..., report_every_epoch_goal_met: _Optional[bool] = ...) -> None: ...
 
 class ProxyTiming(_message.Message):
-    __slots__ = ("paced_s", "send_s", "held_wait_s", "polls", "poll_ms_mean", "poll_ms_max")
+    __slots__ = ("paced_s", "send_s", "held_wait_s", "polls", "poll_ms_mean", "poll_ms_max", "backlog_at_stop_bytes", "stop_to_end_section_ms", "stop_to_drained_ms", "stop_to_eof_ms")
     PACED_S_FIELD_NUMBER: _ClassVar[int]
     SEND_S_FIELD_NUMBER: _ClassVar[int]
     HELD_WAIT_S_FIELD_NUMBER: _ClassVar[int]
     POLLS_FIELD_NUMBER: _ClassVar[int]
     POLL_MS_MEAN_FIELD_NUMBER: _ClassVar[int]
     POLL_MS_MAX_FIELD_NUMBER: _ClassVar[int]
+    BACKLOG_AT_STOP_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STOP_TO_END_SECTION_MS_FIELD_NUMBER: _ClassVar[int]
+    STOP_TO_DRAINED_MS_FIELD_NUMBER: _ClassVar[int]
+    STOP_TO_EOF_MS_FIELD_NUMBER: _ClassVar[int]
     paced_s: float
     send_s: float
     held_wait_s: float
     polls: int
     poll_ms_mean: float
     poll_ms_max: float
-    def __init__(self, paced_s: _Optional[float] = ..., send_s: _Optional[float] = ..., held_wait_s: _Optional[float] = ..., polls: _Optional[int] = ..., poll_ms_mean: _Optional[float] = ..., poll_ms_max: _Optional[float] = ...) -> None: ...
+    backlog_at_stop_bytes: int
+    stop_to_end_section_ms: float
+    stop_to_drained_ms: float
+    stop_to_eof_ms: float
+    def __init__(self, paced_s: _Optional[float] = ..., send_s: _Optional[float] = ..., held_wait_s: _Optional[float] = ..., polls: _Optional[int] = ..., poll_ms_mean: _Optional[float] = ..., poll_ms_max: _Optional[float] = ..., backlog_at_stop_bytes: _Optional[int] = ..., stop_to_end_section_ms: _Optional[float] = ..., stop_to_drained_ms: _Optional[float] = ..., stop_to_eof_ms: _Optional[float] = ...) -> None: ...
 
 class MigrationReport(_message.Message):
     __slots__ = ("vm", "migration", "outcome", "message", "to", "proxy_address", "issued_migrate", "started_at_unix", "wall_s", "source_status", "source_error", "source_runstate", "destination_status", "downtime_ms", "total_time_ms", "setup_time_ms", "dirty_sync_count", "qemu_transferred_bytes", "qemu_normal_pages", "qemu_zero_pages", "proxy_outcome", "source_bytes", "destination_bytes", "return_bytes", "extra_connections", "page_records", "zero_records", "pages_rewritten", "pages_held", "pages_released_unjudged", "fallback_reason", "abort_reason", "proxy_error", "rewriting", "plain_relay_reason", "gate_failure", "passes", "polls", "epochs", "epochs_not_listed", "agent_attached", "agent_source", "ram_bytes", "page_size", "preflight", "notes", "coverage", "timing", "switchover_bandwidth", "same_sync_rule")

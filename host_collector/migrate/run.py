@@ -540,6 +540,11 @@ class MigrationRun:
             r.timing.paced_s = st.paced_s
             r.timing.send_s = st.send_s
             r.timing.held_wait_s = st.held_wait_s
+            r.timing.backlog_at_stop_bytes = st.backlog_at_stop
+            for field, at in (("stop_to_end_section_ms", st.end_section_at), ("stop_to_drained_ms", st.drained_at),
+                              ("stop_to_eof_ms", st.eof_at)):
+                since = at - st.stop_seen_at if at is not None and st.stop_seen_at is not None else None
+                setattr(r.timing, field, -1.0 if since is None else 1000 * since)
         r.rewriting = self.rewriting
         gate = self._epoch_gate
         if gate is not None:

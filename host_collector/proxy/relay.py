@@ -174,6 +174,13 @@ class MainRelay:
         self._paced_since: float | None = None
         self.send_s = 0.0
         self.held_wait_s = 0.0
+        #: The switchover as the relay saw it: when it first saw the guest stopped, what it then
+        #: had received but not sent, and when the END section, the last held record and EOF came.
+        self.stop_seen_at: float | None = None
+        self.backlog_at_stop = 0
+        self.end_section_at: float | None = None
+        self.drained_at: float | None = None
+        self.eof_at: float | None = None
 
     def snapshot(self, st: ProxyStats) -> ProxyStats:
         p = self.parser
@@ -191,6 +198,11 @@ class MainRelay:
             paced_s=self.paced_s + (time.monotonic() - self._paced_since if self._paced_since is not None else 0.0),
             send_s=self.send_s,
             held_wait_s=self.held_wait_s,
+            stop_seen_at=self.stop_seen_at,
+            backlog_at_stop=self.backlog_at_stop,
+            end_section_at=self.end_section_at,
+            drained_at=self.drained_at,
+            eof_at=self.eof_at,
         )
 
     def wake(self) -> None:
@@ -258,8 +270,13 @@ class MainRelay:
                 self._receive()  # nothing held: block in recv
             if ended():
                 break
+            if self.stop_seen_at is None and self.gate.guest_stopped:
+                self.stop_seen_at = time.monotonic()
+                self.backlog_at_stop = self.received - self.sent_bytes
             if self.held:
                 self._judge()
+                if not self.held and self.drained_at is None and self.stop_seen_at is not None:
+                    self.drained_at = time.monotonic()
             self._send_ready()
         if not ended():
             log.debug("migration proxy: everything sent (%d bytes)", self.sent_bytes)
@@ -354,6 +371,7 @@ class MainRelay:
                       phase.value, offset, self.received, self.sent_bytes, self._held_bytes())
             if phase is Phase.COMPLETION:
                 self._completion_at = offset
+                self.end_section_at = time.monotonic()
                 self.gate.stop_holding()
                 # The guest is stopped: no switchover left to inform, and QEMU
                 # may write the final pass holding the lock its QMP answers
@@ -392,6 +410,7 @@ class MainRelay:
 
     def _source_closed(self) -> None:
         self.src_eof = True
+        self.eof_at = time.monotonic()
         log.debug("migration proxy: source EOF at %d (sent %d, held %d bytes)",
                   self.received, self.sent_bytes, self._held_bytes())
         self._poller.unregister(self.src)  # POLLIN stays set at EOF

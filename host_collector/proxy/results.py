@@ -60,6 +60,14 @@ class ProxyStats:
     send_s: float = 0.0
     #: Seconds waiting with records held (for the gate, or a hold deadline).
     held_wait_s: float = 0.0
+    #: The switchover (``time.monotonic()``, None: not seen): the relay first saw the guest
+    #: stopped, with ``backlog_at_stop`` bytes received and not yet sent; the END section began;
+    #: the last held record went out after it; the source's EOF.
+    stop_seen_at: float | None = None
+    backlog_at_stop: int = 0
+    end_section_at: float | None = None
+    drained_at: float | None = None
+    eof_at: float | None = None
 
 
 @dataclass(frozen=True)
