@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test check typecheck protos
+.PHONY: setup demo test lint typecheck protos
 setup:
 	VENV=$(VENV) scripts/install-deps.sh
 
@@ -14,9 +14,16 @@ demo: setup
 QEMU10 := /var/cache/fphint/qemu-10.0/bin/qemu-system-x86_64
 QEMU_SUITE := tests/test_stream_qemu.py tests/test_qmp_*.py tests/test_migrate_cli.py
 
-test: setup
+test: setup lint
 	$(PY) -m pytest
 	FPH_QEMU=$(QEMU10) $(PY) -m pytest -m "qemu and not vm" $(QEMU_SUITE)
+
+# Lint, format and types over the packages, the lab, the tests and the benches
+# (pyproject.toml says which files and rules); `make test` runs it first.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m mypy
 
 typecheck: setup
 	$(PY) -m mypy

@@ -23,12 +23,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
 from fphint import addresses
 from fphint.v1 import admin_pb2, admin_pb2_grpc
+
+if TYPE_CHECKING:
+    from guest_agent.agent import Endpoint
 
 GiB = 1 << 30
 TOKEN = "bench-token-{}-0123456789abcdef"
@@ -50,26 +55,35 @@ def ranges_for(vm: int, n: int) -> list[tuple[int, int]]:
 def write_config(work: Path, n: int) -> Path:
     lines = ["[collector]", f'listen = ["unix:{work}/agents.sock"]', f'admin = "unix:{work}/admin.sock"', ""]
     for i in range(n):
-        lines += ["[[vm]]", f'name = "vm{i}"', f'token = "{TOKEN.format(i)}"',
-                  'ram = [{ gpa = 0, size = 0x80000000, block = "pc.ram", offset = 0 },',
-                  '       { gpa = 0x100000000, size = 0x40000000, block = "pc.ram", offset = 0x80000000 }]', ""]
+        lines += [
+            "[[vm]]",
+            f'name = "vm{i}"',
+            f'token = "{TOKEN.format(i)}"',
+            'ram = [{ gpa = 0, size = 0x80000000, block = "pc.ram", offset = 0 },',
+            '       { gpa = 0x100000000, size = 0x40000000, block = "pc.ram", offset = 0x80000000 }]',
+            "",
+        ]
     p = work / "collector.toml"
     p.write_text("\n".join(lines))
     return p
 
 
+def _fixed(ep: Endpoint) -> Callable[[], Endpoint]:
+    return lambda: ep
+
+
 async def worker(socket: str, first: int, count: int, n_ranges: int) -> None:
     """Run agents vm{first}..vm{first+count-1} until killed."""
+    from fphint_lab.collector_harness import FixedSource
     from guest_agent.agent import Agent, Endpoint, Settings
     from guest_agent.facts import GuestSafety, build_facts
-    from fphint_lab.collector_harness import FixedSource
 
     agents = []
     for i in range(first, first + count):
         src = FixedSource(ranges_for(i, n_ranges))
         facts = build_facts(GuestSafety(), [], src.name, "")
         ep = Endpoint(addresses.parse(f"unix:{socket}"), TOKEN.format(i))
-        agents.append(Agent(src, facts, lambda ep=ep: ep, Settings(backoff_initial_s=0.1)))
+        agents.append(Agent(src, facts, _fixed(ep), Settings(backoff_initial_s=0.1)))
     await asyncio.gather(*(a.run() for a in agents))
 
 
@@ -82,14 +96,27 @@ def run_load(n_agents: int, rounds: int, n_ranges: int, workers: int) -> dict[st
     with tempfile.TemporaryDirectory(prefix="fphint-bench-") as tmp:
         work = Path(tmp)
         cfg = write_config(work, n_agents)
-        col = subprocess.Popen([sys.executable, "-m", "host_collector", "serve", "--config", str(cfg)],
-                               stderr=open(work / "collector.log", "w"))
+        col = subprocess.Popen(
+            [sys.executable, "-m", "host_collector", "serve", "--config", str(cfg)],
+            stderr=open(work / "collector.log", "w"),
+        )
         procs = []
         per = -(-n_agents // workers)
         for w in range(0, n_agents, per):
-            procs.append(subprocess.Popen(
-                [sys.executable, __file__, "--worker", str(work / "agents.sock"), str(w), str(min(per, n_agents - w)),
-                 str(n_ranges)], stderr=open(work / f"worker{w}.log", "w")))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--worker",
+                        str(work / "agents.sock"),
+                        str(w),
+                        str(min(per, n_agents - w)),
+                        str(n_ranges),
+                    ],
+                    stderr=open(work / f"worker{w}.log", "w"),
+                )
+            )
         try:
             ch = grpc.insecure_channel(f"unix:{work}/admin.sock")
             stub = admin_pb2_grpc.CollectorAdminStub(ch)
@@ -113,9 +140,13 @@ def run_load(n_agents: int, rounds: int, n_ranges: int, workers: int) -> dict[st
                 async with grpc.aio.insecure_channel(f"unix:{work}/admin.sock") as ach:
                     astub = admin_pb2_grpc.CollectorAdminStub(ach)
                     for r in range(rounds):
-                        reqs = [astub.CollectHints(admin_pb2.CollectHintsRequest(
-                            vm=f"vm{i}", deadline_ms=10000, close_on_snapshot=True), timeout=30)
-                            for i in range(n_agents)]
+                        reqs = [
+                            astub.CollectHints(
+                                admin_pb2.CollectHintsRequest(vm=f"vm{i}", deadline_ms=10000, close_on_snapshot=True),
+                                timeout=30,
+                            )
+                            for i in range(n_agents)
+                        ]
                         for resp in await asyncio.gather(*reqs):
                             if resp.reports and resp.accepted_ranges == n_ranges:
                                 lat.append(resp.request_to_last_chunk_s)
@@ -128,7 +159,7 @@ def run_load(n_agents: int, rounds: int, n_ranges: int, workers: int) -> dict[st
             rss, hwm = rss_kib(col.pid)
             ch.close()
         finally:
-            for p in procs + [col]:
+            for p in [*procs, col]:
                 p.kill()
                 p.wait()
     lat.sort()
@@ -161,8 +192,10 @@ def main() -> int:
     many = run_load(args.agents, args.rounds, args.ranges, args.workers)
     print(f"\n{'agents':>6} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'RSS MiB':>8} {'peak MiB':>9} {'failed':>6}")
     for r in (base, many):
-        print(f"{r['agents']:6.0f} {r['requests_per_s']:8.1f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} "
-              f"{r['collector_rss_mib']:8.1f} {r['collector_peak_rss_mib']:9.1f} {r['failures']:6.0f}")
+        print(
+            f"{r['agents']:6.0f} {r['requests_per_s']:8.1f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} "
+            f"{r['collector_rss_mib']:8.1f} {r['collector_peak_rss_mib']:9.1f} {r['failures']:6.0f}"
+        )
     out = {"bench": "agents_concurrent", "ranges_per_report": args.ranges, "rounds": args.rounds}
     out.update({k: round(v, 2) for k, v in many.items()})
     out["baseline_1_agent"] = {k: round(v, 2) for k, v in base.items()}

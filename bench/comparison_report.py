@@ -33,22 +33,30 @@ ANCHORS: dict[str, Any] = {
 def _stats(values: Sequence[float]) -> dict[str, float] | None:
     if not values:
         return None
-    return {"median": round(statistics.median(values), 1), "min": round(min(values), 1),
-            "max": round(max(values), 1)}
+    return {"median": round(statistics.median(values), 1), "min": round(min(values), 1), "max": round(max(values), 1)}
 
 
 def run_record(r: RunResult) -> dict[str, Any]:
     """One migration, as the document keeps it (the collector's coverage
     block passed through when its report has one)."""
     rec: dict[str, Any] = {
-        "run": r.run, "ok": r.ok, "survived": r.survived,
+        "run": r.run,
+        "ok": r.ok,
+        "survived": r.survived,
         "corrupted": any("verification failed" in p for p in r.problems),
         "completed": bool(r.qemu_transferred),
-        "wire_mib": round(r.wire_bytes / MiB, 1), "qemu_mib": round(r.qemu_transferred / MiB, 1),
-        "total_ms": r.total_time_ms, "downtime_ms": r.downtime_ms, "wall_s": r.wall_s,
-        "syncs": r.dirty_sync_count, "normal_pages": r.normal_pages, "zero_pages": r.duplicate_pages,
-        "guest_cpu_share": r.guest_cpu_share, "guest_used_mib": r.guest_used_mib,
-        "agent_source": r.agent_source, "problems": r.problems,
+        "wire_mib": round(r.wire_bytes / MiB, 1),
+        "qemu_mib": round(r.qemu_transferred / MiB, 1),
+        "total_ms": r.total_time_ms,
+        "downtime_ms": r.downtime_ms,
+        "wall_s": r.wall_s,
+        "syncs": r.dirty_sync_count,
+        "normal_pages": r.normal_pages,
+        "zero_pages": r.duplicate_pages,
+        "guest_cpu_share": r.guest_cpu_share,
+        "guest_used_mib": r.guest_used_mib,
+        "agent_source": r.agent_source,
+        "problems": r.problems,
     }
     report = r.report or {}
     for key in ("coverage", "timing"):  # the collector's own blocks, as it reported them
@@ -66,8 +74,14 @@ def scenario_record(name: str, results: Sequence[RunResult]) -> dict[str, Any]:
     runs = [run_record(r) for r in results]
     done = [r for r in runs if r["completed"]]
     out: dict[str, Any] = {
-        "name": name, "label": sc.label, "note": sc.note, "kernel_args": list(sc.kernel_args),
-        "balloon": sc.balloon, "runs": runs, "completed": len(done), "survived": sum(r["survived"] for r in runs),
+        "name": name,
+        "label": sc.label,
+        "note": sc.note,
+        "kernel_args": list(sc.kernel_args),
+        "balloon": sc.balloon,
+        "runs": runs,
+        "completed": len(done),
+        "survived": sum(r["survived"] for r in runs),
         "corrupted": sum(r["corrupted"] for r in runs),
     }
     for key in ("wire_mib", "total_ms", "downtime_ms", "guest_cpu_share", "syncs"):
@@ -108,8 +122,13 @@ def goals(scenarios: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         "no_corruption": all(s["corrupted"] == 0 for s in scenarios.values()),
         "no_crash": all(s["survived"] == len(s["runs"]) for s in scenarios.values()),
     }
-    return {"evaluated": True, "checks": checks, "wire_ratio_to": wire, "time_ratio_to": time_,
-            "downtime_ratio_to": down}
+    return {
+        "evaluated": True,
+        "checks": checks,
+        "wire_ratio_to": wire,
+        "time_ratio_to": time_,
+        "downtime_ratio_to": down,
+    }
 
 
 def group_record(group: Mapping[str, Any], results: Mapping[str, Sequence[RunResult]]) -> dict[str, Any]:
@@ -133,12 +152,17 @@ def _cell(stats: Mapping[str, float] | None, digits: int = 0, scale: float = 1.0
 
 
 def group_table(g: Mapping[str, Any]) -> str:
-    rows = ["| scenario | runs | wire MiB | total time ms | downtime ms | guest CPU busy % | syncs | survived "
-            "| corrupted |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| scenario | runs | wire MiB | total time ms | downtime ms | guest CPU busy % | syncs | survived "
+        "| corrupted |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for s in g["scenarios"]:
-        rows.append(f"| {s['label']} | {s['completed']}/{len(s['runs'])} | {_cell(s['wire_mib'], 1)} "
-                    f"| {_cell(s['total_ms'])} | {_cell(s['downtime_ms'])} | {_cell(s['guest_cpu_share'], 0, 0.01)} "
-                    f"| {_cell(s['syncs'])} | {s['survived']}/{len(s['runs'])} | {s['corrupted']} |")
+        rows.append(
+            f"| {s['label']} | {s['completed']}/{len(s['runs'])} | {_cell(s['wire_mib'], 1)} "
+            f"| {_cell(s['total_ms'])} | {_cell(s['downtime_ms'])} | {_cell(s['guest_cpu_share'], 0, 0.01)} "
+            f"| {_cell(s['syncs'])} | {s['survived']}/{len(s['runs'])} | {s['corrupted']} |"
+        )
     return "\n".join(rows)
 
 
@@ -147,14 +171,17 @@ def _anchor_lines(g: Mapping[str, Any]) -> list[str]:
         return []
     a = ANCHORS
     by = {s["name"]: s for s in g["scenarios"]}
-    lines = [f"Published anchor for this setup ({a['guest_gib']} GiB guest that filled ~{a['filled_gib']} GiB and "
-             f"freed it): plain {a['plain']['wire_gb']} GB in {a['plain']['total_s']} s, free pages skipped "
-             f"{a['free_pages_skipped']['wire_gb']} GB in {a['free_pages_skipped']['total_s']} s. Here:"]
+    lines = [
+        f"Published anchor for this setup ({a['guest_gib']} GiB guest that filled ~{a['filled_gib']} GiB and "
+        f"freed it): plain {a['plain']['wire_gb']} GB in {a['plain']['total_s']} s, free pages skipped "
+        f"{a['free_pages_skipped']['wire_gb']} GB in {a['free_pages_skipped']['total_s']} s. Here:"
+    ]
     for name in ("plain", "fphint", "init_on_free", "balloon_report"):
         s = by.get(name)
         if s and s["wire_mib"] and s["total_ms"]:
-            lines.append(f"{s['label']} {s['wire_mib']['median'] * MiB / 1e9:.2f} GB in "
-                         f"{s['total_ms']['median'] / 1000:.2f} s;")
+            lines.append(
+                f"{s['label']} {s['wire_mib']['median'] * MiB / 1e9:.2f} GB in {s['total_ms']['median'] / 1000:.2f} s;"
+            )
     return [" ".join(lines), ""]
 
 
@@ -162,8 +189,7 @@ def markdown(doc: Mapping[str, Any], png_name: str | None) -> str:
     acc = doc["accelerator"]
     lines = ["# Migration comparison: fphint against QEMU's own ways to skip free memory", ""]
     if doc.get("dry_run"):
-        lines += ["**DRY RUN: synthetic numbers, no guest was booted** (bench/migration_comparison.py --dry-run).",
-                  ""]
+        lines += ["**DRY RUN: synthetic numbers, no guest was booted** (bench/migration_comparison.py --dry-run).", ""]
     lines += [
         f"Generated by `bench/migration_comparison.py` on {doc['date']} ({doc['command']}): QEMU "
         f"{doc['qemu']['version']}, accelerator **{acc['label']}** ({acc['how']}: {acc['reason']}), 1 vCPU; link "
@@ -179,33 +205,53 @@ def markdown(doc: Mapping[str, Any], png_name: str | None) -> str:
         "from the source's query-migrate, end when the destination has loaded the last byte.",
         "",
         f"Regenerate: `{REGENERATE}` as root (`--plan` prints the campaign and its estimated time first; every "
-        "option in docs/e2e.md, \"The benchmark and the demo\"). The accelerator is chosen by vmimage.accel (KVM "
+        'option in docs/e2e.md, "The benchmark and the demo"). The accelerator is chosen by vmimage.accel (KVM '
         "where a probe guest runs on it, else TCG; `--accel` or `$FPH_ACCEL` force one).",
         "",
     ]
     if png_name:
         lines += [f"![comparison chart]({png_name})", ""]
     for g in doc["groups"]:
-        lines += [f"## {g['title']}", "", f"Workload before each migration: {g['workload_desc']}.", "",
-                  group_table(g), ""]
+        lines += [
+            f"## {g['title']}",
+            "",
+            f"Workload before each migration: {g['workload_desc']}.",
+            "",
+            group_table(g),
+            "",
+        ]
         lines += _anchor_lines(g)
         goal = g["goals"]
         if goal.get("evaluated"):
-            lines += ["Goals (medians): " + "; ".join(
-                f"{k} **{'met' if v else ('n/a' if v is None else 'NOT met')}**" for k, v in goal["checks"].items())
-                + ".", "", f"fphint / other, wire bytes: {goal['wire_ratio_to']}; total time: "
-                f"{goal['time_ratio_to']}; downtime: {goal['downtime_ratio_to']}.", ""]
+            lines += [
+                "Goals (medians): "
+                + "; ".join(
+                    f"{k} **{'met' if v else ('n/a' if v is None else 'NOT met')}**" for k, v in goal["checks"].items()
+                )
+                + ".",
+                "",
+                f"fphint / other, wire bytes: {goal['wire_ratio_to']}; total time: "
+                f"{goal['time_ratio_to']}; downtime: {goal['downtime_ratio_to']}.",
+                "",
+            ]
     lines += ["## Scenarios", ""]
     seen: set[str] = set()
     for g in doc["groups"]:
         for s in g["scenarios"]:
             if s["name"] not in seen:
                 seen.add(s["name"])
-                lines.append(f"* **{s['label']}**: {s['note']}; kernel args `{' '.join(s['kernel_args']) or '-'}`, "
-                             f"balloon `{s['balloon']}`.")
-    lines += ["", "## Per run", "",
-              "| group | scenario | run | wire MiB | QEMU MiB | normal | zero | syncs | total ms | down ms | wall s "
-              "| guest CPU % | ok | problems |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                lines.append(
+                    f"* **{s['label']}**: {s['note']}; kernel args `{' '.join(s['kernel_args']) or '-'}`, "
+                    f"balloon `{s['balloon']}`."
+                )
+    lines += [
+        "",
+        "## Per run",
+        "",
+        "| group | scenario | run | wire MiB | QEMU MiB | normal | zero | syncs | total ms | down ms | wall s "
+        "| guest CPU % | ok | problems |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for g in doc["groups"]:
         for s in g["scenarios"]:
             for r in s["runs"]:
@@ -214,7 +260,8 @@ def markdown(doc: Mapping[str, Any], png_name: str | None) -> str:
                     f"| {g['key']} | {s['name']} | {r['run']} | {r['wire_mib']:.1f} | {r['qemu_mib']:.1f} "
                     f"| {r['normal_pages']} | {r['zero_pages']} | {r['syncs']} | {r['total_ms']} "
                     f"| {r['downtime_ms']} | {r['wall_s']:.2f} | {r['guest_cpu_share'] * 100:.0f} "
-                    f"| {'yes' if r['ok'] else 'NO'} | {probs} |")
+                    f"| {'yes' if r['ok'] else 'NO'} | {probs} |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -230,8 +277,11 @@ def chart(doc: Mapping[str, Any], path: Path) -> None:
 
     groups = doc["groups"]
     fig, axes = plt.subplots(len(groups), 3, figsize=(15, 4.6 * len(groups)), squeeze=False)
-    panels = (("bytes on the wire", "wire_mib", "MiB"), ("total migration time", "total_ms", "ms"),
-              ("downtime", "downtime_ms", "ms"))
+    panels = (
+        ("bytes on the wire", "wire_mib", "MiB"),
+        ("total migration time", "total_ms", "ms"),
+        ("downtime", "downtime_ms", "ms"),
+    )
     for row, g in zip(axes, groups):
         ss = g["scenarios"]
         labels = [s["label"].replace(", ", ",\n") for s in ss]
@@ -239,17 +289,24 @@ def chart(doc: Mapping[str, Any], path: Path) -> None:
             st = [s[key] or {"median": 0.0, "min": 0.0, "max": 0.0} for s in ss]
             med = [x["median"] for x in st]
             err = [[max(0.0, x["median"] - x["min"]) for x in st], [max(0.0, x["max"] - x["median"]) for x in st]]
-            colors = ["#d62728" if s["survived"] < len(s["runs"]) or s["corrupted"] else
-                      ("#2ca02c" if s["name"].startswith("fphint") else "#4c72b0") for s in ss]
+            colors = [
+                "#d62728"
+                if s["survived"] < len(s["runs"]) or s["corrupted"]
+                else ("#2ca02c" if s["name"].startswith("fphint") else "#4c72b0")
+                for s in ss
+            ]
             ax.bar(range(len(ss)), med, yerr=err, capsize=4, color=colors)
             ax.set_xticks(range(len(ss)), labels, rotation=35, ha="right", fontsize=8)
             ax.set_title(f"{g['title']}: {what} ({unit})", fontsize=9)
             ax.grid(axis="y", alpha=0.3)
     acc = doc["accelerator"]["label"]
-    fig.suptitle(f"QEMU {doc['qemu']['version']}, {acc}, {doc['link']['mbit']:.0f} Mbit/s link, "
-                 f"{doc['runs_per_scenario']} runs per scenario (median, min-max)"
-                 + (" - DRY RUN, synthetic" if doc.get("dry_run") else "")
-                 + "\nred: a guest crashed or its memory was corrupted in some run", fontsize=10)
+    fig.suptitle(
+        f"QEMU {doc['qemu']['version']}, {acc}, {doc['link']['mbit']:.0f} Mbit/s link, "
+        f"{doc['runs_per_scenario']} runs per scenario (median, min-max)"
+        + (" - DRY RUN, synthetic" if doc.get("dry_run") else "")
+        + "\nred: a guest crashed or its memory was corrupted in some run",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -76,8 +76,8 @@ def first_part(ebpf: EbpfSource, runs: int) -> dict[str, float]:
 
 
 async def _agent_latency(source: FreePageSource, epochs: int) -> list[float]:
-    from host_collector.layout import RamLayout, RamRange
     from fphint_lab.collector_harness import make_config, running_agent, running_collector, wait_attached
+    from host_collector.layout import RamLayout, RamRange
 
     offset, rr = 0, []
     for s, e in system.ram_pfn_ranges():
@@ -133,8 +133,7 @@ print(json.dumps(out))
 
 
 def rss_profile() -> dict[str, float]:
-    proc = subprocess.run([sys.executable, "-c", RSS_PROBE], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-c", RSS_PROBE], capture_output=True, text=True, timeout=120)
     if proc.returncode:
         raise RuntimeError(proc.stderr[-2000:])
     raw = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -155,8 +154,13 @@ def live_cost(ebpf: EbpfSource) -> dict[str, float]:
     wall, used = time.perf_counter() - t0, cpu() - c0
     pages = sum(n for _, n in got) // 4096
     live.stop()
-    return {"pages": pages, "ranges": len(got), "drain_ms": wall * 1000, "drain_cpu_ms": used * 1000,
-            "lost": live.lost - lost0}
+    return {
+        "pages": pages,
+        "ranges": len(got),
+        "drain_ms": wall * 1000,
+        "drain_cpu_ms": used * 1000,
+        "lost": live.lost - lost0,
+    }
 
 
 def main() -> int:
@@ -187,13 +191,20 @@ def main() -> int:
 
     e, k = side["ebpf"], side["kpageflags"]
     print(f"RAM scanned: {ram_gib:.2f} GiB; ebpf open (compile, load, self-test): {open_s:.2f} s", file=sys.stderr)
-    print(f"{'source':>11} {'ms/scan':>8} {'ms/GiB':>7} {'CPU ms':>7} {'ranges':>7} {'free pages':>10}",
-          file=sys.stderr)
+    print(
+        f"{'source':>11} {'ms/scan':>8} {'ms/GiB':>7} {'CPU ms':>7} {'ranges':>7} {'free pages':>10}", file=sys.stderr
+    )
     for name, row in side.items():
-        print(f"{name:>11} {row['wall'] * 1000:8.1f} {row['wall'] * 1000 / ram_gib:7.2f} {row['cpu'] * 1000:7.1f} "
-              f"{row['ranges']:7.0f} {row['pages']:10.0f}", file=sys.stderr)
-    print(f"first part ready {first['first_part_ms']:.2f} ms, all parts {first['all_parts_ms']:.1f} ms; "
-          f"agent request->first chunk ebpf {agent_ebpf} ms, kpageflags {agent_kpf} ms", file=sys.stderr)
+        print(
+            f"{name:>11} {row['wall'] * 1000:8.1f} {row['wall'] * 1000 / ram_gib:7.2f} {row['cpu'] * 1000:7.1f} "
+            f"{row['ranges']:7.0f} {row['pages']:10.0f}",
+            file=sys.stderr,
+        )
+    print(
+        f"first part ready {first['first_part_ms']:.2f} ms, all parts {first['all_parts_ms']:.1f} ms; "
+        f"agent request->first chunk ebpf {agent_ebpf} ms, kpageflags {agent_kpf} ms",
+        file=sys.stderr,
+    )
     print(f"RSS MiB: {rss}", file=sys.stderr)
     print(f"live frees: {live}", file=sys.stderr)
     result = {

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The long fuzz campaign: every target of tests/fuzz/ under atheris, one after the other.
+"""The long fuzz campaign: every target of fphint_lab.fuzz under atheris, one after the other.
 
 Each target starts from the committed seed corpus (tests/fuzz/corpus) plus
 what earlier runs of this benchmark found (kept in --work, default
@@ -23,11 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from tests.fuzz.targets import TARGETS  # noqa: E402
-from tests.test_fuzz_campaign import campaign  # noqa: E402
+from fphint_lab.fuzz.campaign import campaign
+from fphint_lab.fuzz.targets import TARGETS
 
 
 def main() -> None:
@@ -45,18 +42,32 @@ def main() -> None:
     for name in names:
         work = Path(args.work) / name
         stats = campaign(name, args.seconds, -1, work)  # -runs=-1: until the time is up (or a crash)
-        results[name] = {"executions": stats.get("number_of_executed_units", 0), "crashes": stats["crashes"],
-                         "coverage": stats.get("coverage", 0), "exec_per_s": stats.get("average_exec_per_sec", 0),
-                         "new_units": stats.get("new_units_added", 0), "peak_rss_mb": stats.get("peak_rss_mb", 0),
-                         "exit": stats["returncode"]}
+        results[name] = {
+            "executions": stats.get("number_of_executed_units", 0),
+            "crashes": stats["crashes"],
+            "coverage": stats.get("coverage", 0),
+            "exec_per_s": stats.get("average_exec_per_sec", 0),
+            "new_units": stats.get("new_units_added", 0),
+            "peak_rss_mb": stats.get("peak_rss_mb", 0),
+            "exit": stats["returncode"],
+        }
         if stats["crashes"] or stats["returncode"]:
             results[name]["artifacts"] = str(work / "artifacts")
             print(stats["tail"], file=sys.stderr)
         print(name, results[name], file=sys.stderr)
     total_exec = sum(int(str(r["executions"])) for r in results.values())
     total_crashes = sum(int(str(r["crashes"])) for r in results.values())
-    print(json.dumps({"seconds_per_target": args.seconds, "wall_s": round(time.monotonic() - t0, 1),
-                      "executions": total_exec, "crashes": total_crashes, "targets": results}))
+    print(
+        json.dumps(
+            {
+                "seconds_per_target": args.seconds,
+                "wall_s": round(time.monotonic() - t0, 1),
+                "executions": total_exec,
+                "crashes": total_crashes,
+                "targets": results,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -32,12 +32,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from vmimage.accel import MODES, Accel, AccelError
-from vmimage.qemu import default_binary, qemu_version
-
 from fphint_lab.vm.fphint_daemon import FphintMigrator
 from fphint_lab.vm.harness import VM, VMFactory
 from fphint_lab.vm.scenarios import SCENARIOS, vm_session
+from vmimage.accel import MODES, Accel, AccelError
+from vmimage.qemu import default_binary, qemu_version
 
 #: name -> (label, scenario whose kernel arguments and balloon the guest gets)
 CONFIGS: dict[str, tuple[str, str]] = {
@@ -55,8 +54,10 @@ GOAL_FPHINT_IDLE = 1.01
 
 
 def workload_argv(args: argparse.Namespace) -> dict[str, list[str]]:
-    return {"alloc": ["alloc", "--rounds", str(args.rounds), "--mib", str(args.mib)],
-            "forkexec": ["forkexec", "--count", str(args.count), "--child-kib", str(args.child_kib)]}
+    return {
+        "alloc": ["alloc", "--rounds", str(args.rounds), "--mib", str(args.mib)],
+        "forkexec": ["forkexec", "--count", str(args.count), "--child-kib", str(args.child_kib)],
+    }
 
 
 # Section: guests
@@ -79,8 +80,10 @@ def boot_all(factory: VMFactory, mem_mib: int) -> tuple[dict[str, VM], FphintMig
     for name, vm in vms.items():
         vm.wait_booted()
         if SCENARIOS[CONFIGS[name][1]].balloon != "none":
-            vm.run("for i in $(seq 50); do [ -d /sys/bus/virtio/drivers/virtio_balloon ] && break; sleep 0.2; done; "
-                   "modprobe virtio_balloon")
+            vm.run(
+                "for i in $(seq 50); do [ -d /sys/bus/virtio/drivers/virtio_balloon ] && break; sleep 0.2; done; "
+                "modprobe virtio_balloon"
+            )
     hinted.wait_ready(vms["fphint_idle"], 900)
     return vms, hinted
 
@@ -93,8 +96,7 @@ def agent_facts(vm: VM) -> dict[str, Any]:
         return {"running": False}
     rss = vm.output(f"awk '/^VmRSS/ {{print $2}}' /proc/{pid}/status")
     bpf = vm.output(f"ls -l /proc/{pid}/fd 2>/dev/null | grep -c 'bpf' || true")
-    return {"running": True, "pid": int(pid), "rss_mib": round(int(rss or 0) / 1024, 1),
-            "bpf_fds": int(bpf or 0)}
+    return {"running": True, "pid": int(pid), "rss_mib": round(int(rss or 0) / 1024, 1), "bpf_fds": int(bpf or 0)}
 
 
 Runner = Callable[[str, str], float]
@@ -130,8 +132,9 @@ def rotated(items: Sequence[str], k: int) -> list[str]:
     return [*items[k:], *items[:k]]
 
 
-def measure(run: Runner, configs: Sequence[str], workloads: Sequence[str], repeats: int,
-            log: Callable[[str], None]) -> dict[str, dict[str, list[float]]]:
+def measure(
+    run: Runner, configs: Sequence[str], workloads: Sequence[str], repeats: int, log: Callable[[str], None]
+) -> dict[str, dict[str, list[float]]]:
     """Warm-up, then ``repeats`` interleaved rounds: times[workload][config]."""
     for w in workloads:
         for c in configs:
@@ -165,10 +168,12 @@ def summarize(times: Mapping[str, Mapping[str, Sequence[float]]]) -> dict[str, A
 
 
 def table(summary: Mapping[str, Any]) -> str:
-    rows = ["| workload | configuration | median s | runs s | vs nothing (paired median) | ratio of medians |",
-            "|---|---|---|---|---|---|"]
+    rows = [
+        "| workload | configuration | median s | runs s | vs nothing (paired median) | ratio of medians |",
+        "|---|---|---|---|---|---|",
+    ]
     for w, by in summary.items():
-        for c, e in by.items():
+        for _c, e in by.items():
             runs = ", ".join(f"{t:.2f}" for t in e["seconds"])
             rel = f"{e['overhead_pct']:+.1f} %" if "overhead_pct" in e else "—"
             rom = f"{e['ratio_of_medians']:.3f}" if "ratio_of_medians" in e else "—"
@@ -178,8 +183,10 @@ def table(summary: Mapping[str, Any]) -> str:
 
 def goal(summary: Mapping[str, Any]) -> dict[str, Any]:
     ratios = {w: by["fphint_idle"]["median_paired_ratio"] for w, by in summary.items() if "fphint_idle" in by}
-    return {"fphint_idle_at_most_1pct": all(r <= GOAL_FPHINT_IDLE for r in ratios.values()) if ratios else None,
-            "fphint_idle_ratio": ratios}
+    return {
+        "fphint_idle_at_most_1pct": all(r <= GOAL_FPHINT_IDLE for r in ratios.values()) if ratios else None,
+        "fphint_idle_ratio": ratios,
+    }
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -241,13 +248,20 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table(summary))
     result = {
-        "generated_by": "bench/guest_overhead.py", "date": datetime.date.today().isoformat(),
-        "dry_run": bool(args.dry_run), "seconds": round(time.monotonic() - started),
+        "generated_by": "bench/guest_overhead.py",
+        "date": datetime.date.today().isoformat(),
+        "dry_run": bool(args.dry_run),
+        "seconds": round(time.monotonic() - started),
         "accelerator": {**accel.as_dict(), "label": accel.label},
         "qemu": {"version": qemu_version(binary), "binary": binary},
-        "guest_mib": args.mem_mib, "repeats": args.repeats, "interleaved": True,
+        "guest_mib": args.mem_mib,
+        "repeats": args.repeats,
+        "interleaved": True,
         "workloads": {w: workload_argv(args)[w] for w in workloads},
-        "results": summary, "agent": agent, "published": PUBLISHED, "goal": goal(summary),
+        "results": summary,
+        "agent": agent,
+        "published": PUBLISHED,
+        "goal": goal(summary),
     }
     print(json.dumps(result))
     return 0

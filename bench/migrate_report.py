@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from fphint_lab.migrate_harness import Daemon, dest_vm, fixed_agent, report_of, source_vm
-from fphint_lab.qemu_pair import MiB, Machine, Vm, compare_ram, pattern, write_gpa
+from fphint_lab.qemu_pair import Machine, MiB, Vm, compare_ram, pattern, write_gpa
 
 VM = "bench"
 ARGS = ("--max-bandwidth", "8G", "--downtime-limit", "0")
@@ -49,16 +49,22 @@ def one(daemon: Daemon, machine: Machine, work: Path, shm: Path, mode: str, show
         dst.start()
         port = dst.listen_incoming()
         if mode == "direct":
-            src.cmd("migrate-set-capabilities", capabilities=[
-                {"capability": "return-path", "state": True}, {"capability": "events", "state": True}])
+            src.cmd(
+                "migrate-set-capabilities",
+                capabilities=[{"capability": "return-path", "state": True}, {"capability": "events", "state": True}],
+            )
             src.cmd("migrate-set-parameters", **{"max-bandwidth": 8 << 30, "downtime-limit": 0})
             t0 = time.monotonic()
             src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
             info = src.wait_migration(("completed", "failed"), 300)
             wall = time.monotonic() - t0
             assert info["status"] == "completed", info
-            out = {"wall_s": wall, "total_time_ms": info["total-time"], "downtime_ms": info["downtime"],
-                   "qemu_transferred_bytes": info["ram"]["transferred"]}
+            out = {
+                "wall_s": wall,
+                "total_time_ms": info["total-time"],
+                "downtime_ms": info["downtime"],
+                "qemu_transferred_bytes": info["ram"]["transferred"],
+            }
         else:
             t0 = time.monotonic()
             if show:
@@ -68,9 +74,20 @@ def one(daemon: Daemon, machine: Machine, work: Path, shm: Path, mode: str, show
             cli_wall = time.monotonic() - t0
             r = report_of(proc)
             assert proc.returncode == 0 and r["outcome"] == "completed", (proc.stderr, r)
-            keys = ("wall_s", "total_time_ms", "downtime_ms", "source_bytes", "destination_bytes",
-                    "pages_rewritten", "pages_held", "pages_released_unjudged", "page_records", "zero_records",
-                    "passes", "polls")
+            keys = (
+                "wall_s",
+                "total_time_ms",
+                "downtime_ms",
+                "source_bytes",
+                "destination_bytes",
+                "pages_rewritten",
+                "pages_held",
+                "pages_released_unjudged",
+                "page_records",
+                "zero_records",
+                "passes",
+                "polls",
+            )
             out = {k: r[k] for k in keys}
             out["cli_wall_s"] = cli_wall
             out["epochs"] = [{k: e[k] for k in ("sync", "hint_pages", "request_to_last_chunk_s")} for e in r["epochs"]]
@@ -136,7 +153,8 @@ def main() -> None:
     summary["ratio_total_time_hinted_vs_direct"] = statistics.median(per_round)
     summary["ratio_total_time_no_agent_vs_direct"] = statistics.median(per_round_plain)
     summary["ratio_destination_bytes_hinted_vs_no_agent"] = (
-        summary["hinted"]["destination_bytes"] / summary["no_agent"]["destination_bytes"])
+        summary["hinted"]["destination_bytes"] / summary["no_agent"]["destination_bytes"]
+    )
     print(json.dumps(summary))
 
 

@@ -43,20 +43,18 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import comparison_report as report
-from vmimage.accel import MODES, Accel, AccelError
-from vmimage.qemu import default_binary, qemu_version
 
 from fphint_lab.linkrelay import GIGABIT
 from fphint_lab.vm.fphint_daemon import FphintMigrator
 from fphint_lab.vm.scenarios import (
     SCENARIOS,
-    Migrator,
     MiB,
+    Migrator,
     PlainMigrator,
     RunResult,
     Workload,
@@ -65,12 +63,17 @@ from fphint_lab.vm.scenarios import (
     run_chain,
     vm_session,
 )
+from vmimage.accel import MODES, Accel, AccelError
+from vmimage.qemu import default_binary, qemu_version
 
 ROOT = Path(__file__).resolve().parent.parent
 LOG = logging.getLogger("bench.migration_comparison")
 ORDER = ("plain", "init_on_free", "balloon_hint", "balloon_hint_ioa0", "balloon_report", "fphint", "fphint_kpageflags")
 #: The scenarios the issue's table needs (the kpageflags variant is extra).
 REQUIRED = ORDER[:6]
+#: Opt-in rows (issue 13 item 5), never in the default campaign: clean page
+#: cache dropped before the migration, fphint against init_on_free.
+OPT_IN = ("init_on_free_reclaim", "fphint_reclaim")
 #: Sizes from this many GiB on run only the big scenarios by default.
 BIG_GIB = 8
 BIG_SCENARIOS = ("plain", "init_on_free", "balloon_report", "fphint")
@@ -94,8 +97,14 @@ class Group:
         return f"{self.guest_mib // 1024} GiB guest, {what}"
 
     def record(self) -> dict[str, Any]:
-        return {"key": self.key, "title": self.title, "guest_mib": self.guest_mib, "workload": self.workload.name,
-                "fill_mib": self.workload.fill_mib, "workload_desc": self.workload.describe()}
+        return {
+            "key": self.key,
+            "title": self.title,
+            "guest_mib": self.guest_mib,
+            "workload": self.workload.name,
+            "fill_mib": self.workload.fill_mib,
+            "workload_desc": self.workload.describe(),
+        }
 
 
 def default_fill(guest_mib: int) -> int:
@@ -104,8 +113,9 @@ def default_fill(guest_mib: int) -> int:
     return 512 if guest_mib <= 1024 else guest_mib * 3 // 4
 
 
-def campaign(sizes: Sequence[int], names: Sequence[str], big: Sequence[str], *, fill_mib: int | None,
-             busy: bool, busy_only: bool) -> list[Group]:
+def campaign(
+    sizes: Sequence[int], names: Sequence[str], big: Sequence[str], *, fill_mib: int | None, busy: bool, busy_only: bool
+) -> list[Group]:
     groups = []
     if not busy_only:
         for gib in sizes:
@@ -133,8 +143,15 @@ def estimate_chain_s(group: Group, scenario: str, runs: int, link_mbit: float, k
     if SCENARIOS[scenario].fphint:
         boot += 15 if kvm else 110
     sent = w.fill_mib + 250 if scenario == "plain" else 0.4 * w.fill_mib + 250
-    per_run = (w.fill_mib / fill_rate + w.settle_s + (30 if w.busy else 3) + sent / (link_mbit / 8) * 1.3 + 4
-               + (70 if w.busy else 10) + 5)
+    per_run = (
+        w.fill_mib / fill_rate
+        + w.settle_s
+        + (30 if w.busy else 3)
+        + sent / (link_mbit / 8) * 1.3
+        + 4
+        + (70 if w.busy else 10)
+        + 5
+    )
     return boot + runs * per_run
 
 
@@ -144,8 +161,10 @@ def plan_lines(groups: Sequence[Group], runs: int, link_mbit: float, kvm: bool) 
         secs = [estimate_chain_s(g, n, runs, link_mbit, kvm) for n in g.scenarios]
         total += sum(secs)
         fits = pair_fits(g.guest_mib)
-        lines.append(f"{g.title}: {len(g.scenarios)} scenarios x {runs} runs, {g.workload.describe()}; "
-                     f"~{sum(secs) / 60:.0f} min" + (f"  [CANNOT RUN HERE NOW: {fits}]" if fits else ""))
+        lines.append(
+            f"{g.title}: {len(g.scenarios)} scenarios x {runs} runs, {g.workload.describe()}; "
+            f"~{sum(secs) / 60:.0f} min" + (f"  [CANNOT RUN HERE NOW: {fits}]" if fits else "")
+        )
         lines += [f"    {n:<18} ~{s / 60:4.1f} min" for n, s in zip(g.scenarios, secs)]
     return lines, total
 
@@ -164,17 +183,23 @@ class Progress:
 
     def begin(self, group: Group, scenario: str) -> None:
         est = next(s for g, n, s in self.chains if g == group and n == scenario)
-        left = sum(s for _, _, s in self.chains[self.index:])
+        left = sum(s for _, _, s in self.chains[self.index :])
         elapsed = time.monotonic() - self.started
         self.index += 1
-        print(f"[{self.index}/{len(self.chains)}] {group.title}, {scenario}: ~{est / 60:.1f} min "
-              f"(elapsed {elapsed / 60:.1f} min, ~{left / 60:.0f} min left)", flush=True)
+        print(
+            f"[{self.index}/{len(self.chains)}] {group.title}, {scenario}: ~{est / 60:.1f} min "
+            f"(elapsed {elapsed / 60:.1f} min, ~{left / 60:.0f} min left)",
+            flush=True,
+        )
 
 
 def show(r: RunResult) -> None:
-    print(f"    {r.scenario:<18} run {r.run}: wire {r.wire_bytes / MiB:7.1f} MiB, total {r.total_time_ms:6d} ms, "
-          f"down {r.downtime_ms:5d} ms, syncs {r.dirty_sync_count}, guest CPU {r.guest_cpu_share * 100:3.0f}%, "
-          f"{'ok' if r.ok else 'PROBLEMS: ' + '; '.join(r.problems)[:400]}", flush=True)
+    print(
+        f"    {r.scenario:<18} run {r.run}: wire {r.wire_bytes / MiB:7.1f} MiB, total {r.total_time_ms:6d} ms, "
+        f"down {r.downtime_ms:5d} ms, syncs {r.dirty_sync_count}, guest CPU {r.guest_cpu_share * 100:3.0f}%, "
+        f"{'ok' if r.ok else 'PROBLEMS: ' + '; '.join(r.problems)[:400]}",
+        flush=True,
+    )
 
 
 ChainRunner = Callable[[Group, str], list[RunResult]]
@@ -185,10 +210,19 @@ def real_runner(factory: Any, runs: int, link_mbit: float) -> ChainRunner:
         scenario = SCENARIOS[name]
         migrator: Migrator = FphintMigrator(factory) if scenario.fphint else PlainMigrator()
         try:
-            return run_chain(factory, scenario, runs, migrator, workload=group.workload,
-                             link_rate_bps=link_mbit * 1e6, guest_fields=getattr(migrator, "guest_fields", None),
-                             on_result=show, mem_mib=group.guest_mib, label=f"{group.key}-{name}",
-                             after_boot=getattr(migrator, "wait_ready", None))
+            return run_chain(
+                factory,
+                scenario,
+                runs,
+                migrator,
+                workload=group.workload,
+                link_rate_bps=link_mbit * 1e6,
+                guest_fields=getattr(migrator, "guest_fields", None),
+                on_result=show,
+                mem_mib=group.guest_mib,
+                label=f"{group.key}-{name}",
+                after_boot=getattr(migrator, "wait_ready", None),
+            )
         finally:
             close = getattr(migrator, "close", None)
             if close:
@@ -200,20 +234,50 @@ def real_runner(factory: Any, runs: int, link_mbit: float) -> ChainRunner:
 def dry_runner(runs: int, qemu: str, accel: Accel) -> ChainRunner:
     """Synthetic runs (no guest): plausible, deterministic numbers, so the
     outputs can be checked without booting anything."""
-    share = {"plain": 1.0, "init_on_free": 0.25, "balloon_hint": 0.4, "balloon_hint_ioa0": 0.35,
-             "balloon_report": 0.3, "fphint": 0.32, "fphint_kpageflags": 0.33}
+    share = {
+        "plain": 1.0,
+        "init_on_free": 0.25,
+        "balloon_hint": 0.4,
+        "balloon_hint_ioa0": 0.35,
+        "balloon_report": 0.3,
+        "fphint": 0.32,
+        "fphint_kpageflags": 0.33,
+        "init_on_free_reclaim": 0.2,
+        "fphint_reclaim": 0.25,
+    }
 
     def run(group: Group, name: str) -> list[RunResult]:
         out = []
         for i in range(runs):
             wire = int((group.workload.fill_mib * share[name] + 200 + 3 * i) * MiB)
-            r = RunResult(name, i, qemu, accel=accel.label, guest_mib=group.guest_mib, workload=group.workload.name,
-                          ok=True, survived=True, wire_bytes=wire, qemu_transferred=wire, normal_pages=wire // 4096,
-                          dirty_sync_count=4, total_time_ms=int(wire / MiB * 8.4), downtime_ms=300 + 10 * i,
-                          wall_s=wire / MiB * 0.0085, guest_cpu_share=0.6, churn_iterations=10)
+            r = RunResult(
+                name,
+                i,
+                qemu,
+                accel=accel.label,
+                guest_mib=group.guest_mib,
+                workload=group.workload.name,
+                ok=True,
+                survived=True,
+                wire_bytes=wire,
+                qemu_transferred=wire,
+                normal_pages=wire // 4096,
+                dirty_sync_count=4,
+                total_time_ms=int(wire / MiB * 8.4),
+                downtime_ms=300 + 10 * i,
+                wall_s=wire / MiB * 0.0085,
+                guest_cpu_share=0.6,
+                churn_iterations=10,
+            )
             if SCENARIOS[name].fphint:
-                r.report = {"coverage": {"synthetic": True, "epochs": [
-                    {"epoch": 1, "reported_free_pages": 100000, "sent_after_report": 90000, "rewritten": 88000}]}}
+                r.report = {
+                    "coverage": {
+                        "synthetic": True,
+                        "epochs": [
+                            {"epoch": 1, "reported_free_pages": 100000, "sent_after_report": 90000, "rewritten": 88000}
+                        ],
+                    }
+                }
             show(r)
             out.append(r)
         return out
@@ -238,15 +302,26 @@ def run_campaign(groups: Sequence[Group], runner: ChainRunner, progress: Progres
 def summary_line(doc: dict[str, Any], written: dict[str, str]) -> dict[str, Any]:
     """The last line: medians and goals per group, where the files went."""
     return {
-        "accelerator": doc["accelerator"]["label"], "qemu": doc["qemu"]["version"], "dry_run": doc["dry_run"],
-        "seconds": doc["seconds"], "written": written,
-        "groups": {g["key"]: {
-            "scenarios": {s["name"]: {"completed": s["completed"], "survived": s["survived"],
-                                      "corrupted": s["corrupted"],
-                                      **{k: (s[k] or {}).get("median") for k in ("wire_mib", "total_ms",
-                                                                                 "downtime_ms")}}
-                          for s in g["scenarios"]},
-            "goals": g["goals"].get("checks", {})} for g in doc["groups"]},
+        "accelerator": doc["accelerator"]["label"],
+        "qemu": doc["qemu"]["version"],
+        "dry_run": doc["dry_run"],
+        "seconds": doc["seconds"],
+        "written": written,
+        "groups": {
+            g["key"]: {
+                "scenarios": {
+                    s["name"]: {
+                        "completed": s["completed"],
+                        "survived": s["survived"],
+                        "corrupted": s["corrupted"],
+                        **{k: (s[k] or {}).get("median") for k in ("wire_mib", "total_ms", "downtime_ms")},
+                    }
+                    for s in g["scenarios"]
+                },
+                "goals": g["goals"].get("checks", {}),
+            }
+            for g in doc["groups"]
+        },
     }
 
 
@@ -264,21 +339,31 @@ def names_of(text: str, what: str, ap: argparse.ArgumentParser) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
-        ap.error(f"unknown {what} {unknown}; known: {', '.join(ORDER)}")
-    return [n for n in ORDER if n in names]
+        ap.error(f"unknown {what} {unknown}; known: {', '.join(ORDER + OPT_IN)}")
+    return [n for n in ORDER + OPT_IN if n in names]
 
 
 def make_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=3, help="migrations per scenario and group (default 3)")
     ap.add_argument("--sizes", type=parse_sizes, default=[1], help="guest sizes in GiB, e.g. 1,4,8 (default 1)")
-    ap.add_argument("--scenarios", default=",".join(ORDER), help=f"comma-separated, from {', '.join(ORDER)}")
-    ap.add_argument("--big-scenarios", default=",".join(BIG_SCENARIOS),
-                    help=f"the scenarios run at {BIG_GIB} GiB and more (default {','.join(BIG_SCENARIOS)})")
+    ap.add_argument(
+        "--scenarios",
+        default=",".join(ORDER),
+        help=f"comma-separated, from {', '.join(ORDER)} (default: all of these), and the opt-in {', '.join(OPT_IN)}",
+    )
+    ap.add_argument(
+        "--big-scenarios",
+        default=",".join(BIG_SCENARIOS),
+        help=f"the scenarios run at {BIG_GIB} GiB and more (default {','.join(BIG_SCENARIOS)})",
+    )
     ap.add_argument("--busy", action="store_true", help="also run every scenario under the busy guest at 1 GiB")
     ap.add_argument("--busy-only", action="store_true", help="only the busy-guest group")
-    ap.add_argument("--fill-mib", type=int, help="garbage per migration at every size (default: 512 MiB at "
-                    "1 GiB, 3/4 of the guest above)")
+    ap.add_argument(
+        "--fill-mib",
+        type=int,
+        help="garbage per migration at every size (default: 512 MiB at 1 GiB, 3/4 of the guest above)",
+    )
     ap.add_argument("--link-mbit", type=float, default=GIGABIT / 1e6)
     ap.add_argument("--accel", choices=MODES, help="kvm, tcg or auto (default: $FPH_ACCEL, else auto)")
     ap.add_argument("--out", type=Path, help="write comparison.json/.md/.png into this directory")
@@ -297,8 +382,9 @@ def output_paths(args: argparse.Namespace, groups: Sequence[Group]) -> dict[str,
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         base = {k: args.out / f"comparison.{k}" for k in ("json", "md", "png")}
-    elif not args.dry_run and any(g.guest_mib == 1024 and not g.workload.busy and set(REQUIRED) <= set(g.scenarios)
-                                  for g in groups):
+    elif not args.dry_run and any(
+        g.guest_mib == 1024 and not g.workload.busy and set(REQUIRED) <= set(g.scenarios) for g in groups
+    ):
         base = {k: ROOT / "docs" / f"comparison.{k}" for k in ("json", "md", "png")}
     else:
         base = {}
@@ -311,8 +397,9 @@ def output_paths(args: argparse.Namespace, groups: Sequence[Group]) -> dict[str,
 def main(argv: list[str] | None = None) -> int:
     ap = make_parser()
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
     if args.runs < 1:
         ap.error("--runs must be at least 1")
     names = names_of(args.scenarios, "scenarios", ap)
@@ -323,9 +410,11 @@ def main(argv: list[str] | None = None) -> int:
     kvm_guess = (args.accel or os.environ.get("FPH_ACCEL", "")) == "kvm"
     lines, total = plan_lines(groups, args.runs, args.link_mbit, kvm_guess)
     if args.plan:
-        print(f"campaign: {len(groups)} group(s), {sum(len(g.scenarios) for g in groups)} chains, "
-              f"{args.runs} run(s) each; estimated {total / 60:.0f} min under "
-              f"{'KVM' if kvm_guess else 'TCG'} on a 2-core host")
+        print(
+            f"campaign: {len(groups)} group(s), {sum(len(g.scenarios) for g in groups)} chains, "
+            f"{args.runs} run(s) each; estimated {total / 60:.0f} min under "
+            f"{'KVM' if kvm_guess else 'TCG'} on a 2-core host"
+        )
         print("\n".join(lines))
         return 0
     if not args.dry_run:
@@ -334,13 +423,17 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         refused = [f"{g.title}: {why}" for g in groups if (why := pair_fits(g.guest_mib))]
         if refused:
-            print("migration_comparison.py: refusing, a guest pair cannot fit on this host now:\n  "
-                  + "\n  ".join(refused), file=sys.stderr)
+            print(
+                "migration_comparison.py: refusing, a guest pair cannot fit on this host now:\n  "
+                + "\n  ".join(refused),
+                file=sys.stderr,
+            )
             return 2
     paths = output_paths(args, groups)
     print(f"campaign: {len(groups)} group(s), estimated {total / 60:.0f} min", flush=True)
-    progress = Progress([(g, n, estimate_chain_s(g, n, args.runs, args.link_mbit, kvm_guess))
-                         for g in groups for n in g.scenarios])
+    progress = Progress(
+        [(g, n, estimate_chain_s(g, n, args.runs, args.link_mbit, kvm_guess)) for g in groups for n in g.scenarios]
+    )
     binary = default_binary()
     started = time.monotonic()
     try:
@@ -356,13 +449,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"migration_comparison.py: error: {exc}", file=sys.stderr)
         return 2
     meta = {
-        "generated_by": "bench/migration_comparison.py", "date": datetime.date.today().isoformat(),
+        "generated_by": "bench/migration_comparison.py",
+        "date": datetime.date.today().isoformat(),
         "command": shlex.join(["bench/migration_comparison.py", *(argv if argv is not None else sys.argv[1:])]),
-        "dry_run": bool(args.dry_run), "seconds": round(time.monotonic() - started),
+        "dry_run": bool(args.dry_run),
+        "seconds": round(time.monotonic() - started),
         "accelerator": {**accel.as_dict(), "label": accel.label},
         "qemu": {"version": qemu_version(binary), "binary": binary},
-        "link": {"mbit": args.link_mbit, "how": "rate-limited relay in front of the destination; QEMU's "
-                 "bandwidth limit off; avail-switchover-bandwidth set to the link's rate"},
+        "link": {
+            "mbit": args.link_mbit,
+            "how": "rate-limited relay in front of the destination; QEMU's "
+            "bandwidth limit off; avail-switchover-bandwidth set to the link's rate",
+        },
         "host": {"cpus": os.cpu_count(), "mem_mib": round(meminfo_mib().get("MemTotal", 0))},
         "runs_per_scenario": args.runs,
     }

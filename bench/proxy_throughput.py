@@ -372,8 +372,10 @@ def run_proxy(mode: str, helper: Peer, tr: Transport, sink: str, free: dict[str,
         gate = LaggingGate(BitmapOracle(free))
     if base == "proxy_held_cov":
         pages = {b: len(m) for b, m in free.items()}
-        layout = RamLayout(ranges=tuple(RamRange(i << 40, n * PAGE, b, 0) for i, (b, n) in enumerate(pages.items())),
-                           blocks={b: n * PAGE for b, n in pages.items()})
+        layout = RamLayout(
+            ranges=tuple(RamRange(i << 40, n * PAGE, b, 0) for i, (b, n) in enumerate(pages.items())),
+            blocks={b: n * PAGE for b, n in pages.items()},
+        )
         cov = CoverageCounter(layout)
         epoch = _Epoch(free)
         cov.epoch_opened(1, epoch)
@@ -386,8 +388,14 @@ def run_proxy(mode: str, helper: Peer, tr: Transport, sink: str, free: dict[str,
         threading.Thread(target=drain_loop, daemon=True).start()
     # The proxy's parser reads the switch when it is created (on accept).
     os.environ[stream_parser.NO_C_ENV] = "1" if mode.endswith("_py") else ""
-    px = MigrationProxy(tr.spare_address(), sink, gate, hold_bytes=256 * MiB, readahead_bytes=readahead,
-                        tap=cov.batch if cov is not None else None)
+    px = MigrationProxy(
+        tr.spare_address(),
+        sink,
+        gate,
+        hold_bytes=256 * MiB,
+        readahead_bytes=readahead,
+        tap=cov.batch if cov is not None else None,
+    )
     px.start()
     helper.replay(tr.kind, px.listen_address)
     try:
@@ -399,13 +407,14 @@ def run_proxy(mode: str, helper: Peer, tr: Transport, sink: str, free: dict[str,
         px.close()
     assert res is not None, "proxy did not finish"
     st = res.stats
-    r.update(rewritten=st.pages_rewritten, held=st.pages_held, unjudged=st.pages_released_unjudged,
-             paced_s=st.paced_s)
+    r.update(rewritten=st.pages_rewritten, held=st.pages_held, unjudged=st.pages_released_unjudged, paced_s=st.paced_s)
     if cov is not None:
         drainer.set()
         cov.epoch_released(epoch)
         c = cov.report(0.0, time.monotonic())
-        assert c.rewritten == c.sent_after_report > 0, f"{mode}: coverage counted {c.rewritten} of {c.sent_after_report}"
+        assert c.rewritten == c.sent_after_report > 0, (
+            f"{mode}: coverage counted {c.rewritten} of {c.sent_after_report}"
+        )
     assert st.fallback_reason is None and res.outcome.value == "finished", res
     assert base == "proxy" or st.pages_rewritten > 0, f"{mode}: the hints rewrote nothing"
     return r
@@ -421,8 +430,12 @@ def main() -> None:
         "--parser", choices=("c", "python", "both"), default=None,
         help="record loop of the proxy runs (default: both if the C extension is built, else python)",
     )  # fmt: skip
-    ap.add_argument("--paced-ms", type=float, default=None,
-                    help="also run proxy_paced: the gate confirms every this many ms, 16 MiB read-ahead")
+    ap.add_argument(
+        "--paced-ms",
+        type=float,
+        default=None,
+        help="also run proxy_paced: the gate confirms every this many ms, 16 MiB read-ahead",
+    )
     args = ap.parse_args()
     global PACED_S
     if args.paced_ms is not None:
@@ -435,7 +448,9 @@ def main() -> None:
         ap.error(f"--parser {choice}: {status}")
     proxies = ["proxy", "proxy_hints", "proxy_held", "proxy_held_cov"] + (["proxy_paced"] if args.paced_ms else [])
     py_modes = [m + "_py" for m in proxies]
-    modes = ["relay"] + {"c": proxies, "python": py_modes, "both": [x for p in zip(proxies, py_modes) for x in p]}[choice]
+    modes = ["relay"] + {"c": proxies, "python": py_modes, "both": [x for p in zip(proxies, py_modes) for x in p]}[
+        choice
+    ]
     load_before = os.getloadavg()[0]
     args.cache.mkdir(exist_ok=True)
     stream, mask = capture(args.cache, args.ram_mib)

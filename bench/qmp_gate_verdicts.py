@@ -19,8 +19,6 @@ import time
 
 import numpy as np
 
-import numpy as np
-
 from host_collector.rewrite.gate import NoHints
 from host_collector.rewrite.ledger import EpochLedger
 

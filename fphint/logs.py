@@ -41,8 +41,11 @@ class TextFormatter(logging.Formatter):
         line = super().format(record)
         extras = _extras(record)
         if extras:
-            line += " " + " ".join(f"{k}={v!r}" if isinstance(v, str) and " " in v else f"{k}={v}"
-                                   for k, v in extras.items() if v is not None and v != "")
+            line += " " + " ".join(
+                f"{k}={v!r}" if isinstance(v, str) and " " in v else f"{k}={v}"
+                for k, v in extras.items()
+                if v is not None and v != ""
+            )
         return line
 
 

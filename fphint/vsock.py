@@ -37,8 +37,9 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
             pass
 
 
-async def relay(a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-                b: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
+async def relay(
+    a: tuple[asyncio.StreamReader, asyncio.StreamWriter], b: tuple[asyncio.StreamReader, asyncio.StreamWriter]
+) -> None:
     """Copy both ways until both directions end."""
     await asyncio.gather(_pipe(a[0], b[1]), _pipe(b[0], a[1]))
 
@@ -66,7 +67,7 @@ class VsockDialer:
         try:
             await asyncio.wait_for(asyncio.get_running_loop().sock_connect(out, self.address), 10)  # type: ignore[arg-type]
             remote = await asyncio.open_connection(sock=out)
-        except (OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, OSError) as e:
             log.debug("vsock connect to %s failed: %s", self.address, e)
             out.close()
             writer.close()

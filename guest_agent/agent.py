@@ -1,10 +1,21 @@
 """The agent's connection loop: attach, answer hint requests, reconnect.
 
-For each HintRequest the agent takes a fresh snapshot (never one from before
-the request), streams it in bounded chunks as one Report call whose gRPC
-deadline is the request's, and stops early when the deadline passes or the
-epoch closes. With live hints on, pages freed after the request follow as
-extra Report calls of the same epoch, rate-bounded, until the epoch ends.
+For each HintRequest, within the request's deadline and stopping early when
+the epoch closes:
+
+1. if the source tracks (scan once, then track: docs/safety-rule.md §5.6),
+   its tracked set minus everything allocated since, computed at once in the
+   loop thread, goes out as the epoch's first Report call (SNAPSHOT);
+2. a fresh scan, begun after the request arrived, streams as a second
+   SNAPSHOT call, part by part, and becomes the tracked set;
+3. with live hints on, pages freed after the request follow as extra Report
+   calls of the same epoch, rate-bounded, until the epoch ends.
+
+A newer request cancels what an older one still does (its scan stops between
+two BPF runs) and never waits for it: its tracked answer needs no scan.
+Tracking starts with the first request and stops when requests have stopped
+for ``Settings.track_idle_s`` (``track="always"``: from the start, the set
+refreshed every ``refresh_s``; ``"off"``: scans only).
 
 The agent never exits because the collector is away: it reconnects with
 exponential backoff and jitter, and looks its token and address up again
@@ -27,9 +38,13 @@ import grpc
 from fphint import addresses, vsock
 from fphint.v1 import hints_pb2, hints_pb2_grpc
 
+from . import memory, priority
 from .chunks import ChunkEncoder
 from .facts import self_usage
-from .sources.base import FreePageSource, LiveFrees, Part
+from .reclaim import PageCacheReclaim
+from .settings import TRACK_MODES as TRACK_MODES  # re-exported: the agent's settings
+from .settings import Settings as Settings
+from .sources.base import FreePageSource, LiveFrees, Part, TrackedPart
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +64,16 @@ CHANNEL_OPTIONS = [
 
 
 @dataclass(frozen=True)
-class Settings:
-    chunk_ranges: int = 4096
-    backoff_initial_s: float = 0.5
-    backoff_max_s: float = 30.0
-    #: Live hints: how often frees are drained, and at most how many ranges a second.
-    live_interval_s: float = 0.1
-    live_max_ranges_per_s: int = 20000
-
-
-@dataclass(frozen=True)
 class Endpoint:
     address: addresses.Address
     token: str | None
+
+
+#: Ranges in the tracked answer's first chunk: the collector stamps the
+#: epoch's first chunk once it has checked it.
+FIRST_CHUNK_RANGES = 256
+#: Seconds of no request in flight before the agent gives its heap back.
+TRIM_AFTER_S = 1.0
 
 
 class Backoff:
@@ -88,15 +100,28 @@ class Agent:
         facts: hints_pb2.AgentFacts,
         endpoint: Callable[[], Endpoint],
         settings: Settings = Settings(),
+        reclaim: PageCacheReclaim | None = None,
     ) -> None:
+        """``reclaim``: where and how the opt-in page-cache reclaim runs
+        (default: /proc/sys/vm/drop_caches, when ``settings.reclaim_page_cache``)."""
         self.source = source
         self.facts = facts
         self.endpoint = endpoint
         self.settings = settings
         self.backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s)
-        # One scan at a time; a thread so the loop keeps serving the stream.
-        self._scanner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fph-scan")
+        # One scan at a time; a thread so the loop keeps serving the stream,
+        # one step below it in priority.
+        self._scanner = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="fph-scan", initializer=priority.scanner_thread
+        )
         self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._last_request = 0.0
+        self._track_timer: asyncio.TimerHandle | None = None
+        self._refresher: asyncio.Task[None] | None = None
+        self._trim: asyncio.TimerHandle | None = None
+        if settings.reclaim_page_cache and reclaim is None:
+            reclaim = PageCacheReclaim(settings.track_idle_s)
+        self._reclaim = reclaim if settings.reclaim_page_cache else None
         #: Counters for tests and logs.
         self.attaches = 0
         self.requests = 0
@@ -106,6 +131,8 @@ class Agent:
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Serve until ``stop`` is set; never returns on collector failures."""
         stop = stop or asyncio.Event()
+        if self.source is not None and self.settings.track == "always" and self.source.set_tracking(True):
+            self._refresher = asyncio.ensure_future(self._refresh())
         while not stop.is_set():
             try:
                 ep = self.endpoint()
@@ -128,9 +155,13 @@ class Agent:
             log.debug("reconnecting in %.2fs", delay)
             try:
                 await asyncio.wait_for(stop.wait(), timeout=delay)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         self._cancel_all()
+        if self._refresher is not None:
+            self._refresher.cancel()
+        if self._track_timer is not None:
+            self._track_timer.cancel()
         self._scanner.shutdown(wait=False, cancel_futures=True)
 
     def _note_error(self, msg: str) -> None:
@@ -194,8 +225,12 @@ class Agent:
     ) -> None:
         received = time.monotonic()
         self.requests += 1
-        # A newer request makes older ones pointless: the collector has closed them.
+        self._last_request = received
+        # A newer request makes older ones pointless: the collector has closed
+        # them. Their scan stops between two BPF runs; nothing here waits for it.
         self._cancel_all()
+        if self.source is not None:
+            self.source.cancel_scans()
         task = asyncio.ensure_future(self._answer(stub, req, md, received))
         self._tasks[req.epoch] = task
         epoch = req.epoch
@@ -204,12 +239,62 @@ class Agent:
     def _done(self, epoch: int, task: asyncio.Task[None]) -> None:
         if self._tasks.get(epoch) is task:
             del self._tasks[epoch]
+        if not self._tasks:  # idle again: give back what the answer used, soon
+            if self._trim is not None:
+                self._trim.cancel()
+            self._trim = asyncio.get_running_loop().call_later(TRIM_AFTER_S, self._give_back)
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
             if isinstance(exc, grpc.aio.AioRpcError):
                 log.info("report for epoch %d ended: %s %s", epoch, exc.code().name, exc.details())
             else:
                 log.error("answering epoch %d failed: %r", epoch, exc)
+
+    def _give_back(self) -> None:
+        self._trim = None
+        if not self._tasks:
+            memory.give_back()
+
+    def _track(self) -> bool:
+        """Tracking on for this request (per Settings.track); schedules it off
+        once requests stop. True when the source tracks now."""
+        assert self.source is not None
+        mode = self.settings.track
+        if mode == "off":
+            return False
+        on = self.source.set_tracking(True)
+        if on and mode == "migration":
+            if self._track_timer is not None:
+                self._track_timer.cancel()
+            self._track_timer = asyncio.get_running_loop().call_later(self.settings.track_idle_s, self._track_idle)
+        return on
+
+    def _track_idle(self) -> None:
+        self._track_timer = None
+        if self.source is not None and not self._tasks:
+            self.source.set_tracking(False)
+            log.info("no hint request for %.0f s: tracking stopped", self.settings.track_idle_s)
+        elif self.source is not None:  # still answering: look again later
+            self._track_timer = asyncio.get_running_loop().call_later(self.settings.track_idle_s, self._track_idle)
+
+    async def _refresh(self) -> None:
+        """track="always": keep the tracked set fresh with a scan every
+        refresh_s while no request is being answered."""
+        assert self.source is not None
+        source = self.source
+        loop = asyncio.get_running_loop()
+
+        def scan() -> None:
+            for _part in source.parts(time.monotonic() + 5.0):
+                pass
+
+        while True:
+            await asyncio.sleep(self.settings.refresh_s)
+            if not self._tasks and time.monotonic() - self._last_request >= self.settings.refresh_s:
+                try:
+                    await loop.run_in_executor(self._scanner, scan)
+                except Exception as e:  # a failed refresh only means a staler set
+                    log.warning("tracking refresh scan failed: %r", e)
 
     async def _answer(
         self,
@@ -224,15 +309,53 @@ class Agent:
         live: LiveFrees | None = self.source.live_frees() if req.live_hints else None
         if live is not None:
             live.start()  # frees from now on: after the request arrived
+        budget = [req.max_ranges or (1 << 62)]
+        per_chunk = max(1, min(self.settings.chunk_ranges, req.max_ranges_per_chunk or self.settings.chunk_ranges))
+        tracked: TrackedPart | None = None
+        if self._track():
+            try:
+                tracked = self.source.tracked()
+            except Exception as e:  # a broken tracked answer only means waiting for the scan
+                log.warning("tracked answer failed: %r", e)
+        reclaim = self._reclaim if self._reclaim is not None and self._reclaim.due(received) else None
+        scan = _Scan(self.source, self._scanner, deadline, reclaim)  # begins now, after the request
         try:
-            per_chunk = max(1, min(self.settings.chunk_ranges, req.max_ranges_per_chunk or self.settings.chunk_ranges))
-            sent = await self._stream_snapshot(stub, md, req, per_chunk, deadline)
+            if tracked is not None and tracked.pages:
+                await self._send_tracked(stub, md, req.epoch, tracked, per_chunk, deadline, budget)
+            await self._stream_scan(stub, md, req, scan, per_chunk, deadline, budget)
             if live is not None:
-                budget = req.max_ranges - sent if req.max_ranges else 1 << 62
-                await self._live(stub, md, req.epoch, live, per_chunk, deadline, budget)
+                await self._live(stub, md, req.epoch, live, per_chunk, deadline, budget[0])
         finally:
+            await scan.stop()
             if live is not None:
                 live.stop()
+
+    async def _send_tracked(
+        self,
+        stub: hints_pb2_grpc.FreePageHintsStub,
+        md: tuple[tuple[str, str], ...],
+        epoch: int,
+        tracked: TrackedPart,
+        per_chunk: int,
+        deadline: float,
+        budget: list[int],
+    ) -> None:
+        """The tracked answer as a Report call of its own: its ranges run over
+        all memory, so the scan's cannot follow in the same (sorted) call."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        words, n = tracked.packed(budget[0])
+        budget[0] -= n
+        stats = _stats(tracked.pages, tracked.compute_s, max(0, tracked.nranges - n), tracked=True)
+        enc = ChunkEncoder(epoch, hints_pb2.REPORT_KIND_SNAPSHOT, per_chunk)
+
+        async def chunks() -> AsyncIterator[hints_pb2.ReportChunk]:
+            for msg in enc.packed(words, stats, first=FIRST_CHUNK_RANGES):
+                yield msg
+
+        await stub.Report(chunks(), timeout=remaining, metadata=md)
+        self.reports_sent += 1
 
     async def _stream_snapshot(
         self,
@@ -242,29 +365,29 @@ class Agent:
         per_chunk: int,
         deadline: float,
     ) -> int:
-        """Scan in the scanner thread and send each part as it is ready, as
-        chunks of one Report call; returns the ranges sent."""
+        """A fresh scan as one Report call, nothing else; the ranges sent
+        (the lab's late agent answers this way)."""
         assert self.source is not None
-        source = self.source
-        loop = asyncio.get_running_loop()
-        parts: asyncio.Queue[Part | BaseException | None] = asyncio.Queue()
-        stop = threading.Event()
-        timing = {"start": 0.0, "end": 0.0}
+        budget = [req.max_ranges or (1 << 62)]
+        scan = _Scan(self.source, self._scanner, deadline)
+        try:
+            await self._stream_scan(stub, md, req, scan, per_chunk, deadline, budget)
+        finally:
+            await scan.stop()
+        return (req.max_ranges or (1 << 62)) - budget[0]
 
-        def scan() -> None:
-            timing["start"] = time.monotonic()
-            try:
-                for part in source.parts(deadline):
-                    loop.call_soon_threadsafe(parts.put_nowait, part)
-                    if stop.is_set():
-                        break
-                loop.call_soon_threadsafe(parts.put_nowait, None)
-            except BaseException as e:  # handed to the loop, raised there
-                loop.call_soon_threadsafe(parts.put_nowait, e)
-            finally:
-                timing["end"] = time.monotonic()
-
-        max_ranges = req.max_ranges or (1 << 62)
+    async def _stream_scan(
+        self,
+        stub: hints_pb2_grpc.FreePageHintsStub,
+        md: tuple[tuple[str, str], ...],
+        req: hints_pb2.HintRequest,
+        scan: _Scan,
+        per_chunk: int,
+        deadline: float,
+        budget: list[int],
+    ) -> None:
+        """Send each part of the fresh scan as it is ready, as chunks of one
+        Report call."""
         counts = {"sent": 0, "truncated": 0, "pages": 0}
 
         async def chunks() -> AsyncIterator[hints_pb2.ReportChunk]:
@@ -272,45 +395,42 @@ class Agent:
             pending: list[tuple[int, int]] = []
             done = False
             while not done:
-                item = await parts.get()
+                item = await scan.parts.get()
                 if isinstance(item, BaseException):
                     raise item
                 if item is None:
                     done = True
                 else:
                     counts["pages"] += item.pages
-                    room = max_ranges - counts["sent"] - len(pending)
+                    room = budget[0] - counts["sent"] - len(pending)
                     pending.extend(item.ranges[:room])
                     counts["truncated"] += max(0, len(item.ranges) - room)
                 # Send what is ready: full chunks now, the remainder when the
                 # scan ends or no more parts are waiting (first chunk early).
-                while pending and (len(pending) >= per_chunk or done or parts.empty()):
+                while pending and (len(pending) >= per_chunk or done or scan.parts.empty()):
                     if time.monotonic() >= deadline:
                         return  # out of time: stop early; what was sent still counts
                     batch, pending = pending[:per_chunk], pending[per_chunk:]
                     last = done and not pending
                     counts["sent"] += len(batch)
-                    yield enc.chunk(batch, last, _scan_stats(timing, counts) if last else None)
+                    yield enc.chunk(batch, last, scan.stats(counts) if last else None)
             if not enc.ended:  # everything was sent early: close the call with an empty end chunk
-                yield enc.chunk([], True, _scan_stats(timing, counts))
+                yield enc.chunk([], True, scan.stats(counts))
 
-        worker = loop.run_in_executor(self._scanner, scan)
         remaining = deadline - time.monotonic()
         try:
             if remaining > 0:
                 await stub.Report(chunks(), timeout=remaining, metadata=md)
                 self.reports_sent += 1
         finally:
-            stop.set()
-            await asyncio.shield(worker)
-        return counts["sent"]
+            budget[0] -= counts["sent"]
 
     async def _send(
         self,
         stub: hints_pb2_grpc.FreePageHintsStub,
         md: tuple[tuple[str, str], ...],
         epoch: int,
-        kind: "hints_pb2.ReportKind",
+        kind: hints_pb2.ReportKind,
         rs: Sequence[tuple[int, int]],
         per_chunk: int,
         deadline: float,
@@ -350,11 +470,67 @@ class Agent:
                 await self._send(stub, md, epoch, hints_pb2.REPORT_KIND_LIVE, freed, per_chunk, deadline, None)
 
 
-def _scan_stats(timing: dict[str, float], counts: dict[str, int]) -> hints_pb2.AgentStats:
-    """What the snapshot's last chunk says about the agent and the scan."""
-    cpu, rss = self_usage()
-    scan_s = max(0.0, (timing["end"] or time.monotonic()) - timing["start"])
+class _Scan:
+    """A fresh scan in the scanner thread, its parts queued for the loop.
+
+    Begins when made (after the request arrived). :meth:`stop` makes it stop
+    soon and waits for it in the task that made it; a newer request's task
+    never waits here.
+    """
+
+    def __init__(
+        self,
+        source: FreePageSource,
+        executor: concurrent.futures.Executor,
+        deadline: float,
+        reclaim: PageCacheReclaim | None = None,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        self.parts: asyncio.Queue[Part | BaseException | None] = asyncio.Queue()
+        self._stop = threading.Event()
+        self.timing = {"start": 0.0, "end": 0.0}
+        self._source = source
+
+        def scan() -> None:
+            self.timing["start"] = time.monotonic()
+            try:
+                if self._stop.is_set():  # stopped while queued behind an older scan
+                    loop.call_soon_threadsafe(self.parts.put_nowait, None)
+                    return
+                if reclaim is not None:  # before the scan: the pages it frees are found free
+                    reclaim.run()
+                for part in source.parts(deadline):
+                    loop.call_soon_threadsafe(self.parts.put_nowait, part)
+                    if self._stop.is_set():
+                        break
+                loop.call_soon_threadsafe(self.parts.put_nowait, None)
+            except BaseException as e:  # handed to the loop, raised there
+                loop.call_soon_threadsafe(self.parts.put_nowait, e)
+            finally:
+                self.timing["end"] = time.monotonic()
+
+        self._worker = loop.run_in_executor(executor, scan)
+
+    def stats(self, counts: dict[str, int]) -> hints_pb2.AgentStats:
+        scan_s = max(0.0, (self.timing["end"] or time.monotonic()) - self.timing["start"])
+        return _stats(counts["pages"], scan_s, counts["truncated"], tracked=False)
+
+    async def stop(self) -> None:
+        if not self._worker.done():
+            self._stop.set()
+            self._source.cancel_scans()
+        await asyncio.shield(self._worker)
+
+
+def _stats(pages: int, seconds: float, truncated: int, tracked: bool) -> hints_pb2.AgentStats:
+    """What a snapshot call's last chunk says about the agent and its answer."""
+    cpu, rss, pss = self_usage()
     return hints_pb2.AgentStats(
-        cpu_seconds=cpu, rss_bytes=rss, snapshot_us=min(int(scan_s * 1e6), 2**32 - 1),
-        snapshot_pages=counts["pages"], truncated_ranges=counts["truncated"],
+        cpu_seconds=cpu,
+        rss_bytes=rss,
+        pss_bytes=pss,
+        snapshot_us=min(int(seconds * 1e6), 2**32 - 1),
+        snapshot_pages=pages,
+        truncated_ranges=truncated,
+        tracked=tracked,
     )

@@ -42,7 +42,11 @@ class ChunkEncoder:
         if stats is not None and not end:
             raise ValueError("stats go on the chunk that ends the call")
         msg = hints_pb2.ReportChunk(
-            epoch=self.epoch, seq=self.seq, kind=self.kind, ranges=ranges.encode(batch, self._state), end=end,
+            epoch=self.epoch,
+            seq=self.seq,
+            kind=self.kind,
+            ranges=ranges.encode(batch, self._state),
+            end=end,
             stats=stats,
         )
         self.seq += 1
@@ -57,3 +61,40 @@ class ChunkEncoder:
         for i in range(n):
             last = i == n - 1
             yield self.chunk(rs[i * self.per_chunk : (i + 1) * self.per_chunk], last, stats if last else None)
+
+    def packed(
+        self, words: Sequence[int], stats: hints_pb2.AgentStats | None = None, first: int | None = None
+    ) -> Iterator[hints_pb2.ReportChunk]:
+        """A whole call from words already packed by ``fphint.ranges.encode``
+        from a fresh codec state (the tracked answer): sliced into chunks at
+        range boundaries, never decoded; the first chunk holds at most
+        ``first`` ranges (the collector times the epoch's first chunk once it
+        has checked it: a small one arrives sooner). Only as the first thing
+        in a call.
+
+        :raise ValueError: the call has chunks already, or an odd word count.
+        """
+        if self.seq or self.ended:
+            raise ValueError("packed words start a Report call")
+        if len(words) % 2:
+            raise ValueError(f"{len(words)} packed words: not (distance, length) pairs")
+        cuts = [0]
+        step = 2 * self.per_chunk
+        head = 2 * min(self.per_chunk, first) if first else step
+        if len(words) > head:
+            cuts.append(head)
+        cuts += range(head + step, len(words), step)
+        cuts.append(len(words))
+        for i in range(len(cuts) - 1):
+            last = i == len(cuts) - 2
+            msg = hints_pb2.ReportChunk(
+                epoch=self.epoch,
+                seq=self.seq,
+                kind=self.kind,
+                ranges=words[cuts[i] : cuts[i + 1]],
+                end=last,
+                stats=stats if last else None,
+            )
+            self.seq += 1
+            self.ended = last
+            yield msg

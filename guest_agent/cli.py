@@ -8,7 +8,6 @@ comparing sources).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -17,15 +16,12 @@ import sys
 import time
 from pathlib import Path
 
-from google.protobuf import json_format
+from fphint import addresses, logs
 
-from fphint import addresses
-from fphint import logs
-
-from . import discovery
-from .agent import Agent, Endpoint, Settings
+from . import discovery, memory, priority
 from .facts import build_facts, detect_safety
 from .selection import PREFERENCES, select_source
+from .settings import TRACK_MODES, Settings
 from .sources.base import SourceUnavailable
 
 log = logging.getLogger("guest_agent")
@@ -44,6 +40,27 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--token-file", help="file holding this VM's token")
     run.add_argument("--config", default=str(discovery.CONFIG_FILE), help="agent config file (TOML)")
     run.add_argument("--chunk-ranges", type=int, default=Settings.chunk_ranges, help="ranges per chunk")
+    run.add_argument(
+        "--priority",
+        choices=priority.MODES,
+        default=os.environ.get("FPHINT_PRIORITY", "rt"),
+        help="the answering path's scheduling: rt (SCHED_FIFO, bounded), nice (-20) or off; "
+        "memory is locked unless off (default: $FPHINT_PRIORITY or rt)",
+    )
+    run.add_argument(
+        "--reclaim-page-cache",
+        action="store_true",
+        default=os.environ.get("FPHINT_RECLAIM_PAGE_CACHE", "") in ("1", "yes", "true"),
+        help="opt-in: drop the guest's clean page cache before a migration's first scan, so those pages "
+        "are skipped too; the guest re-reads them later (default: $FPHINT_RECLAIM_PAGE_CACHE or off)",
+    )
+    run.add_argument(
+        "--track",
+        choices=TRACK_MODES,
+        default=os.environ.get("FPHINT_TRACK", "migration"),
+        help="scan once, then track: from the first request until requests stop (migration), "
+        "always, or off (default: $FPHINT_TRACK or migration)",
+    )
     sub.add_parser("probe", help="print the facts the agent would attach with (JSON)")
     sub.add_parser("snapshot", help="scan once and print totals (JSON)")
     return ap
@@ -71,9 +88,16 @@ def main(argv: list[str] | None = None) -> int:
     safety = detect_safety()
     sel = select_source(args.source, safety)
     details = getattr(sel.source, "facts", None)
-    facts = build_facts(safety, sel.statuses, sel.name, sel.refusal,
-                        details={str(k): str(v) for k, v in details.items()} if isinstance(details, dict) else None)
+    facts = build_facts(
+        safety,
+        sel.statuses,
+        sel.name,
+        sel.refusal,
+        details={str(k): str(v) for k, v in details.items()} if isinstance(details, dict) else None,
+    )
     if args.cmd == "probe":
+        from google.protobuf import json_format  # ~2.5 MiB the serving agent never needs
+
         print(json.dumps(json_format.MessageToDict(facts, preserving_proto_field_name=True), indent=2))
         return 0
     if args.cmd == "snapshot":
@@ -82,10 +106,23 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         t = time.monotonic()
         snap = sel.source.snapshot()
-        print(json.dumps({"source": snap.source, "ranges": len(snap.ranges), "pages": snap.pages,
-                          "ms": round((time.monotonic() - t) * 1000, 2), "complete": snap.complete}))
+        print(
+            json.dumps(
+                {
+                    "source": snap.source,
+                    "ranges": len(snap.ranges),
+                    "pages": snap.pages,
+                    "ms": round((time.monotonic() - t) * 1000, 2),
+                    "complete": snap.complete,
+                }
+            )
+        )
         return 0
 
+    for name, value, allowed in (("priority", args.priority, priority.MODES), ("track", args.track, TRACK_MODES)):
+        if value not in allowed:  # a bad $FPHINT_* default escapes argparse's choices
+            print(f"fph-agent: --{name} {value!r}: choose from {', '.join(allowed)}", file=sys.stderr)
+            return 2
     if args.token and args.token_file:
         print("fph-agent: give --token or --token-file, not both", file=sys.stderr)
         return 2
@@ -103,6 +140,16 @@ def main(argv: list[str] | None = None) -> int:
         except addresses.AddressError as e:
             print(f"fph-agent: --collector: {e}", file=sys.stderr)
             return 2
+    # The serving process: nothing in it speaks TLS (gRPC to the collector is
+    # plaintext over vsock or the host's loopback; gRPC has its own TLS in
+    # C), so asyncio's optional `import ssl` is refused: OpenSSL's libraries
+    # and their start-up heap (~4 MiB RSS) would otherwise sit in the guest.
+    if "ssl" not in sys.modules:
+        sys.modules["ssl"] = None  # type: ignore[assignment]
+    import asyncio
+
+    from .agent import Agent, Endpoint
+
     places = discovery.Places(env=os.environ, config_file=Path(args.config))
     said: dict[str, str] = {}
 
@@ -118,7 +165,18 @@ def main(argv: list[str] | None = None) -> int:
                 said[key] = where
         return Endpoint(addresses.parse(addr.value), token.value if token else None)
 
-    agent = Agent(sel.source, facts, endpoint, Settings(chunk_ranges=args.chunk_ranges))
+    settings = Settings(chunk_ranges=args.chunk_ranges, track=args.track, reclaim_page_cache=args.reclaim_page_cache)
+    if settings.reclaim_page_cache:
+        facts.source_details["reclaim_page_cache"] = "on: clean page cache dropped before a migration's first scan"
+    agent = Agent(sel.source, facts, endpoint, settings)
+    # After the imports and the source's loader child, before serving: file
+    # pages loading touched go back (what is used returns), then the
+    # answering path first, its pages locked (guest_agent/memory.py, priority.py).
+    before = memory.usage().get("Rss", 0)
+    memory.page_out_libraries()
+    log.info("paged out library pages: RSS %.1f -> %.1f MiB", before / 2**20, memory.usage().get("Rss", 0) / 2**20)
+    prio = priority.raise_agent(args.priority)
+    facts.source_details["priority"] = prio.describe()
 
     async def serve() -> None:
         stop = asyncio.Event()

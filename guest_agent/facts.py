@@ -25,6 +25,8 @@ from pathlib import Path
 import fphint
 from fphint.v1 import hints_pb2
 
+from . import memory
+
 _TRUE = {"1", "on", "y", "yes", "true"}
 
 
@@ -109,9 +111,13 @@ def detect_safety(paths: Paths = Paths()) -> GuestSafety:
         found.append("tdx")
     s.memory_encryption = ",".join(found)
     if s.page_poisoning:
-        s.refusals.append("page poisoning is on (page_poison=1): free pages hold 0xaa, a skipped page would arrive as zeros")
+        s.refusals.append(
+            "page poisoning is on (page_poison=1): free pages hold 0xaa, a skipped page would arrive as zeros"
+        )
     if s.memory_encryption:
-        s.refusals.append(f"memory encryption is active ({s.memory_encryption}): the host cannot reason about private pages")
+        s.refusals.append(
+            f"memory encryption is active ({s.memory_encryption}): the host cannot reason about private pages"
+        )
     return s
 
 
@@ -123,7 +129,11 @@ def total_ram_bytes(paths: Paths = Paths()) -> int:
 
 
 def build_facts(
-    safety: GuestSafety, sources: list[hints_pb2.SourceStatus], chosen: str, refusal: str, paths: Paths = Paths(),
+    safety: GuestSafety,
+    sources: list[hints_pb2.SourceStatus],
+    chosen: str,
+    refusal: str,
+    paths: Paths = Paths(),
     details: dict[str, str] | None = None,
 ) -> hints_pb2.AgentFacts:
     return hints_pb2.AgentFacts(
@@ -142,15 +152,16 @@ def build_facts(
     )
 
 
-def self_usage() -> tuple[float, int]:
-    """This process's CPU seconds (user + system, all threads) and current RSS bytes."""
+def self_usage() -> tuple[float, int, int]:
+    """This process's CPU seconds (user + system, all threads), current RSS
+    and PSS bytes (PSS 0 where /proc/self/smaps_rollup is missing)."""
     ru = resource.getrusage(resource.RUSAGE_SELF)
     try:
         with open("/proc/self/statm") as f:
             rss = int(f.read().split()[1]) * resource.getpagesize()
     except (OSError, ValueError, IndexError):
         rss = ru.ru_maxrss * 1024
-    return ru.ru_utime + ru.ru_stime, rss
+    return ru.ru_utime + ru.ru_stime, rss, memory.usage().get("Pss", 0)
 
 
 def is_root() -> bool:

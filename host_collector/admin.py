@@ -59,7 +59,7 @@ class AdminService(admin_pb2_grpc.CollectorAdminServicer):
         self.collector = collector
         self.migrations = Migrations(collector, observer)
 
-    async def Migrate(  # noqa: N802
+    async def Migrate(
         self, request: admin_pb2.MigrateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[admin_pb2.MigrateEvent]:
         try:
@@ -69,7 +69,7 @@ class AdminService(admin_pb2_grpc.CollectorAdminServicer):
         async for ev in _stream(job, context):
             yield ev
 
-    async def Proxy(  # noqa: N802
+    async def Proxy(
         self, request: admin_pb2.ProxyRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[admin_pb2.MigrateEvent]:
         try:
@@ -79,18 +79,19 @@ class AdminService(admin_pb2_grpc.CollectorAdminServicer):
         async for ev in _stream(job, context):
             yield ev
 
-    async def CancelMigration(  # noqa: N802
+    async def CancelMigration(
         self, request: admin_pb2.CancelMigrationRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.CancelMigrationResponse:
         return admin_pb2.CancelMigrationResponse(cancelled=self.migrations.cancel(request.vm))
 
-    async def ListVMs(  # noqa: N802
+    async def ListVMs(
         self, request: admin_pb2.ListVMsRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListVMsResponse:
         out = admin_pb2.ListVMsResponse()
         for name, vm in sorted(self.collector.vms.items()):
-            info = out.vms.add(name=name, attached=vm.attachment is not None,
-                               ram_bytes=vm.index.layout.ram_bytes if vm.index else 0)
+            info = out.vms.add(
+                name=name, attached=vm.attachment is not None, ram_bytes=vm.index.layout.ram_bytes if vm.index else 0
+            )
             if vm.attachment is not None:
                 f = vm.attachment.facts
                 info.peer = vm.attachment.peer
@@ -100,7 +101,7 @@ class AdminService(admin_pb2_grpc.CollectorAdminServicer):
                 info.kernel_release = f.kernel_release
         return out
 
-    async def CollectHints(  # noqa: N802
+    async def CollectHints(
         self, request: admin_pb2.CollectHintsRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.CollectHintsResponse:
         col = self.collector

@@ -50,15 +50,13 @@ class CappedHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
         self.inner = inner
         self.watches = watches
 
-    async def Check(  # noqa: N802 (gRPC method name)
+    async def Check(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
     ) -> health_pb2.HealthCheckResponse:
         reply: health_pb2.HealthCheckResponse = await self.inner.Check(request, context)
         return reply
 
-    async def Watch(  # noqa: N802
-        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
-    ) -> None:
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
         if not self.watches.take():
             await self.watches.refuse(context)
             return
@@ -75,7 +73,7 @@ class CappedReflection(ReflectionServicer):  # type: ignore[misc]
         super().__init__(service_names)
         self.streams = streams
 
-    async def ServerReflectionInfo(  # noqa: N802
+    async def ServerReflectionInfo(
         self,
         request_iterator: AsyncIterable[reflection_pb2.ServerReflectionRequest],
         context: grpc.aio.ServicerContext,

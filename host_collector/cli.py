@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 from dataclasses import replace
 
@@ -56,10 +55,13 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--listen", default="", help="where the proxy listens for the source (default tcp:127.0.0.1:0)")
     m.add_argument("--max-bandwidth", help="set on the source first, bytes/s with K/M/G suffixes (e.g. 1G)")
     m.add_argument("--downtime-limit", type=int, metavar="MS", help="set on the source first")
-    m.add_argument("--switchover-bandwidth", metavar="RATE",
-                   help="the link's rate in bytes/s (K/M/G suffixes), set on the source as "
-                        "avail-switchover-bandwidth (QEMU >= 8.2): behind the proxy QEMU measures how fast "
-                        "the proxy reads, not the link, and would stop the guest too early")
+    m.add_argument(
+        "--switchover-bandwidth",
+        metavar="RATE",
+        help="the link's rate in bytes/s (K/M/G suffixes), set on the source as "
+        "avail-switchover-bandwidth (QEMU >= 8.2): behind the proxy QEMU measures how fast "
+        "the proxy reads, not the link, and would stop the guest too early",
+    )
     m.add_argument("--hint-deadline-ms", type=int, default=0, help="how long each epoch collects hints")
     m.add_argument("--timeout", type=float, default=0.0, metavar="S", help="cancel the migration after S seconds")
     m.add_argument("--admin", default=DEFAULT_ADMIN)
@@ -118,15 +120,19 @@ def _vms(args: argparse.Namespace) -> int:
     print(f"{'VM':<20} {'agent':<9} {'source':<11} {'RAM MiB':>8}  peer / refusal")
     for vm in resp.vms:
         state = "attached" if vm.attached else "-"
-        print(f"{vm.name:<20} {state:<9} {vm.chosen_source or '-':<11} {vm.ram_bytes >> 20:>8}  "
-              f"{vm.peer} {vm.refusal}".rstrip())
+        print(
+            f"{vm.name:<20} {state:<9} {vm.chosen_source or '-':<11} {vm.ram_bytes >> 20:>8}  "
+            f"{vm.peer} {vm.refusal}".rstrip()
+        )
     return 0
 
 
 def _hints(args: argparse.Namespace) -> int:
     ch, stub = _admin_stub(args.admin)
     req = admin_pb2.CollectHintsRequest(
-        vm=args.vm, deadline_ms=args.deadline_ms, close_on_snapshot=not args.wait_deadline,
+        vm=args.vm,
+        deadline_ms=args.deadline_ms,
+        close_on_snapshot=not args.wait_deadline,
         include_ranges=args.ranges,
     )
     with ch:
@@ -135,12 +141,16 @@ def _hints(args: argparse.Namespace) -> int:
         print(json_format.MessageToJson(resp, preserving_proto_field_name=True))
         return 0
     ps = resp.page_size or 4096
-    print(f"VM {resp.vm} epoch {resp.epoch}: {resp.free_pages} free pages ({resp.free_pages * ps / 2**20:.1f} MiB), "
-          f"{resp.accepted_ranges} ranges from {resp.reports} report(s), closed: {resp.close_reason}")
+    print(
+        f"VM {resp.vm} epoch {resp.epoch}: {resp.free_pages} free pages ({resp.free_pages * ps / 2**20:.1f} MiB), "
+        f"{resp.accepted_ranges} ranges from {resp.reports} report(s), closed: {resp.close_reason}"
+    )
     if resp.agent_source:
-        print(f"agent: source {resp.agent_source}, scan {resp.agent_snapshot_us / 1000:.1f} ms, "
-              f"CPU {resp.agent_cpu_seconds:.2f} s, RSS {resp.agent_rss_bytes / 2**20:.1f} MiB; "
-              f"request to last chunk {resp.request_to_last_chunk_s * 1000:.1f} ms")
+        print(
+            f"agent: source {resp.agent_source}, scan {resp.agent_snapshot_us / 1000:.1f} ms, "
+            f"CPU {resp.agent_cpu_seconds:.2f} s, RSS {resp.agent_rss_bytes / 2**20:.1f} MiB; "
+            f"request to last chunk {resp.request_to_last_chunk_s * 1000:.1f} ms"
+        )
     for b in resp.blocks:
         print(f"  block {b.block}: {b.pages} pages")
         if args.ranges:
@@ -153,8 +163,12 @@ def _migrate(args: argparse.Namespace) -> int:
     try:
         addresses.parse(args.admin)
         req = admin_pb2.MigrateRequest(
-            vm=args.vm, to=args.to, dest_qmp=args.dest_qmp, listen=args.listen,
-            hint_deadline_ms=args.hint_deadline_ms, timeout_s=args.timeout,
+            vm=args.vm,
+            to=args.to,
+            dest_qmp=args.dest_qmp,
+            listen=args.listen,
+            hint_deadline_ms=args.hint_deadline_ms,
+            timeout_s=args.timeout,
             progress_interval_ms=1000 if args.json else (250 if sys.stdout.isatty() else 2000),
         )
         if args.max_bandwidth is not None:
@@ -180,7 +194,11 @@ def _proxy(args: argparse.Namespace) -> int:
         print("fph-collector: --count and --hint-deadline-ms cannot be negative", file=sys.stderr)
         return 2
     req = admin_pb2.ProxyRequest(
-        vm=args.vm, to=args.to, dest_qmp=args.dest_qmp, listen=args.listen, count=args.count,
+        vm=args.vm,
+        to=args.to,
+        dest_qmp=args.dest_qmp,
+        listen=args.listen,
+        count=args.count,
         hint_deadline_ms=args.hint_deadline_ms,
         progress_interval_ms=1000 if args.json else (250 if sys.stdout.isatty() else 2000),
     )

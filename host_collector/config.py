@@ -246,8 +246,10 @@ def parse(data: dict[str, Any], source: str = "<config>", base: Path | None = No
     if unknown:
         raise ConfigError(f"{source}: [collector] unknown keys {sorted(unknown)}")
     try:
-        listen = tuple(addresses.parse(_expect(a, str, f"{source}: listen"))
-                       for a in _expect(col.get("listen", []), list, f"{source}: listen"))
+        listen = tuple(
+            addresses.parse(_expect(a, str, f"{source}: listen"))
+            for a in _expect(col.get("listen", []), list, f"{source}: listen")
+        )
         admin = addresses.parse(_expect(col["admin"], str, f"{source}: admin")) if "admin" in col else None
     except addresses.AddressError as e:
         raise ConfigError(f"{source}: {e}") from None
@@ -307,8 +309,7 @@ def parse(data: dict[str, Any], source: str = "<config>", base: Path | None = No
                 raise ConfigError(f"{where}: {e}") from None
         seen_names.add(name)
         seen_tokens.add(token)
-        vms.append(VmEntry(name=name, token=token, vsock_cid=cid, layout=_layout(vm, where), qmp=qmp,
-                           unix_uid=uid))
+        vms.append(VmEntry(name=name, token=token, vsock_cid=cid, layout=_layout(vm, where), qmp=qmp, unix_uid=uid))
     return CollectorConfig(
         listen=listen,
         admin=admin,

@@ -297,8 +297,9 @@ class Collector:
             by_cid = self._by_cid.get(peer.cid)
             if by_cid is not None:
                 if by_token is not None and by_token != by_cid:
-                    raise Refusal("PERMISSION_DENIED", "identity_mismatch",
-                                  "token belongs to another VM than this vsock CID")
+                    raise Refusal(
+                        "PERMISSION_DENIED", "identity_mismatch", "token belongs to another VM than this vsock CID"
+                    )
                 return self.vms[by_cid]
         if by_token is None:
             raise Refusal("UNAUTHENTICATED", "unknown_token", "no VM has this token (or no token was sent)")
@@ -324,8 +325,11 @@ class Collector:
         old = vm.attachment
         if old is not None:
             old.queue.put_nowait(None)  # ends the old stream (the queue always has room for it)
-            self.ratelog.info(f"reattach:{vm.name}", "agent re-attached, replacing the older stream",
-                              extra={"vm": vm.name, "peer": peer})
+            self.ratelog.info(
+                f"reattach:{vm.name}",
+                "agent re-attached, replacing the older stream",
+                extra={"vm": vm.name, "peer": peer},
+            )
         else:
             self.metrics.attached.inc()
         att = Attachment(vm.name, peer, facts, asyncio.Queue(maxsize=ATTACH_QUEUE + 1))
@@ -395,8 +399,10 @@ class Collector:
         if att is None:
             log.info("epoch opened with no agent attached", extra={"vm": vm_name, "epoch": ep.id})
         elif not att.facts.chosen_source:
-            log.info("epoch opened; agent refuses to hint", extra={"vm": vm_name, "epoch": ep.id,
-                                                                  "refusal": att.facts.refusal})
+            log.info(
+                "epoch opened; agent refuses to hint",
+                extra={"vm": vm_name, "epoch": ep.id, "refusal": att.facts.refusal},
+            )
         else:
             req = hints_pb2.HintRequest(
                 epoch=ep.id,
@@ -406,8 +412,11 @@ class Collector:
                 live_hints=live_hints,
             )
             if att.queue.qsize() >= ATTACH_QUEUE:
-                self.ratelog.warning(f"not_reading:{vm_name}", "agent is not reading requests; epoch gets no hints",
-                                     extra={"vm": vm_name, "epoch": ep.id})
+                self.ratelog.warning(
+                    f"not_reading:{vm_name}",
+                    "agent is not reading requests; epoch gets no hints",
+                    extra={"vm": vm_name, "epoch": ep.id},
+                )
             else:
                 att.queue.put_nowait(hints_pb2.CollectorMessage(request=req))
                 ep.request_sent = True

@@ -9,6 +9,7 @@ never from the guest.
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -88,7 +89,7 @@ class RamLayout:
                 raise LayoutError(f"{where}: empty, unaligned or beyond 2**64")
             if any(gpa < r.end and r.gpa < gpa + size for r in ordered):
                 raise LayoutError(f"{where}: overlaps a mapped range")
-        for (a, n), (b, _) in zip(spans, spans[1:]):
+        for (a, n), (b, _) in itertools.pairwise(spans):
             if b < a + n:
                 raise LayoutError(f"excluded spans {a:#x}+{n:#x} and {b:#x} overlap")
         object.__setattr__(self, "excluded", tuple(spans))
@@ -100,7 +101,9 @@ class RamLayout:
 
     @classmethod
     def from_ranges(
-        cls, ranges: Iterable[RamRange], page_size: int = TARGET_PAGE_SIZE,
+        cls,
+        ranges: Iterable[RamRange],
+        page_size: int = TARGET_PAGE_SIZE,
         excluded: Iterable[tuple[int, int]] = (),
     ) -> RamLayout:
         """A layout whose blocks are exactly as large as the ranges that map them."""

@@ -23,9 +23,7 @@ class Metrics:
             "fphint_ranges_rejected", "Well-formed ranges with no whole page", ["vm"], registry=r
         )
         self.pages_hinted = Counter("fphint_pages_hinted", "Pages marked free (with repeats)", ["vm"], registry=r)
-        self.rejects = Counter(
-            "fphint_rejects", "Calls or chunks refused, by reason", ["vm", "reason"], registry=r
-        )
+        self.rejects = Counter("fphint_rejects", "Calls or chunks refused, by reason", ["vm", "reason"], registry=r)
         self.latency = Histogram(
             "fphint_request_to_last_chunk_seconds",
             "From queuing a hint request to the last chunk of its snapshot",
@@ -41,14 +39,15 @@ class Metrics:
             "fphint_log_lines_suppressed", "Log lines left out by rate limiting, by reason", ["reason"], registry=r
         )
         self.budget_refused = Counter(
-            "fphint_budget_refused", "Calls refused because their own budget was spent (health watch, "
-            "reflection, attach size)", ["budget"], registry=r
+            "fphint_budget_refused",
+            "Calls refused because their own budget was spent (health watch, reflection, attach size)",
+            ["budget"],
+            registry=r,
         )
         self.bridge_refused = Counter(
             "fphint_bridge_refused", "Unix/vsock connections the bridge refused, by reason", ["reason"], registry=r
         )
-        self.bridged = Gauge("fphint_bridged_connections", "Unix/vsock connections open through the bridge",
-                             registry=r)
+        self.bridged = Gauge("fphint_bridged_connections", "Unix/vsock connections open through the bridge", registry=r)
 
     def serve(self, host: str, port: int) -> None:
         """Expose /metrics on a background thread."""

@@ -155,8 +155,9 @@ class Bridge:
 
     @classmethod
     def vsock(cls, port: int, table: PeerTable, backend: str, metrics: Metrics, **kw: int) -> Bridge:
-        return cls(f"vsock:{port}", table, backend, socket.AF_VSOCK, (socket.VMADDR_CID_ANY, port), vsock_peer,
-                   metrics, **kw)
+        return cls(
+            f"vsock:{port}", table, backend, socket.AF_VSOCK, (socket.VMADDR_CID_ANY, port), vsock_peer, metrics, **kw
+        )
 
     @property
     def connections(self) -> int:

@@ -25,8 +25,13 @@ MAX_KEYS = 256
 class RateLimitedLog:
     """``log(level, key, msg, ...)`` like ``Logger.log``, at most ``burst`` per key per interval."""
 
-    def __init__(self, logger: logging.Logger, burst: int = BURST, interval_s: float = INTERVAL_S,
-                 on_suppressed: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        logger: logging.Logger,
+        burst: int = BURST,
+        interval_s: float = INTERVAL_S,
+        on_suppressed: Callable[[str], None] | None = None,
+    ) -> None:
         self.logger = logger
         self.burst = burst
         self.interval_s = interval_s
@@ -42,8 +47,13 @@ class RateLimitedLog:
         w = self._windows.get(key)
         if w is None or now - w[0] >= self.interval_s:
             if w is not None and w[2]:
-                self.logger.log(level, "%d similar lines left out in %.0f s (counted in the metrics)",
-                                int(w[2]), now - w[0], extra={"reason": key})
+                self.logger.log(
+                    level,
+                    "%d similar lines left out in %.0f s (counted in the metrics)",
+                    int(w[2]),
+                    now - w[0],
+                    extra={"reason": key},
+                )
             if w is None and len(self._windows) >= MAX_KEYS:
                 del self._windows[next(iter(self._windows))]
             w = self._windows[key] = [now, 0.0, 0.0]

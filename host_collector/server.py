@@ -117,18 +117,25 @@ class CollectorServer:
         if any(a.kind in ("unix", "vsock") for a in cfg.listen):
             self._private = Path(tempfile.mkdtemp(prefix="fphint-collector-"))  # mode 0700
             self.peers = PeerTable(self._private)
-        hints_pb2_grpc.add_FreePageHintsServicer_to_server(FreePageHintsService(self.collector, self.peers),
-                                                           self.server)
+        hints_pb2_grpc.add_FreePageHintsServicer_to_server(
+            FreePageHintsService(self.collector, self.peers), self.server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(
             CappedHealth(self.health, Budget("health_watch", limits.max_health_watches, metrics)), self.server
         )
-        add_capped_reflection((HINTS_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server,
-                              Budget("reflection", limits.max_reflection_streams, metrics))
+        add_capped_reflection(
+            (HINTS_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            self.server,
+            Budget("reflection", limits.max_reflection_streams, metrics),
+        )
         backend = str(self._private / "grpc.sock") if self._private is not None else ""
         if backend:
             self.server.add_insecure_port(f"unix:{backend}")
-        caps = {"max_connections": limits.max_bridge_connections, "max_per_cid": limits.max_connections_per_cid,
-                "max_per_process": limits.max_connections_per_process}
+        caps = {
+            "max_connections": limits.max_bridge_connections,
+            "max_per_cid": limits.max_connections_per_cid,
+            "max_per_process": limits.max_connections_per_process,
+        }
         for addr in cfg.listen:
             if addr.kind in ("unix", "vsock"):
                 assert self.peers is not None
@@ -168,8 +175,11 @@ class CollectorServer:
             self.collector.metrics.serve(*cfg.metrics)
         log.info(
             "collector serving",
-            extra={"listen": [str(a) for a in self.bound], "admin": str(cfg.admin) if cfg.admin else None,
-                   "vms": len(cfg.vms)},
+            extra={
+                "listen": [str(a) for a in self.bound],
+                "admin": str(cfg.admin) if cfg.admin else None,
+                "vms": len(cfg.vms),
+            },
         )
 
     async def stop(self, grace: float | None = None) -> None:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
@@ -76,11 +77,12 @@ class FreePageHintsService(hints_pb2_grpc.FreePageHintsServicer):
         except Refusal as r:
             self.collector.metrics.rejects.labels("", r.tag).inc()
             who = str(kernel) if kernel is not None else raw
-            self.collector.ratelog.warning(f"unidentified:{r.tag}", "refused call from %s: %s", who, r.message,
-                                           extra={"reason": r.tag})
+            self.collector.ratelog.warning(
+                f"unidentified:{r.tag}", "refused call from %s: %s", who, r.message, extra={"reason": r.tag}
+            )
             await abort(context, r)
 
-    async def Attach(  # noqa: N802 (gRPC method name)
+    async def Attach(
         self, request: hints_pb2.AttachRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[hints_pb2.CollectorMessage]:
         vm = await self._identify(context)
@@ -92,15 +94,18 @@ class FreePageHintsService(hints_pb2_grpc.FreePageHintsServicer):
                 msg = await att.queue.get()
                 if msg is None:
                     if vm.attachment is not att and vm.attachment is not None:
-                        await abort(context, CollectorError("replaced by a newer Attach from the same VM",
-                                                            grpc.StatusCode.ABORTED))
+                        await abort(
+                            context,
+                            CollectorError("replaced by a newer Attach from the same VM", grpc.StatusCode.ABORTED),
+                        )
                     return
                 yield msg
         finally:
             self.collector.detach(att)
 
-    async def _check_attach_size(self, vm: VmState, request: hints_pb2.AttachRequest,
-                                 context: grpc.aio.ServicerContext) -> None:
+    async def _check_attach_size(
+        self, vm: VmState, request: hints_pb2.AttachRequest, context: grpc.aio.ServicerContext
+    ) -> None:
         """Facts are a few hundred bytes; a huge AttachRequest is refused before it is copied."""
         limit = self.collector.limits.max_attach_bytes
         size = request.ByteSize()
@@ -110,14 +115,15 @@ class FreePageHintsService(hints_pb2_grpc.FreePageHintsServicer):
             self.collector.violation(vm, None, r)
             await abort(context, r)
 
-    async def Report(  # noqa: N802
+    async def Report(
         self, request_iterator: AsyncIterator[hints_pb2.ReportChunk], context: grpc.aio.ServicerContext
     ) -> hints_pb2.ReportAck:
         vm = await self._identify(context)
         limits = self.collector.limits
         if vm.active_reports >= limits.max_reports_per_vm:
-            r = Refusal("RESOURCE_EXHAUSTED", "too_many_reports",
-                        f"more than {limits.max_reports_per_vm} Report calls at once")
+            r = Refusal(
+                "RESOURCE_EXHAUSTED", "too_many_reports", f"more than {limits.max_reports_per_vm} Report calls at once"
+            )
             self.collector.violation(vm, None, r)
             await abort(context, r)
         vm.active_reports += 1
@@ -140,8 +146,7 @@ class FreePageHintsService(hints_pb2_grpc.FreePageHintsServicer):
                 if chunk is None:
                     break
                 if chunk.seq != ack.chunks:
-                    raise Refusal("INVALID_ARGUMENT", "sequence",
-                                  f"chunk seq {chunk.seq}, expected {ack.chunks}")
+                    raise Refusal("INVALID_ARGUMENT", "sequence", f"chunk seq {chunk.seq}, expected {ack.chunks}")
                 if ep is None:
                     ep = col.report_epoch(vm, chunk.epoch)
                     ack.epoch = ep.id
@@ -156,8 +161,11 @@ class FreePageHintsService(hints_pb2_grpc.FreePageHintsServicer):
                 assert decoder is not None
                 n = len(chunk.ranges) // 2
                 if n > limits.max_ranges_per_chunk:
-                    raise Refusal("RESOURCE_EXHAUSTED", "chunk_too_big",
-                                  f"{n} ranges in one chunk, limit {limits.max_ranges_per_chunk}")
+                    raise Refusal(
+                        "RESOURCE_EXHAUSTED",
+                        "chunk_too_big",
+                        f"{n} ranges in one chunk, limit {limits.max_ranges_per_chunk}",
+                    )
                 pieces = decoder.decode(chunk.ranges)
                 ack.accepted_pages += col.accept(ep, pieces, n, kind, chunk.end)
                 ack.chunks += 1

@@ -4,6 +4,7 @@
 One script, so the stubs can be checked for staleness by running it into a
 temporary directory (tests/test_protos.py) and comparing.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -54,26 +54,35 @@ def free_port() -> int:
 class Daemon:
     """``fph-collector serve`` with VMs ``names`` on TCP, a unix socket and an admin socket."""
 
-    def __init__(self, work: Path, names: Sequence[str], collector: dict[str, Any] | None = None,
-                 vms: dict[str, dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        work: Path,
+        names: Sequence[str],
+        collector: dict[str, Any] | None = None,
+        vms: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
         self.work = work
         self.port = free_port()
         self.metrics_port = free_port()
         self.unix = str(work / "agents.sock")
         self.admin_path = str(work / "admin.sock")
         self.log_path = work / "collector.log"
-        lines = ["[collector]",
-                 f'listen = ["tcp:127.0.0.1:{self.port}", "unix:{self.unix}"]',
-                 f'admin = "unix:{self.admin_path}"',
-                 f'metrics = "127.0.0.1:{self.metrics_port}"']
+        lines = [
+            "[collector]",
+            f'listen = ["tcp:127.0.0.1:{self.port}", "unix:{self.unix}"]',
+            f'admin = "unix:{self.admin_path}"',
+            f'metrics = "127.0.0.1:{self.metrics_port}"',
+        ]
         for k, v in (collector or {}).items():
             lines.append(f"{k} = {json.dumps(v)}")
         for n in names:
             lines += ["", "[[vm]]", f'name = "{n}"', f'token = "{token(n)}"']
             for k, v in (vms or {}).get(n, {}).items():
                 lines.append(f"{k} = {json.dumps(v)}")
-            lines += ['ram = [{ gpa = 0, size = 0x80000000, block = "pc.ram", offset = 0 },',
-                      '       { gpa = 0x100000000, size = 0x40000000, block = "pc.ram", offset = 0x80000000 }]']
+            lines += [
+                'ram = [{ gpa = 0, size = 0x80000000, block = "pc.ram", offset = 0 },',
+                '       { gpa = 0x100000000, size = 0x40000000, block = "pc.ram", offset = 0x80000000 }]',
+            ]
         self.config = work / "collector.toml"
         self.config.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen[bytes] | None = None
@@ -85,7 +94,8 @@ class Daemon:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [PY, "-m", "host_collector", "--log-format", "json", "serve", "--config", str(self.config)],
-            stderr=open(self.log_path, "ab"), cwd=ROOT,
+            stderr=open(self.log_path, "ab"),
+            cwd=ROOT,
         )
         end = time.monotonic() + 30
         while not (os.path.exists(self.admin_path) and self._tcp_up()):
@@ -132,7 +142,7 @@ class Daemon:
 
     def peer_of(self, vm: str) -> str:
         vms = self.admin().ListVMs(admin_pb2.ListVMsRequest(), timeout=5).vms
-        return next(v.peer for v in vms if v.name == vm)
+        return str(next(v.peer for v in vms if v.name == vm))
 
     def wait_attached(self, vm: str, timeout: float = 20) -> None:
         end = time.monotonic() + timeout
@@ -156,7 +166,7 @@ class Daemon:
     def metrics(self) -> str:
         import urllib.request
 
-        return urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
+        return str(urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode())
 
 
 class AgentProcess:
@@ -164,8 +174,9 @@ class AgentProcess:
 
     def __init__(self, work: Path, target: str, vm: str, name: str = "agent") -> None:
         self.log = work / f"{name}.log"
-        self.proc = subprocess.Popen([PY, "-m", "tests.adversary", "agent", target, token(vm)],
-                                     stderr=open(self.log, "ab"), cwd=ROOT)
+        self.proc = subprocess.Popen(
+            [PY, "-m", "tests.adversary", "agent", target, token(vm)], stderr=open(self.log, "ab"), cwd=ROOT
+        )
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -216,7 +227,8 @@ async def forged_abstract_relay(target_path: str, name: str) -> tuple[asyncio.Ab
 async def raw_attach(channel: grpc.aio.Channel, tok: str | None) -> Any:
     """An Attach call; its initial metadata says which VM the collector took it for."""
     return hints_pb2_grpc.FreePageHintsStub(channel).Attach(
-        hints_pb2.AttachRequest(facts=hints_pb2.AgentFacts(chosen_source="forged")), metadata=bearer(tok))
+        hints_pb2.AttachRequest(facts=hints_pb2.AgentFacts(chosen_source="forged")), metadata=bearer(tok)
+    )
 
 
 async def call_code(coro: Any) -> grpc.StatusCode:
@@ -234,14 +246,15 @@ async def _run_agent(target: str, tok: str) -> None:
     import signal
 
     from fphint import addresses
+    from fphint_lab.collector_harness import FixedSource
     from guest_agent.agent import Agent, Endpoint, Settings
     from guest_agent.facts import GuestSafety, build_facts
-    from fphint_lab.collector_harness import FixedSource
 
     src = FixedSource(GOOD)
     facts = build_facts(GuestSafety(), [], src.name, "")
-    agent = Agent(src, facts, lambda: Endpoint(addresses.parse(target), tok),
-                  Settings(backoff_initial_s=0.05, backoff_max_s=0.5))
+    agent = Agent(
+        src, facts, lambda: Endpoint(addresses.parse(target), tok), Settings(backoff_initial_s=0.05, backoff_max_s=0.5)
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -251,8 +264,10 @@ async def _run_agent(target: str, tok: str) -> None:
 @contextlib.asynccontextmanager
 async def channels(target: str, n: int) -> AsyncIterator[list[grpc.aio.Channel]]:
     """``n`` channels that each keep their own connection."""
-    chans = [grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1),
-                                                        ("grpc.enable_retries", 0)]) for _ in range(n)]
+    chans = [
+        grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1), ("grpc.enable_retries", 0)])
+        for _ in range(n)
+    ]
     try:
         yield chans
     finally:

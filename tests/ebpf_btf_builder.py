@@ -67,9 +67,7 @@ class BtfBuilder:
     def build(self) -> bytes:
         types = b"".join(self._types)
         hdr_len = 24
-        header = struct.pack(
-            "<HBBIIIII", MAGIC, 1, 0, hdr_len, 0, len(types), len(types), len(self._strings)
-        )
+        header = struct.pack("<HBBIIIII", MAGIC, 1, 0, hdr_len, 0, len(types), len(types), len(self._strings))
         return header + types + bytes(self._strings)
 
 

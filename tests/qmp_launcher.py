@@ -63,7 +63,9 @@ class Qemu:
             session = await QmpSession.connect(self.qmp_path, label=self.dir.name, timeout_s=timeout_s)
         except QmpError as err:
             await asyncio.sleep(0.2)  # let a dying QEMU finish its error message
-            raise RuntimeError(f"{err}\nQEMU alive: {self.alive()}\nstderr: {self.stderr()}\nargv: {self.args}") from err
+            raise RuntimeError(
+                f"{err}\nQEMU alive: {self.alive()}\nstderr: {self.stderr()}\nargv: {self.args}"
+            ) from err
         self.sessions.append(session)
         return session
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from .qmp_launcher import qemu
 from .test_qmp_migration_live import fill_pattern, ram_args, wait_status
 
-PLAIN_DIRTIER = bytes.fromhex("fa31db" "ba0010" "8ec2" "31ff" "89d8" "b90080" "f3ab" "81c20010" "81fa0080" "72eb" "43" "ebe5")
+PLAIN_DIRTIER = bytes.fromhex("fa31dbba00108ec231ff89d8b90080f3ab81c2001081fa008072eb43ebe5")
 
 
 async def once() -> int:
@@ -34,9 +34,10 @@ async def once() -> int:
     img[0xFFF0:0xFFF3] = bytes.fromhex("e90d00")
     bios.write_bytes(img)
     try:
-        async with qemu(ram_args(src, bios), name="lw-src") as s, qemu(
-            ["-S", "-incoming", "defer", *ram_args(dst, bios)], name="lw-dst"
-        ) as d:
+        async with (
+            qemu(ram_args(src, bios), name="lw-src") as s,
+            qemu(["-S", "-incoming", "defer", *ram_args(dst, bios)], name="lw-dst") as d,
+        ):
             sq, dq = await s.qmp(), await d.qmp()
             await dq.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
             port = (await dq.execute("query-migrate"))["socket-address"][0]["port"]

@@ -30,8 +30,9 @@ def smbios11(*strings: str) -> bytes:
 
 @pytest.fixture
 def places(tmp_path: Path) -> discovery.Places:
-    return discovery.Places(env={}, config_file=tmp_path / "agent.toml", fw_cfg_dir=tmp_path / "fw",
-                            dmi_dir=tmp_path / "dmi")
+    return discovery.Places(
+        env={}, config_file=tmp_path / "agent.toml", fw_cfg_dir=tmp_path / "fw", dmi_dir=tmp_path / "dmi"
+    )
 
 
 def test_discovery_order(places: discovery.Places, tmp_path: Path) -> None:
@@ -46,8 +47,7 @@ def test_discovery_order(places: discovery.Places, tmp_path: Path) -> None:
     places.config_file.write_text('token = "from-config"\ncollector = "tcp:10.0.2.2:7420"\n')
     assert discovery.discover("token", None, places).value == "from-config"  # type: ignore[union-attr]
     assert discovery.discover("collector", None, places).value == "tcp:10.0.2.2:7420"  # type: ignore[union-attr]
-    env_places = discovery.Places({"FPHINT_TOKEN": "from-env"}, places.config_file, places.fw_cfg_dir,
-                                  places.dmi_dir)
+    env_places = discovery.Places({"FPHINT_TOKEN": "from-env"}, places.config_file, places.fw_cfg_dir, places.dmi_dir)
     assert discovery.discover("token", None, env_places).value == "from-env"  # type: ignore[union-attr]
     assert discovery.discover("token", "from-cli", env_places).source == "command line"  # type: ignore[union-attr]
 
@@ -90,7 +90,9 @@ def test_safety_detection(tmp_path: Path) -> None:
     (p.dev / "tdx_guest").unlink()
     iof = detect_safety(fake_paths(tmp_path, "", config="CONFIG_INIT_ON_FREE_DEFAULT_ON=y\n"))
     assert iof.init_on_free and iof.refusals == []
-    assert not detect_safety(fake_paths(tmp_path, "init_on_free=0", config="CONFIG_INIT_ON_FREE_DEFAULT_ON=y\n")).init_on_free
+    assert not detect_safety(
+        fake_paths(tmp_path, "init_on_free=0", config="CONFIG_INIT_ON_FREE_DEFAULT_ON=y\n")
+    ).init_on_free
 
 
 class Fake(FreePageSource):
@@ -115,7 +117,9 @@ def test_selection_falls_back_in_order() -> None:
     sel = select_source("auto", GuestSafety(), facs)  # type: ignore[arg-type]
     assert sel.source is not None
     assert [(s.name, s.available, s.reason) for s in sel.statuses] == [
-        ("ebpf", False, "self-test failed"), ("kpageflags", True, "")]
+        ("ebpf", False, "self-test failed"),
+        ("kpageflags", True, ""),
+    ]
 
     def broken() -> FreePageSource:
         raise ImportError("No module named 'bcc'")
@@ -156,7 +160,11 @@ def test_kpageflags_runs_cross_block_boundaries(tmp_path: Path) -> None:
     snap = src.snapshot()
     assert snap.pages == len(buddy) and snap.complete
     assert list(snap.ranges) == [
-        (0, 3 * 4096), (10 * 4096, 4096), ((BLOCK_PFNS - 5) * 4096, 8 * 4096), ((n - 1) * 4096, 4096)]
+        (0, 3 * 4096),
+        (10 * 4096, 4096),
+        ((BLOCK_PFNS - 5) * 4096, 8 * 4096),
+        ((n - 1) * 4096, 4096),
+    ]
     assert snap.details == {"pfns_read": float(n), "blocks": 2.0}
     assert snap.source == "kpageflags" and snap.started <= snap.finished
     src.close()
@@ -231,4 +239,3 @@ def test_snapshot_is_the_parts_joined() -> None:
     assert not snap.complete and snap.details == {"scans": 1.0} and snap.source == "two"
     plain = Fake().snapshot()  # the default summary: complete, no figures
     assert plain.complete and plain.details == {} and list(plain.ranges) == [] and plain.pages == 0
-

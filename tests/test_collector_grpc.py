@@ -14,14 +14,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import generate_latest
 
 from fphint.v1 import hints_pb2
-from guest_agent.agent import Settings
-from guest_agent.sources.base import LiveFrees, Part, WholeScan
-from host_collector.config import Limits
-from host_collector.server import CollectorServer
-
 from fphint_lab.collector_harness import (
-    GiB,
     FixedSource,
+    GiB,
     RawGuest,
     chunk,
     make_config,
@@ -31,13 +26,17 @@ from fphint_lab.collector_harness import (
     wait_attached,
     wait_for,
 )
+from guest_agent.agent import Settings
+from guest_agent.sources.base import LiveFrees, Part, WholeScan
+from host_collector.config import Limits
+from host_collector.server import CollectorServer
 
 MiB = 1 << 20
 GOOD = [(0x100000, 64 * MiB), (512 * MiB, 4096), (4 * GiB, 8 * MiB)]
 
 
 def run(coro: Awaitable[None], timeout: float = 60) -> None:
-    asyncio.run(asyncio.wait_for(coro, timeout))  # type: ignore[arg-type]
+    asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 def test_request_answered_within_deadline() -> None:
@@ -72,8 +71,10 @@ def test_request_answered_within_deadline() -> None:
 def test_stalled_agent_does_not_hold_the_epoch_or_others() -> None:
     async def go() -> None:
         async with running_collector(make_config(["slow", "fast"])) as srv:
-            async with running_agent(srv, "slow", FixedSource(GOOD, delay=3.0)), \
-                    running_agent(srv, "fast", FixedSource(GOOD)):
+            async with (
+                running_agent(srv, "slow", FixedSource(GOOD, delay=3.0)),
+                running_agent(srv, "fast", FixedSource(GOOD)),
+            ):
                 await wait_attached(srv, "slow", "fast")
                 t0 = time.monotonic()
                 slow = srv.collector.open_epoch("slow", 0.5)
@@ -128,30 +129,81 @@ def _flood(g: RawGuest, req: hints_pb2.HintRequest, _: int) -> Awaitable[object]
 
 CASES: list[tuple[str, Limits, BadCall, grpc.StatusCode, str]] = [
     ("flood", Limits(max_ranges_per_epoch=40), _flood, grpc.StatusCode.RESOURCE_EXHAUSTED, "exceed 40 ranges"),
-    ("outside RAM", Limits(), lambda g, r, _: g.report([chunk(r.epoch, [(2 * GiB, 4096)])]),
-     grpc.StatusCode.OUT_OF_RANGE, "not inside guest RAM"),
-    ("beyond 2**64", Limits(),
-     lambda g, r, _: g.report([hints_pb2.ReportChunk(epoch=r.epoch, ranges=[(1 << 64) - 4096, 8192], end=True,
-                                                     kind=hints_pb2.REPORT_KIND_SNAPSHOT)]),
-     grpc.StatusCode.INVALID_ARGUMENT, "beyond 2**64"),
-    ("overlap", Limits(),
-     lambda g, r, _: g.report([hints_pb2.ReportChunk(epoch=r.epoch, ranges=[0x100000, 8192, 4096, 4096], end=True,
-                                                     kind=hints_pb2.REPORT_KIND_SNAPSHOT)]),
-     grpc.StatusCode.INVALID_ARGUMENT, "overlaps"),
-    ("unknown epoch", Limits(), lambda g, r, _: g.report([chunk(r.epoch + 12345, GOOD)]),
-     grpc.StatusCode.FAILED_PRECONDITION, "unknown"),
-    ("other VM's epoch", Limits(), lambda g, r, other: g.report([chunk(other, GOOD)]),
-     grpc.StatusCode.FAILED_PRECONDITION, "unknown"),
-    ("bad sequence", Limits(), lambda g, r, _: g.report([chunk(r.epoch, GOOD, seq=1)]),
-     grpc.StatusCode.INVALID_ARGUMENT, "seq"),
-    ("chunk too big", Limits(max_ranges_per_chunk=2), lambda g, r, _: g.report([chunk(r.epoch, GOOD)]),
-     grpc.StatusCode.RESOURCE_EXHAUSTED, "in one chunk"),
-    ("oversize message", Limits(max_message_bytes=64 << 10),
-     lambda g, r, _: g.report([chunk(r.epoch, [(i * 8192, 4096) for i in range(20000)])]),
-     grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"),
-    ("live hints not asked", Limits(),
-     lambda g, r, _: g.report([chunk(r.epoch, GOOD, kind=hints_pb2.REPORT_KIND_LIVE)]),
-     grpc.StatusCode.INVALID_ARGUMENT, "live"),
+    (
+        "outside RAM",
+        Limits(),
+        lambda g, r, _: g.report([chunk(r.epoch, [(2 * GiB, 4096)])]),
+        grpc.StatusCode.OUT_OF_RANGE,
+        "not inside guest RAM",
+    ),
+    (
+        "beyond 2**64",
+        Limits(),
+        lambda g, r, _: g.report(
+            [
+                hints_pb2.ReportChunk(
+                    epoch=r.epoch, ranges=[(1 << 64) - 4096, 8192], end=True, kind=hints_pb2.REPORT_KIND_SNAPSHOT
+                )
+            ]
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "beyond 2**64",
+    ),
+    (
+        "overlap",
+        Limits(),
+        lambda g, r, _: g.report(
+            [
+                hints_pb2.ReportChunk(
+                    epoch=r.epoch, ranges=[0x100000, 8192, 4096, 4096], end=True, kind=hints_pb2.REPORT_KIND_SNAPSHOT
+                )
+            ]
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "overlaps",
+    ),
+    (
+        "unknown epoch",
+        Limits(),
+        lambda g, r, _: g.report([chunk(r.epoch + 12345, GOOD)]),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "unknown",
+    ),
+    (
+        "other VM's epoch",
+        Limits(),
+        lambda g, r, other: g.report([chunk(other, GOOD)]),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "unknown",
+    ),
+    (
+        "bad sequence",
+        Limits(),
+        lambda g, r, _: g.report([chunk(r.epoch, GOOD, seq=1)]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "seq",
+    ),
+    (
+        "chunk too big",
+        Limits(max_ranges_per_chunk=2),
+        lambda g, r, _: g.report([chunk(r.epoch, GOOD)]),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "in one chunk",
+    ),
+    (
+        "oversize message",
+        Limits(max_message_bytes=64 << 10),
+        lambda g, r, _: g.report([chunk(r.epoch, [(i * 8192, 4096) for i in range(20000)])]),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "larger than max",
+    ),
+    (
+        "live hints not asked",
+        Limits(),
+        lambda g, r, _: g.report([chunk(r.epoch, GOOD, kind=hints_pb2.REPORT_KIND_LIVE)]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "live",
+    ),
 ]
 
 

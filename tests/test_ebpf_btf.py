@@ -12,6 +12,7 @@ import re
 import shutil
 import struct
 import subprocess
+from typing import Any
 
 import pytest
 
@@ -54,7 +55,9 @@ def test_struct_page_matches_bpftool(bpftool_dump: str) -> None:
     # bpftool lists top-level members with bit offsets: flags at 0, the
     # refcount directly (not nested), so compare those two exactly.
     body = _bpftool_type(bpftool_dump, "STRUCT", "page")
-    refcount_bits = int(re.search(r"'_refcount' type_id=\d+ bits_offset=(\d+)", body).group(1))
+    m = re.search(r"'_refcount' type_id=\d+ bits_offset=(\d+)", body)
+    assert m, body
+    refcount_bits = int(m.group(1))
     assert btf.byte_offset("page", "_refcount") * 8 == refcount_bits
     # Nested members agree with the C dump bpftool renders.
     assert btf.byte_offset("page", "flags") == 0
@@ -115,8 +118,12 @@ def test_linux_6_12_layout_uses_top_byte() -> None:
 
 
 def test_linux_6_11_enum_is_read_from_btf() -> None:
-    values = {"PG_buddy": 0x40000000, "PG_offline": 0x20000000, "PAGE_TYPE_BASE": 0x80000000,
-              "PAGE_MAPCOUNT_RESERVE": ~0xFFFF}
+    values = {
+        "PG_buddy": 0x40000000,
+        "PG_offline": 0x20000000,
+        "PAGE_TYPE_BASE": 0x80000000,
+        "PAGE_MAPCOUNT_RESERVE": ~0xFFFF,
+    }
     enc = choose_encoding(Btf(kernel_btf(enum_pagetype=values)), "6.11.5")
     assert (enc.mask, enc.value) == (0xC0000000, 0x80000000)
     assert enc.is_buddy(0xBFFFFFFF) and not enc.is_buddy(0xFFFFFFFF) and not enc.is_buddy(0x3)
@@ -149,7 +156,7 @@ def test_mapcount_used_when_page_type_has_another_name() -> None:
         ({"nr_orders": 1}, "max order 0"),
     ],
 )
-def test_bad_layouts_are_refused(kwargs: dict[str, int], message: str) -> None:
+def test_bad_layouts_are_refused(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(PageLayoutError, match=message):
         page_layout(Btf(kernel_btf(enum_pagetype=None, **kwargs)), "6.1.0")
 
@@ -173,7 +180,9 @@ def test_ambiguous_member_is_refused() -> None:
 
 def test_tracepoint_prototypes_are_checked() -> None:
     assert tracepoint_problems(Btf(kernel_btf(enum_pagetype=None))) == (
-        [], ["mm_compaction_fast_isolate_freepages: not in BTF"])
+        [],
+        ["mm_compaction_fast_isolate_freepages: not in BTF"],
+    )
     problems, _ = tracepoint_problems(Btf(kernel_btf(enum_pagetype=None, tracepoints=False)))
     assert any(p.startswith("mm_page_alloc: not in BTF") for p in problems)
 
@@ -194,10 +203,14 @@ def test_wrong_tracepoint_prototype_is_refused() -> None:
         (struct.pack("<HBBIIIII", 0x9FEB, 1, 0, 24, 0, 0, 0, 0), "bad BTF magic"),
         (struct.pack("<HBBIIIII", 0xEB9F, 2, 0, 24, 0, 0, 0, 1) + b"\0", "unsupported BTF version"),
         (struct.pack("<HBBIIIII", 0xEB9F, 1, 0, 24, 0, 100, 100, 1) + b"\0", "run past the end"),
-        (struct.pack("<HBBIIIII", 0xEB9F, 1, 0, 24, 0, 12, 12, 1) + struct.pack("<III", 0, 31 << 24, 0) + b"\0",
-         "unknown BTF kind"),
-        (struct.pack("<HBBIIIII", 0xEB9F, 1, 0, 24, 0, 12, 12, 1) + struct.pack("<III", 0, (4 << 24) | 1, 8)
-         + b"\0", "runs past the type section"),
+        (
+            struct.pack("<HBBIIIII", 0xEB9F, 1, 0, 24, 0, 12, 12, 1) + struct.pack("<III", 0, 31 << 24, 0) + b"\0",
+            "unknown BTF kind",
+        ),
+        (
+            struct.pack("<HBBIIIII", 0xEB9F, 1, 0, 24, 0, 12, 12, 1) + struct.pack("<III", 0, (4 << 24) | 1, 8) + b"\0",
+            "runs past the type section",
+        ),
     ],
 )
 def test_malformed_btf_is_refused(blob: bytes, message: str) -> None:

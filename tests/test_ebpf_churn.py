@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import pytest
@@ -252,35 +252,46 @@ def _not_buddy_runs(fd: int, start_pfn: int, npages: int) -> list[tuple[int, int
     return [(start_pfn + m.start(), m.end() - m.start()) for m in re.finditer(rb"\x00+", flags)]
 
 
+def check_ranges(
+    fd: int, tracer: AllocTracer, ranges: Sequence[tuple[int, int]], pages: int, since: float, v: Verdict
+) -> None:
+    """The rule for one answer that claims its pages free at ``since``
+    (time.monotonic()): each is KPF_BUDDY on an immediate re-read, or an
+    allocation event covering it fired at or after ``since``, or it lies in a
+    run of whole aligned free-page-reporting blocks; else a violation."""
+    block = reporting_block() or 1 << 62
+    bad = [r for start, length in ranges for r in _not_buddy_runs(fd, start // PAGE, length // PAGE)]
+    v.reported += pages
+    if not bad:
+        return
+    after_ns = int(since * 1e9)
+    wide = tracer.ranges_since(after_ns)
+    for pfn0, count in bad:
+        v.not_buddy += count
+        left = [
+            p
+            for p in range(pfn0, pfn0 + count)
+            if not (p < tracer.nr_pfns and tracer.last[p] >= after_ns) and not any(s <= p < e for s, e in wide)
+        ]
+        v.covered += count - len(left)
+        for first, n in runs_of(left):
+            if first % block == 0 and n % block == 0:
+                v.reporting += n
+            else:
+                v.violations += n
+                if len(v.samples) < 10:
+                    v.samples.append((first, n))
+
+
 def check_rounds(src: EbpfSource, tracer: AllocTracer, rounds: int, until_violation: bool = False) -> Verdict:
     v = Verdict()
-    block = reporting_block() or 1 << 62
     fd = os.open("/proc/kpageflags", os.O_RDONLY)
     try:
         for _ in range(rounds):
             t0 = time.monotonic()
             for part in src.parts():
                 # The immediate re-read: right after the part, its pages only.
-                bad = [r for start, length in part.ranges
-                       for r in _not_buddy_runs(fd, start // PAGE, length // PAGE)]
-                v.reported += part.pages
-                if not bad:
-                    continue
-                after_ns = int(part.scanned_at * 1e9)
-                wide = tracer.ranges_since(after_ns)
-                for pfn0, count in bad:
-                    v.not_buddy += count
-                    left = [p for p in range(pfn0, pfn0 + count)
-                            if not (p < tracer.nr_pfns and tracer.last[p] >= after_ns)
-                            and not any(s <= p < e for s, e in wide)]
-                    v.covered += count - len(left)
-                    for first, n in runs_of(left):
-                        if first % block == 0 and n % block == 0:
-                            v.reporting += n
-                        else:
-                            v.violations += n
-                            if len(v.samples) < 10:
-                                v.samples.append((first, n))
+                check_ranges(fd, tracer, part.ranges, part.pages, part.scanned_at, v)
             v.scan_s += time.monotonic() - t0
             v.rounds += 1
             v.dropped += int(src.scanner.last.dropped)
@@ -360,7 +371,9 @@ def test_planted_race_is_dropped(storm: list[subprocess.Popen[bytes]], tracer: A
     assert v.violations == 0, f"pages reported free, in use, and no allocation after the scan: {v}"
 
 
-def test_checker_catches_scans_without_the_crosscheck(storm: list[subprocess.Popen[bytes]], tracer: AllocTracer) -> None:
+def test_checker_catches_scans_without_the_crosscheck(
+    storm: list[subprocess.Popen[bytes]], tracer: AllocTracer
+) -> None:
     """With the in-scan cross-check off, the pages the planted race takes
     from blocks already read are reported; the rule above must see them."""
     v = _raced(Options(crosscheck=False), tracer, 3, until_violation=True)
@@ -381,3 +394,74 @@ def test_without_the_recheck(storm: list[subprocess.Popen[bytes]], tracer: Alloc
         src.close()
     print(f"\nwithout re-read: {v}")
     assert v.violations == 0, v
+
+
+# Section: scan once, then track (docs/safety-rule.md §5.6)
+
+#: Time between a scan and the tracked answer checked: the storm allocates
+#: (and frees) hundreds of MiB meanwhile, from pages the scan called free.
+TRACK_WAIT_S = 0.3
+
+
+def check_tracked_rounds(
+    src: EbpfSource, tracer: AllocTracer, rounds: int, plant: bool, until_violation: bool = False
+) -> Verdict:
+    """Each round: a scan (tracking on), the planted race (64 MiB of small
+    pages taken after the scan and held through the check), a wait, then the
+    tracked answer checked by the same rule as a part, against the time it
+    read the bitmap. Every page the race took from the scan's free set is in
+    use and has no event after the answer: the subtraction must drop it."""
+    v = Verdict()
+    fd = os.open("/proc/kpageflags", os.O_RDONLY)
+    assert src.set_tracking(True), src.facts.get("tracking")
+    try:
+        for _ in range(rounds):
+            for _part in src.parts():
+                pass
+            held = None
+            if plant:
+                held = mmap.mmap(-1, RACE_BYTES)
+                held.madvise(mmap.MADV_NOHUGEPAGE)
+                for off in range(0, RACE_BYTES, PAGE):
+                    held[off] = 1
+            time.sleep(TRACK_WAIT_S)
+            t0 = time.monotonic()
+            ans = src.tracked()
+            v.scan_s += time.monotonic() - t0
+            assert ans is not None
+            check_ranges(fd, tracer, ans.ranges, ans.pages, ans.read_at, v)
+            v.dropped += ans.scanned_pages - ans.pages
+            if held is not None:
+                held.close()
+            v.rounds += 1
+            if until_violation and v.violations:
+                break
+    finally:
+        src.set_tracking(False)
+        os.close(fd)
+    return v
+
+
+def test_tracked_answers_are_sound_under_churn(storm: list[subprocess.Popen[bytes]], tracer: AllocTracer) -> None:
+    src = _opened(Options())
+    try:
+        v = check_tracked_rounds(src, tracer, ROUNDS, plant=True)
+    finally:
+        src.close()
+    assert all(p.poll() is None for p in storm), "the storm must still be running"
+    print(f"\ntracked, subtraction on (scan_s is the answers' compute time): {v}")
+    assert v.reported > 0 and v.dropped > 0, "the storm and the race must touch the tracked set"
+    assert v.violations == 0, f"tracked pages in use with no allocation after the answer: {v}"
+
+
+def test_checker_catches_tracking_without_the_subtraction(
+    storm: list[subprocess.Popen[bytes]], tracer: AllocTracer
+) -> None:
+    """The planted fault: the tracked set sent as scanned, nothing subtracted."""
+    src = _opened(Options(tracked_subtraction=False))
+    try:
+        v = check_tracked_rounds(src, tracer, 3, plant=True, until_violation=True)
+    finally:
+        src.close()
+    print(f"\ntracked, subtraction off: {v}")
+    assert v.violations > 0, f"the checker missed tracking without the subtraction: {v}"

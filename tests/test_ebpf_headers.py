@@ -64,7 +64,7 @@ def test_bcc_compiles_with_a_native_split_tree(tmp_path: Path) -> None:
     fake.mkdir(parents=True)
     (fake / "build").symlink_to(flavour)
     (fake / "source").symlink_to(common)
-    code = f"""
+    code = """
 import json, os, sys
 os.environ.pop("BCC_KERNEL_SOURCE", None)
 from guest_agent.sources.ebpf import headers, program, system
@@ -75,12 +75,14 @@ cfg = program.ProgramConfig(page_layout(Btf.load(), os.uname().release), system.
 p = program.LoadedProgram(cfg, src)
 ok = p.peek.run(0) == 0  # reading address 0 fails cleanly
 p.close()
-print(json.dumps({{"source": src, "loaded": ok}}))
+print(json.dumps({"source": src, "loaded": ok}))
 """
     shell = f'mount --bind {tmp_path / "modules"} /lib/modules && exec "$@"'
     proc = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c", shell, "sh", sys.executable, "-c", code],
-        capture_output=True, text=True, timeout=180,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"source": None, "loaded": True}

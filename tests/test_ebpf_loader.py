@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -157,7 +158,7 @@ def _imports(path: Path, package: str) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
             base = parent.split(".")[: len(parent.split(".")) - node.level + 1] if node.level else []
-            target = ".".join(base + [node.module] if node.module else base)
+            target = ".".join([*base, node.module] if node.module else base)
             out |= {f"{target}.{a.name}" for a in node.names} | ({target} if node.module else set())
         elif isinstance(node, ast.Import):
             out |= {a.name for a in node.names}
@@ -165,11 +166,15 @@ def _imports(path: Path, package: str) -> set[str]:
 
 
 def test_no_module_of_the_agent_imports_in_a_cycle() -> None:
-    files = {".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): f
-             for f in (ROOT / "guest_agent").rglob("*.py")}
+    files = {
+        ".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): f
+        for f in (ROOT / "guest_agent").rglob("*.py")
+    }
     # A package is initialised before its modules run, so an edge to an ancestor closes no cycle.
-    graph = {m: {d for d in _imports(f, "guest_agent") if d in files and d != m and not m.startswith(d + ".")}
-             for m, f in files.items()}
+    graph = {
+        m: {d for d in _imports(f, "guest_agent") if d in files and d != m and not m.startswith(d + ".")}
+        for m, f in files.items()
+    }
 
     def reaches(start: str, goal: str) -> bool:
         seen, todo = set(), list(graph[start])
@@ -209,31 +214,32 @@ s.close()
 
 
 @pytest.fixture(scope="module")
-def agent() -> dict[str, object]:
+def agent() -> dict[str, Any]:
     if os.geteuid() != 0:
         pytest.skip("needs root")
-    proc = subprocess.run([sys.executable, "-c", AGENT], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", AGENT], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out: dict[str, object] = json.loads(proc.stdout.strip().splitlines()[-1])
+    out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     return out
 
 
 @pytest.mark.root
 @pytest.mark.bpf
-def test_agent_never_loads_bcc_or_llvm(agent: dict[str, object]) -> None:
+def test_agent_never_loads_bcc_or_llvm(agent: dict[str, Any]) -> None:
     assert agent["bcc"] == []
     maps = str(agent["maps"])
     assert "libLLVM" not in maps and "libbcc" not in maps and "clang" not in maps
-    assert any("libbcc" in f for f in agent["child_files"]), "the child did compile"  # type: ignore[attr-defined]
+    assert any("libbcc" in f for f in agent["child_files"]), "the child did compile"
 
 
 @pytest.mark.root
 @pytest.mark.bpf
-def test_agent_rss_after_open_is_small(agent: dict[str, object]) -> None:
-    mib = {k: int(agent[k]) / 2**20 for k in ("rss", "anon", "file")}  # type: ignore[call-overload]
-    print(f"\nagent after open(): RSS {mib['rss']:.1f} MiB (anon {mib['anon']:.1f}, file {mib['file']:.1f}); "
-          f"open {agent['open_s']} s, loader child {float(agent['load_s']):.2f} s")  # type: ignore[arg-type]
+def test_agent_rss_after_open_is_small(agent: dict[str, Any]) -> None:
+    mib = {k: int(agent[k]) / 2**20 for k in ("rss", "anon", "file")}
+    print(
+        f"\nagent after open(): RSS {mib['rss']:.1f} MiB (anon {mib['anon']:.1f}, file {mib['file']:.1f}); "
+        f"open {agent['open_s']} s, loader child {float(agent['load_s']):.2f} s"
+    )
     assert mib["rss"] < 80, "was 131 MiB with bcc in the process"
 
 
@@ -256,13 +262,13 @@ def _mapped_anywhere(path: str) -> bool:
 
 @pytest.mark.root
 @pytest.mark.bpf
-def test_the_compiles_page_cache_is_dropped(agent: dict[str, object]) -> None:
+def test_the_compiles_page_cache_is_dropped(agent: dict[str, Any]) -> None:
     """libLLVM's pages leave the page cache once the child is gone (unless
     some other process maps it: then the kernel keeps them, rightly)."""
     if subprocess.run(["which", "fincore"], capture_output=True).returncode:
         pytest.skip("fincore missing")
-    files = [f for f in agent["child_files"] if "libLLVM" in f]  # type: ignore[attr-defined]
-    assert files and int(agent["dropped"]) > len(files)  # type: ignore[call-overload]
+    files = [f for f in agent["child_files"] if "libLLVM" in f]
+    assert files and int(agent["dropped"]) > len(files)
     for f in files:
         if not _mapped_anywhere(f):
             assert _resident_bytes(f) < 2**20, f"{f} still has {_resident_bytes(f)} bytes cached"

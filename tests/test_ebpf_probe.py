@@ -51,7 +51,10 @@ def _write(tmp: Path, name: str, text: str) -> str:
 def test_ram_ranges_from_iomem(tmp_path: Path) -> None:
     ranges = system.ram_pfn_ranges(_write(tmp_path, "iomem", IOMEM))
     assert ranges == [(1, 0x9F), (0x100, 0xC0000), (0x100000, 0x240000), (0x240000, 0x260000)] or ranges == [
-        (1, 0x9F), (0x100, 0xC0000), (0x100000, 0x260000)]
+        (1, 0x9F),
+        (0x100, 0xC0000),
+        (0x100000, 0x260000),
+    ]
     hidden = IOMEM.replace("00100000-bfffffff", "00000000-00000000").replace("00001000-0009fbff", "00000000-00000000")
     hidden = "\n".join(line for line in hidden.splitlines() if "100000000" not in line and "240000000" not in line)
     assert system.ram_pfn_ranges(_write(tmp_path, "hidden", hidden)) == []
@@ -104,7 +107,7 @@ def test_kernel_headers_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(headers, "KHEADERS", str(tmp_path / "no-kheaders"))
     modules, cache = tmp_path / "modules", tmp_path / "cache"
     env: dict[str, str] = {}
-    with pytest.raises(headers.HeadersMissing, match="run scripts/bcc-headers.sh"):
+    with pytest.raises(headers.HeadersMissing, match=r"run scripts/bcc-headers\.sh"):
         headers.kernel_source("9.9.9", str(modules), str(cache), env)
     _write(cache, "include/linux/kconfig.h", "")
     assert headers.kernel_source("9.9.9", str(modules), str(cache), env) == str(cache)
@@ -206,7 +209,7 @@ print(json.dumps(out))
 
 def _run_python(prefix: list[str], open_it: bool = False) -> dict[str, object]:
     code = PROBE_SNIPPET.format(open_it=open_it)
-    proc = subprocess.run(prefix + [sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([*prefix, sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     result: dict[str, object] = json.loads(proc.stdout.strip().splitlines()[-1])
     return result
@@ -227,7 +230,7 @@ def test_bpf_not_permitted() -> None:
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="unshare (util-linux) missing")
 def test_tracefs_absent_is_mounted() -> None:
     # A private mount namespace: unmounting tracefs there leaves the machine alone.
-    shell = "umount /sys/kernel/tracing 2>/dev/null; umount /sys/kernel/debug/tracing 2>/dev/null; exec \"$@\""
+    shell = 'umount /sys/kernel/tracing 2>/dev/null; umount /sys/kernel/debug/tracing 2>/dev/null; exec "$@"'
     out = _run_python(["unshare", "--mount", "--propagation", "private", "sh", "-c", shell, "sh"])
     assert out["available"] is True, out
     assert "mounted tracefs at /sys/kernel/tracing" in out["notes"]  # type: ignore[operator]
@@ -237,3 +240,17 @@ def test_paths_are_all_injectable() -> None:
     # Every field is a path string; replace() keeps the others.
     p = replace(KernelPaths(), btf="/x")
     assert p.btf == "/x" and p.iomem == "/proc/iomem"
+
+
+def test_vmemmap_pairing_winner_needs_a_clear_majority() -> None:
+    """Mismatched pairs (a nested free) vote for scattered bases: a busy host's
+    80 % winner with a thin tail is clear; an even split or too few votes is not."""
+    from guest_agent.sources.ebpf.vmemmap import winner
+
+    base = 0xFFFFEA0000000000
+    tail = {base + (i + 1) * 0x1000_0000: 20 for i in range(120)}  # 2400 scattered wrong votes
+    assert winner({base: 10243, **tail}) == (base, 10243)
+    assert winner({base: 950, base + 0x4000_0000: 50}) == (base, 950)  # 95 %
+    assert winner({base: 700, base + 0x4000_0000: 300}) is None  # two real contenders
+    assert winner({base: 20}) is None  # too few pairs
+    assert winner({}) is None

@@ -5,6 +5,7 @@ stays loaded after close().
 
 from __future__ import annotations
 
+import itertools
 import json
 import mmap
 import os
@@ -12,7 +13,7 @@ import shutil
 import struct
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,8 +26,19 @@ pytestmark = [pytest.mark.root, pytest.mark.bpf]
 
 PAGE = 4096
 OUR_PROGRAMS = {
-    "scan", "filter", "begin", "peek", "pair_raw", "pair_tp", "on_alloc", "on_alloc_zone_locked",
-    "on_extfrag", "on_isolate", "on_fast_isolate", "on_test_isolated", "on_free",
+    "scan",
+    "filter",
+    "begin",
+    "peek",
+    "pair_raw",
+    "pair_tp",
+    "on_alloc",
+    "on_alloc_zone_locked",
+    "on_extfrag",
+    "on_isolate",
+    "on_fast_isolate",
+    "on_test_isolated",
+    "on_free",
 }
 
 
@@ -104,6 +116,7 @@ def test_parts_come_before_the_scan_ends(src: EbpfSource) -> None:
 
 def test_abandoned_scan_closes_the_gate(src: EbpfSource) -> None:
     it = src.parts()
+    assert isinstance(it, Generator)
     next(it)
     it.close()  # what happens when the agent stops early
     assert src.scanner.prog.ctl[Ctl.GATE] == 0
@@ -136,7 +149,7 @@ def test_kallsyms_route_reads_and_checks_the_word(src: EbpfSource, tmp_path: Pat
     assert text is not None
     fake = tmp_path / "kallsyms"
     fake.write_text(f"{text:016x} D vmemmap_base\n")
-    with pytest.raises(vmemmap.VmemmapError, match="not a kernel address|holds"):
+    with pytest.raises(vmemmap.VmemmapError, match=r"not a kernel address|holds"):
         vmemmap.from_kallsyms(src.scanner.prog, str(fake))
     fake.write_text("0000000000000010 D vmemmap_base\n")
     with pytest.raises(vmemmap.VmemmapError, match="cannot read vmemmap_base at 0x10"):
@@ -178,15 +191,15 @@ def test_live_frees_report_our_frees_and_nothing_older(src: EbpfSource) -> None:
     live.start()
     lost0, stale0 = live.lost, live.stale
     before.close()  # freed during an epoch that is then abandoned
-    live.start()  # a new epoch: the frees above are older and must be dropped
-    assert live.stale - stale0 >= n - (live.lost - lost0), "frees from before start() were not dropped"
+    live.start()  # a new epoch: the frees above are older and must be dropped (when drained)
     lost1 = live.lost
     after.close()
     time.sleep(0.05)
-    got = set()
+    got: set[int] = set()
     for start, length in live.drain(1 << 20):
         assert start % PAGE == 0 and length % PAGE == 0
         got.update(range(start // PAGE, (start + length) // PAGE))
+    assert live.stale - stale0 >= n - (live.lost - lost0), "frees from before start() were not dropped"
     live.stop()
     if live.lost == lost1:
         assert new <= got, f"{len(new - got)} of our {n} freed pages not reported"
@@ -206,7 +219,7 @@ def test_drain_is_bounded_and_sorted(src: EbpfSource) -> None:
     assert len(first) <= 3
     for chunk in (first, rest):
         assert chunk == sorted(chunk)
-        assert all(a[0] + a[1] < b[0] for a, b in zip(chunk, chunk[1:]))
+        assert all(a[0] + a[1] < b[0] for a, b in itertools.pairwise(chunk))
 
 
 def test_program_text_shows_flags_and_source(src: EbpfSource) -> None:

@@ -16,6 +16,7 @@ from fphint import addresses
 from fphint.errors import FphintError
 from fphint.ranges import RangeError
 from fphint.v1 import admin_pb2, admin_pb2_grpc
+from fphint_lab.collector_harness import make_config, running_collector, token
 from guest_agent.discovery import DiscoveryError
 from guest_agent.errors import AgentError
 from guest_agent.sources.base import SourceUnavailable
@@ -35,8 +36,6 @@ from host_collector.proxy.migration_proxy import ProxyError
 from host_collector.qmp.mtree import MtreeError
 from host_collector.qmp.ramblock import RamBlockError
 from host_collector.qmp.session import QmpCommandError, QmpError, QmpTimeout
-
-from fphint_lab.collector_harness import make_config, running_collector, token
 
 S = grpc.StatusCode
 #: One of each collector error as it is raised, and the status it must end a call with.
@@ -95,11 +94,33 @@ def test_a_status_name_that_does_not_exist_is_refused_at_the_raise() -> None:
 
 
 def test_every_error_sits_under_its_packages_root() -> None:
-    for cls in (Refusal, HintViolation, UnknownVm, EpochError, ConfigError, LayoutError, MtreeError, RamBlockError,
-                QmpError, QmpTimeout, QmpCommandError, MigrateError, ProxyError):
+    for cls in (
+        Refusal,
+        HintViolation,
+        UnknownVm,
+        EpochError,
+        ConfigError,
+        LayoutError,
+        MtreeError,
+        RamBlockError,
+        QmpError,
+        QmpTimeout,
+        QmpCommandError,
+        MigrateError,
+        ProxyError,
+    ):
         assert issubclass(cls, CollectorError), cls
-    for agent_cls in (DiscoveryError, SourceUnavailable, BtfError, PageLayoutError, HeadersMissing, LoaderError,
-                      LoadError, ProgramRefused, VmemmapError):
+    for agent_cls in (
+        DiscoveryError,
+        SourceUnavailable,
+        BtfError,
+        PageLayoutError,
+        HeadersMissing,
+        LoaderError,
+        LoadError,
+        ProgramRefused,
+        VmemmapError,
+    ):
         assert issubclass(agent_cls, AgentError) and not issubclass(agent_cls, CollectorError), agent_cls
     for shared in (addresses.AddressError, RangeError):
         # Still ValueErrors: callers guard parses with except ValueError.
@@ -117,22 +138,37 @@ def test_admin_calls_end_with_the_errors_status(tmp_path: Path) -> None:
             async with grpc.aio.insecure_channel(f"unix:{tmp_path}/admin.sock") as ch:
                 stub = admin_pb2_grpc.CollectorAdminStub(ch)
                 cases = [
-                    (stub.CollectHints(admin_pb2.CollectHintsRequest(vm="nobody", deadline_ms=100)),
-                     S.NOT_FOUND, "no VM named 'nobody'"),
-                    (stub.CollectHints(admin_pb2.CollectHintsRequest(vm="bare", deadline_ms=100)),
-                     S.FAILED_PRECONDITION, "has no RAM layout yet"),
-                    (stub.CollectHints(admin_pb2.CollectHintsRequest(vm="a", deadline_ms=3_600_000)),
-                     S.FAILED_PRECONDITION, "deadline"),
+                    (
+                        stub.CollectHints(admin_pb2.CollectHintsRequest(vm="nobody", deadline_ms=100)),
+                        S.NOT_FOUND,
+                        "no VM named 'nobody'",
+                    ),
+                    (
+                        stub.CollectHints(admin_pb2.CollectHintsRequest(vm="bare", deadline_ms=100)),
+                        S.FAILED_PRECONDITION,
+                        "has no RAM layout yet",
+                    ),
+                    (
+                        stub.CollectHints(admin_pb2.CollectHintsRequest(vm="a", deadline_ms=3_600_000)),
+                        S.FAILED_PRECONDITION,
+                        "deadline",
+                    ),
                 ]
                 for call, status, text in cases:
                     with pytest.raises(grpc.aio.AioRpcError) as e:
                         await call
                     assert e.value.code() == status and text in (e.value.details() or ""), e.value
                 streams = [
-                    (stub.Migrate(admin_pb2.MigrateRequest(vm="nobody", to="tcp:127.0.0.1:1")),
-                     S.NOT_FOUND, "no VM named 'nobody'"),
-                    (stub.Proxy(admin_pb2.ProxyRequest(vm="a", to="tcp:127.0.0.1:1")),
-                     S.INVALID_ARGUMENT, "needs a listen address"),
+                    (
+                        stub.Migrate(admin_pb2.MigrateRequest(vm="nobody", to="tcp:127.0.0.1:1")),
+                        S.NOT_FOUND,
+                        "no VM named 'nobody'",
+                    ),
+                    (
+                        stub.Proxy(admin_pb2.ProxyRequest(vm="a", to="tcp:127.0.0.1:1")),
+                        S.INVALID_ARGUMENT,
+                        "needs a listen address",
+                    ),
                 ]
                 for stream, status, text in streams:
                     with pytest.raises(grpc.aio.AioRpcError) as e:

@@ -1,23 +1,21 @@
-"""The standing fuzz campaign (tests/fuzz/): the committed corpus replayed
+"""The standing fuzz campaign (fphint_lab.fuzz, corpus in tests/fuzz/corpus): the committed corpus replayed
 through every target, a short coverage-guided run of each under atheris,
 and proof that the checkers catch a planted fault. bench/fuzz.py runs the
 same targets for long."""
 
 from __future__ import annotations
 
-import re
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.fuzz import targets
-from tests.fuzz.targets import TARGETS
+from fphint_lab.fuzz import targets
+from fphint_lab.fuzz.campaign import CORPUS, campaign
+from fphint_lab.fuzz.targets import TARGETS
+from fphint_lab.stream_reference import reference_read
 
-ROOT = Path(__file__).resolve().parent.parent
-CORPUS = ROOT / "tests" / "fuzz" / "corpus"
 #: Per target, for the run inside `make test`: seconds, and at most this many inputs.
 SHORT_S = 3
 SHORT_RUNS = 20000
@@ -41,28 +39,6 @@ def test_the_corpus_replays_clean(name: str) -> None:
     assert seeds
     for p in seeds:
         fn(p.read_bytes())
-
-
-def campaign(name: str, seconds: float, runs: int, work: Path, extra: tuple[str, ...] = ()) -> dict[str, Any]:
-    """One atheris run: libFuzzer's final stats, 'coverage', 'crashes' (artifacts
-    written; libFuzzer stops at the first), 'returncode' and 'tail' (its last lines)."""
-    scratch, art = work / "new", work / "artifacts"
-    scratch.mkdir(parents=True, exist_ok=True)
-    art.mkdir(parents=True, exist_ok=True)
-    _, directory = TARGETS[name]
-    argv = [sys.executable, "-m", "tests.fuzz.run", name, f"-max_total_time={int(seconds)}", f"-runs={runs}",
-            "-print_final_stats=1", f"-artifact_prefix={art}/", "-timeout=30", "-rss_limit_mb=4096",
-            *extra, str(scratch), str(CORPUS / directory)]
-    p = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=seconds + 120)
-    out = p.stderr + p.stdout
-    stats = {k: int(v) for k, v in re.findall(r"stat::(\w+):\s+(\d+)", out)}
-    cov = re.findall(r"cov: (\d+)", out)
-    stats["coverage"] = int(cov[-1]) if cov else 0
-    stats["crashes"] = len(list(art.iterdir()))
-    stats["returncode"] = p.returncode
-    out_stats: dict[str, Any] = dict(stats)
-    out_stats["tail"] = "\n".join(out.splitlines()[-40:])
-    return out_stats
 
 
 def run_campaign(name: str, seconds: float, runs: int, work: Path) -> dict[str, Any]:
@@ -95,11 +71,11 @@ def test_the_rewriter_checker_catches_a_wrong_rewrite(monkeypatch: pytest.Monkey
 
 def test_the_stream_checker_catches_a_parser_that_takes_too_much(monkeypatch: pytest.MonkeyPatch) -> None:
     """A parser that accepts page offsets beyond its block: the reference disagrees."""
-    from tests.fuzz import subjects
+    from fphint_lab.fuzz import subjects
 
     seed = corpus("stream")[0].read_bytes()
     data = bytearray(seed)
-    ref = targets.reference_read(bytes(data))
+    ref = reference_read(bytes(data))
     a = ref.pages[0][0]
     data[a : a + 8] = ((1 << 40) | (data[a + 7])).to_bytes(8, "big")  # offset 1 TiB: beyond any block
     targets.stream(bytes(data))  # the real parser agrees with the reference
@@ -110,10 +86,10 @@ def test_the_stream_checker_catches_a_parser_that_takes_too_much(monkeypatch: py
     assert orig is subjects.StreamParser._bad_offset
 
 
-def _lenient(records):  # type: ignore[no-untyped-def]
+def _lenient(records: Callable[..., Any]) -> Callable[..., Any]:
     """_ram_records with every block made huge (so out-of-range offsets pass)."""
 
-    def patched(self, buf, pos, end):  # type: ignore[no-untyped-def]
+    def patched(self: Any, buf: Any, pos: int, end: int) -> Any:
         self._block_len = 1 << 62
         self.blocks = {k: 1 << 62 for k in self.blocks}
         return records(self, buf, pos, end)

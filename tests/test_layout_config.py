@@ -46,7 +46,10 @@ def write(tmp: Path, text: str) -> Path:
 
 def test_config_full(tmp_path: Path) -> None:
     (tmp_path / "tok").write_text(GOOD_TOKEN + "-2\n")
-    cfg = config.load(write(tmp_path, f"""
+    cfg = config.load(
+        write(
+            tmp_path,
+            f"""
 [collector]
 listen = ["tcp:127.0.0.1:0", "unix:/run/x.sock", "vsock:4294967295:7420"]
 admin = "unix:/run/a.sock"
@@ -65,7 +68,9 @@ ram = [{{ gpa = 0x0, size = 0x100000, block = "pc.ram" }}]
 name = "b"
 token_file = "tok"
 vsock_cid = 5
-"""))
+""",
+        )
+    )
     assert [a.kind for a in cfg.listen] == ["tcp", "unix", "vsock"]
     assert cfg.limits.max_ranges_per_epoch == 1000 and cfg.default_deadline_s == 0.5
     assert cfg.limits.proxy_hold_bytes == 64 << 20 and cfg.limits.proxy_hold_s == 3.0
@@ -79,17 +84,20 @@ vsock_cid = 5
         ('[[vm]]\nname = "a"\n', "exactly one of token and token_file"),
         ('[[vm]]\nname = "a"\ntoken = "short"\n', "at least 16"),
         (f'[[vm]]\nname = "a b"\ntoken = "{GOOD_TOKEN}"\n', "name"),
-        (f'[[vm]]\nname = "a"\ntoken = "{GOOD_TOKEN}"\n[[vm]]\nname = "b"\ntoken = "{GOOD_TOKEN}"\n',
-         "token shared"),
-        (f'[[vm]]\nname = "a"\ntoken = "{GOOD_TOKEN}"\n[[vm]]\nname = "a"\ntoken = "{GOOD_TOKEN}x"\n',
-         "name used twice"),
-        (f'[[vm]]\nname = "a"\ntoken = "{GOOD_TOKEN}"\nram = [{{ gpa = 1, size = 4096, block = "x" }}]\n',
-         "not aligned"),
+        (f'[[vm]]\nname = "a"\ntoken = "{GOOD_TOKEN}"\n[[vm]]\nname = "b"\ntoken = "{GOOD_TOKEN}"\n', "token shared"),
+        (
+            f'[[vm]]\nname = "a"\ntoken = "{GOOD_TOKEN}"\n[[vm]]\nname = "a"\ntoken = "{GOOD_TOKEN}x"\n',
+            "name used twice",
+        ),
+        (
+            f'[[vm]]\nname = "a"\ntoken = "{GOOD_TOKEN}"\nram = [{{ gpa = 1, size = 4096, block = "x" }}]\n',
+            "not aligned",
+        ),
         (f'[[vm]]\nname = "a"\ntoken = "{GOOD_TOKEN}"\nram = [{{ gpa = 0, block = "x" }}]\n', "missing 'size'"),
         (f'[[vm]]\nname = "a"\ntoken = "{GOOD_TOKEN}"\ncolour = 1\n', "unknown keys"),
         ('[collector]\nlisten = ["nowhere"]\n', "expected tcp:HOST:PORT"),
         ('[collector]\nadmin = "tcp:1.2.3.4:5"\n', "admin must be a unix"),
-        ('[collector]\nmax_ranges_per_epoch = -1\n', "must be positive"),
+        ("[collector]\nmax_ranges_per_epoch = -1\n", "must be positive"),
         ('[collector]\nmax_ranges_per_epoch = "many"\n', "expected int"),
         ("[collector\n", "c.toml"),
         ('[[vm]]\nname = "a"\ntoken_file = "missing"\n', "cannot read token_file"),
@@ -102,8 +110,13 @@ def test_config_errors(tmp_path: Path, body: str, message: str) -> None:
 
 @pytest.mark.parametrize(
     "spec,target",
-    [("tcp:127.0.0.1:7420", "127.0.0.1:7420"), ("localhost:1", "localhost:1"), ("[::1]:5", "[::1]:5"),
-     ("unix:/run/x.sock", "unix:/run/x.sock"), ("vsock:2:7420", "vsock:2:7420")],
+    [
+        ("tcp:127.0.0.1:7420", "127.0.0.1:7420"),
+        ("localhost:1", "localhost:1"),
+        ("[::1]:5", "[::1]:5"),
+        ("unix:/run/x.sock", "unix:/run/x.sock"),
+        ("vsock:2:7420", "vsock:2:7420"),
+    ],
 )
 def test_addresses(spec: str, target: str) -> None:
     assert addresses.parse(spec).grpc_target() == target
@@ -118,8 +131,11 @@ def test_bad_addresses(spec: str) -> None:
 def test_excluded_spans_are_checked_and_carved_from_windows() -> None:
     from host_collector.qmp.ram_layout import Excluded, _spans
 
-    rs = [RamRange(0, 0x30000, "pc.ram", 0), RamRange(0xC0000, 0x3000, "pc.ram", 0xC0000),
-          RamRange(0x100000, 0x100000, "pc.ram", 0x100000)]
+    rs = [
+        RamRange(0, 0x30000, "pc.ram", 0),
+        RamRange(0xC0000, 0x3000, "pc.ram", 0xC0000),
+        RamRange(0x100000, 0x100000, "pc.ram", 0x100000),
+    ]
     with pytest.raises(LayoutError, match="overlaps a mapped range"):
         RamLayout.from_ranges(rs, excluded=[(0xA0000, 0x60000)])
     with pytest.raises(LayoutError, match="unaligned"):

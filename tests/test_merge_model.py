@@ -48,9 +48,26 @@ def model_pages(start: int, length: int) -> set[tuple[str, int]] | None:
 
 
 interesting = st.sampled_from(
-    [0, 4095, 4096, 640 * KiB - 4096, 640 * KiB, 1 * MiB - 1, 1 * MiB, 3 * MiB - 4096, 3 * MiB,
-     4 * MiB - 4096, 4 * MiB, 4 * GiB - 4096, 4 * GiB, 4 * GiB + 2 * MiB - 4096, 4 * GiB + 2 * MiB, 4 * GiB + 3 * MiB - 1, 4 * GiB + 3 * MiB,
-     (1 << 64) - 4096]
+    [
+        0,
+        4095,
+        4096,
+        640 * KiB - 4096,
+        640 * KiB,
+        1 * MiB - 1,
+        1 * MiB,
+        3 * MiB - 4096,
+        3 * MiB,
+        4 * MiB - 4096,
+        4 * MiB,
+        4 * GiB - 4096,
+        4 * GiB,
+        4 * GiB + 2 * MiB - 4096,
+        4 * GiB + 2 * MiB,
+        4 * GiB + 3 * MiB - 1,
+        4 * GiB + 3 * MiB,
+        (1 << 64) - 4096,
+    ]
 )
 
 

@@ -33,8 +33,19 @@ from fphint_lab.migrate_harness import (
     report_of,
     source_vm,
 )
+from fphint_lab.qemu_pair import (
+    Machine,
+    MiB,
+    Vm,
+    boot_image,
+    compare_ram,
+    free_port,
+    pattern,
+    wait_loop_running,
+    write_gpa,
+)
+
 from .qmp_launcher import TCG_FIXED, qemu_version
-from fphint_lab.qemu_pair import MiB, Machine, Vm, boot_image, compare_ram, free_port, pattern, wait_loop_running, write_gpa
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
@@ -104,8 +115,9 @@ PAUSED = ("--downtime-limit", "0")
 
 def migrate(s: Setup, dst: Vm, *extra: str, timeout: float = 120) -> tuple[int, dict[str, Any], str]:
     port = dst.listen_incoming()
-    proc = s.daemon.run("migrate", VM, "--to", f"tcp:127.0.0.1:{port}", "--max-bandwidth", "2G", "--json", *extra,
-                        timeout=timeout)
+    proc = s.daemon.run(
+        "migrate", VM, "--to", f"tcp:127.0.0.1:{port}", "--max-bandwidth", "2G", "--json", *extra, timeout=timeout
+    )
     return proc.returncode, report_of(proc), proc.stderr
 
 
@@ -127,8 +139,18 @@ def test_paused_source_hinted_pages_arrive_zero(setup: Setup) -> None:
     src, dst = s.pair(dest_qmp=True)
     s.agent(fixed_agent(s.daemon, VM, HINTED))
     port = dst.listen_incoming()
-    proc = s.daemon.run("migrate", VM, "--to", f"tcp:127.0.0.1:{port}", "--max-bandwidth", "2G",
-                        "--dest-qmp", f"unix:{s.daemon.dir}/dst.fphint.qmp", "--json", *PAUSED)
+    proc = s.daemon.run(
+        "migrate",
+        VM,
+        "--to",
+        f"tcp:127.0.0.1:{port}",
+        "--max-bandwidth",
+        "2G",
+        "--dest-qmp",
+        f"unix:{s.daemon.dir}/dst.fphint.qmp",
+        "--json",
+        *PAUSED,
+    )
     assert proc.returncode == 0, (proc.stderr, proc.stdout)
     r = report_of(proc)
     assert r["outcome"] == "completed" and r["source_status"] == "completed", r
@@ -149,8 +171,10 @@ def test_paused_source_hinted_pages_arrive_zero(setup: Setup) -> None:
     assert cov["epochs"] and cov["epochs"][0]["reported"] and cov["first_report_ms"] >= 0, cov
     assert sum(e["rewritten_after_open"] for e in cov["epochs"]) == r["pages_rewritten"], cov
     assert sum(e["sent_after_open"] for e in cov["epochs"]) >= r["pages_rewritten"]
-    assert sum(e["records"] for e in cov["epochs"]) + cov["records_before_first_epoch"] \
-        + cov["end_section_records"] == r["page_records"], (cov, r["page_records"])
+    assert (
+        sum(e["records"] for e in cov["epochs"]) + cov["records_before_first_epoch"] + cov["end_section_records"]
+        == r["page_records"]
+    ), (cov, r["page_records"])
     assert r["timing"]["polls"] == r["polls"] > 0
     assert r["same_sync_rule"]  # TCG: rule (b)'s same-sync case in use (§7.2 concerns KVM)
     # The checker catches a destination page zeroed without a hint, and one with wrong content.
@@ -246,7 +270,7 @@ def _slow_migration(s: Setup) -> tuple[Vm, Vm, Any]:
 def test_daemon_killed_mid_migration_source_keeps_running(setup: Setup, how: str) -> None:
     s = setup
     s.start_daemon()
-    src, dst, cli = _slow_migration(s)
+    src, _dst, cli = _slow_migration(s)
     assert any(c["capability"] == "return-path" and c["state"] for c in src.cmd("query-migrate-capabilities"))
     assert s.daemon.proc is not None
     s.daemon.proc.send_signal(getattr(signal, how))
@@ -262,7 +286,7 @@ def test_daemon_killed_mid_migration_source_keeps_running(setup: Setup, how: str
 def test_ctrl_c_cancels_the_migration_and_the_vm_keeps_running(setup: Setup) -> None:
     s = setup
     s.start_daemon()
-    src, dst, cli = _slow_migration(s)
+    src, _dst, cli = _slow_migration(s)
     cli.send_signal(signal.SIGINT)
     out, err = cli.communicate(timeout=60)
     assert cli.returncode == 1, (out, err)
@@ -276,7 +300,7 @@ def test_ctrl_c_cancels_the_migration_and_the_vm_keeps_running(setup: Setup) -> 
 def test_a_command_that_dies_cancels_its_migration(setup: Setup) -> None:
     s = setup
     s.start_daemon()
-    src, dst, cli = _slow_migration(s)
+    src, _dst, cli = _slow_migration(s)
     cli.kill()  # no goodbye: the daemon only sees the call end
     cli.communicate(timeout=30)
     info = src.wait_migration(("failed", "cancelled", "completed"), 30)
@@ -302,8 +326,9 @@ def test_standing_proxy_serves_the_orchestrators_migrations(setup: Setup) -> Non
     src, dst = s.pair()
     s.agent(fixed_agent(s.daemon, VM, HINTED))
     port = free_port()  # the destination listens there only from the second migration on
-    cli = s.daemon.popen("proxy", VM, "--listen", "tcp:127.0.0.1:0", "--to", f"tcp:127.0.0.1:{port}",
-                         "--count", "2", "--json")
+    cli = s.daemon.popen(
+        "proxy", VM, "--listen", "tcp:127.0.0.1:0", "--to", f"tcp:127.0.0.1:{port}", "--count", "2", "--json"
+    )
     address = _ready_address(cli, 1)
     # The orchestrator (this test) issues migrate itself, twice.
     src.cmd("migrate-set-parameters", **{"max-bandwidth": 2 << 30, "downtime-limit": 0})
@@ -329,8 +354,9 @@ def test_standing_proxy_checks_the_settings_again_once_the_migration_starts(setu
     src, dst = s.pair()
     s.agent(fixed_agent(s.daemon, VM, HINTED))
     port = dst.listen_incoming()
-    cli = s.daemon.popen("proxy", VM, "--listen", "tcp:127.0.0.1:0", "--to", f"tcp:127.0.0.1:{port}",
-                         "--count", "1", "--json")
+    cli = s.daemon.popen(
+        "proxy", VM, "--listen", "tcp:127.0.0.1:0", "--to", f"tcp:127.0.0.1:{port}", "--count", "1", "--json"
+    )
     address = _ready_address(cli, 1)  # armed: pre-flight found nothing wrong
     src.set_caps(xbzrle=True)  # the orchestrator changes a setting just before migrate
     src.cmd("migrate-set-parameters", **{"max-bandwidth": 2 << 30, "downtime-limit": 0})

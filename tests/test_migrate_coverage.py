@@ -69,8 +69,7 @@ def scripted() -> tuple[CoverageCounter, dict[str, bool]]:
     cov.epoch_released(e2)
     # one batch spanning both blocks, after the report; records 1 and 2 rewritten (pc.ram 3, extra 2): a
     # rewrite counted in the wrong block would also mark pc.ram 2 or extra 3
-    cov.batch(11.1, [(0, 0, "pc.ram", 2), (0, 0, "pc.ram", 3), (0, 0, "extra", 2), (0, 0, "extra", 3)],
-              [1, 2], False)
+    cov.batch(11.1, [(0, 0, "pc.ram", 2), (0, 0, "pc.ram", 3), (0, 0, "extra", 2), (0, 0, "extra", 3)], [1, 2], False)
     e3.free("pc.ram", [2, 3, *range(200, 210)])
     e3.free("extra", range(0, 4))
     # the guest stops; the final sync opens epoch 4, which nobody can answer
@@ -172,8 +171,9 @@ def test_the_text_report_shows_each_epoch_and_the_goals() -> None:
     r.coverage.CopyFrom(cov.report(9.0, 11.9))
     text = render_report(r)
     assert "first report 50 ms; 32 of 44 reported-free pages sent after a report rewritten (72.7%" in text
-    assert "goals: first report <= 100 ms met, >= 90 % rewritten NOT met, a report in every epoch > 200 ms NOT met" \
-        in text
+    assert (
+        "goals: first report <= 100 ms met, >= 90 % rewritten NOT met, a report in every epoch > 200 ms NOT met" in text
+    )
     assert "sync 2: at 1.50 s for 300 ms, no report;" in text and "sync 4:" in text and "guest stopped" in text
 
 

@@ -7,13 +7,13 @@ from collections.abc import Iterator
 
 import pytest
 
+from fphint_lab.migrate_harness import Daemon
 from host_collector.migrate.console import parse_size
 from host_collector.rewrite.epoch_gate import EpochGate
 from host_collector.rewrite.gate import NEVER
 from host_collector.rewrite.held import HeldGate
 from host_collector.rewrite.ledger import EpochOracle
 
-from fphint_lab.migrate_harness import Daemon
 from .qmp_fake_collector import FakeCollector, FakeEpoch
 
 

@@ -38,23 +38,46 @@ class Daemons:
         self.metrics_port = free_port()
         self.cfg = write_config(work, secrets.token_urlsafe(24))
         # Listen on TCP instead of the demo's unix socket, so a restart reuses the port.
-        text = self.cfg.read_text().replace(f'listen = ["unix:{work}/agents.sock"]',
-                                            f'listen = ["tcp:127.0.0.1:{self.port}"]')
+        text = self.cfg.read_text().replace(
+            f'listen = ["unix:{work}/agents.sock"]', f'listen = ["tcp:127.0.0.1:{self.port}"]'
+        )
         self.cfg.write_text(text)
         self.collector: subprocess.Popen[bytes] | None = None
         self.agent: subprocess.Popen[bytes] | None = None
 
     def start_collector(self) -> None:
         self.collector = subprocess.Popen(
-            [PY, "-m", "host_collector", "--log-format", "json", "serve", "--config", str(self.cfg),
-             "--metrics", f"127.0.0.1:{self.metrics_port}"],
+            [
+                PY,
+                "-m",
+                "host_collector",
+                "--log-format",
+                "json",
+                "serve",
+                "--config",
+                str(self.cfg),
+                "--metrics",
+                f"127.0.0.1:{self.metrics_port}",
+            ],
             stderr=open(self.work / "collector.log", "ab"),
         )
 
     def start_agent(self) -> None:
         self.agent = subprocess.Popen(
-            [PY, "-m", "guest_agent", "--source", "kpageflags", "run", "--collector", f"tcp:127.0.0.1:{self.port}",
-             "--token-file", str(self.work / "token"), "--config", str(self.work / "none.toml")],
+            [
+                PY,
+                "-m",
+                "guest_agent",
+                "--source",
+                "kpageflags",
+                "run",
+                "--collector",
+                f"tcp:127.0.0.1:{self.port}",
+                "--token-file",
+                str(self.work / "token"),
+                "--config",
+                str(self.work / "none.toml"),
+            ],
             stderr=open(self.work / "agent.log", "ab"),
         )
 
@@ -146,24 +169,28 @@ def test_kpageflags_totals_match_buddyinfo() -> None:
 def test_cli_reports_bad_config_clearly(tmp_path: Path) -> None:
     bad = tmp_path / "c.toml"
     bad.write_text('[[vm]]\nname = "x"\ntoken = "short"\n')
-    p = subprocess.run([PY, "-m", "host_collector", "serve", "--config", str(bad)], capture_output=True, text=True,
-                       timeout=30)
+    p = subprocess.run(
+        [PY, "-m", "host_collector", "serve", "--config", str(bad)], capture_output=True, text=True, timeout=30
+    )
     assert p.returncode == 2 and "token must be at least 16" in p.stderr
-    p = subprocess.run([PY, "-m", "guest_agent", "run", "--collector", "nowhere"], capture_output=True, text=True,
-                       timeout=30)
+    p = subprocess.run(
+        [PY, "-m", "guest_agent", "run", "--collector", "nowhere"], capture_output=True, text=True, timeout=30
+    )
     assert p.returncode == 2 and "--collector" in p.stderr
 
 
 @pytest.mark.root
 def test_agent_probe_reports_facts() -> None:
-    p = subprocess.run([PY, "-m", "guest_agent", "--source", "kpageflags", "probe"], capture_output=True, text=True,
-                       timeout=30)
+    p = subprocess.run(
+        [PY, "-m", "guest_agent", "--source", "kpageflags", "probe"], capture_output=True, text=True, timeout=30
+    )
     assert p.returncode == 0, p.stderr
     assert '"chosen_source": "kpageflags"' in p.stdout and f'"page_size": {os.sysconf("SC_PAGE_SIZE")}' in p.stdout
 
 
-@pytest.mark.parametrize("unit", ["guest_agent/systemd/fph-agent.service",
-                                  "host_collector/systemd/fph-collector.service"])
+@pytest.mark.parametrize(
+    "unit", ["guest_agent/systemd/fph-agent.service", "host_collector/systemd/fph-collector.service"]
+)
 def test_systemd_units_verify(unit: str) -> None:
     import shutil
 

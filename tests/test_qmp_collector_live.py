@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 
+from fphint import addresses
+from fphint_lab.collector_harness import FixedSource, running_agent, running_collector, token, wait_attached
 from host_collector.config import CollectorConfig, Limits, VmEntry
 from host_collector.qmp.preflight import check_migration_safety
 from host_collector.qmp.ram_layout import read_layout
 from host_collector.rewrite.epoch_gate import EpochGate
 from host_collector.rewrite.ledger import EpochOracle
-from fphint import addresses
 
-from fphint_lab.collector_harness import FixedSource, running_agent, running_collector, token, wait_attached
 from .qmp_launcher import qemu
 from .test_qmp_migration_live import RAM_MIB, Relay, fill_pattern, wait_status
 
@@ -51,9 +51,11 @@ def test_learnt_layout_real_collector_and_agent_hints_through_the_gate() -> None
             vms=(VmEntry(VM, token(VM)),),  # no layout: QMP provides it
         )
         try:
-            async with qemu(["-S", *args(src_ram)], name="src") as s, qemu(
-                ["-S", "-incoming", "defer", *args(dst_ram)], name="dst"
-            ) as d, running_collector(cfg) as srv:
+            async with (
+                qemu(["-S", *args(src_ram)], name="src") as s,
+                qemu(["-S", "-incoming", "defer", *args(dst_ram)], name="dst") as d,
+                running_collector(cfg) as srv,
+            ):
                 src, dst = await s.qmp(), await d.qmp()
                 coll = srv.collector
                 layout = await read_layout(src)

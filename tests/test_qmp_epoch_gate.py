@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from qemu.qmp import Message
 
 from host_collector.qmp.session import EventQueue, QmpError
 from host_collector.rewrite.epoch_gate import EpochGate
@@ -49,7 +50,7 @@ class FakeSource:
 
     def emit_pass(self, count: int) -> None:
         assert self.events is not None
-        self.events._queue.put_nowait({"event": "MIGRATION_PASS", "data": {"pass": count}})
+        self.events._queue.put_nowait(Message({"event": "MIGRATION_PASS", "data": {"pass": count}}))
 
     async def execute(self, cmd: str, args: Any = None, *, timeout_s: float | None = None) -> Any:
         assert cmd == "query-migrate"
@@ -194,7 +195,12 @@ def test_received_from_another_thread_wakes_the_poller() -> None:
         gate = EpochGate(src, FakeCollector(), "vm", poll_interval_s=0.01)  # type: ignore[arg-type]
         await gate.start()
         src.emit_pass(1)
-        t = threading.Thread(target=lambda: [gate.received(i) for i in range(1, 10_001)])
+
+        def receive_all() -> None:
+            for i in range(1, 10_001):
+                gate.received(i)
+
+        t = threading.Thread(target=receive_all)
         t.start()
         await asyncio.get_running_loop().run_in_executor(None, t.join)
         await until(lambda: gate.decided_through() == 10_000)
@@ -244,13 +250,13 @@ def test_stop_event_says_the_guest_stopped_and_ends_the_wait_for_hints() -> None
         await gate.start()
         src.emit_pass(1)
         await until(lambda: gate.ledger.last_pass == 1)
-        coll.epochs[max(coll.epochs)].hints_pending = True  # type: ignore[misc]
+        coll.epochs[max(coll.epochs)].hints_pending = True
         gate.received(5000)
         await until(lambda: gate.ledger.confirmed_through == 5000)
         assert gate.decided_through() == 0 and not gate.guest_stopped
         assert src.events is not None
         n = len(woken)
-        src.events._queue.put_nowait({"event": "STOP", "timestamp": {}})
+        src.events._queue.put_nowait(Message({"event": "STOP", "timestamp": {}}))
         await until(lambda: gate.guest_stopped)
         # §3.9: everything is decided now; what no poll covers, by request offsets alone
         assert gate.decided_through() == NEVER and len(woken) > n and gate.ledger.completing
@@ -274,10 +280,10 @@ def test_the_completions_migration_status_decides_everything_at_once(status: str
         gate.received(5000)
         await until(lambda: gate.ledger.confirmed_through == 5000)
         assert src.events is not None
-        src.events._queue.put_nowait({"event": "MIGRATION", "data": {"status": "active"}})
+        src.events._queue.put_nowait(Message({"event": "MIGRATION", "data": {"status": "active"}}))
         await asyncio.sleep(0.05)
         assert not gate.ledger.completing and gate.decided_through() == 5000
-        src.events._queue.put_nowait({"event": "MIGRATION", "data": {"status": status}})
+        src.events._queue.put_nowait(Message({"event": "MIGRATION", "data": {"status": status}}))
         await until(lambda: gate.ledger.completing)
         assert gate.decided_through() == NEVER and gate.guest_stopped
         await gate.stop()

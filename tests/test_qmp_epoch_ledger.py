@@ -48,7 +48,7 @@ def syncs(oracle: object) -> tuple[int, ...]:
 
 
 def test_nothing_is_decided_before_a_poll_answers() -> None:
-    led, c = ledger()
+    led, _c = ledger()
     led.received(5000)
     led.on_pass(1)
     assert led.decided_through() == 0
@@ -100,7 +100,7 @@ def test_records_received_before_the_request_use_it() -> None:
 
 
 def test_earliest_poll_after_the_record_decides() -> None:
-    led, c = ledger()
+    led, _c = ledger()
     led.received(10)
     led.on_pass(1)
     led.received(1000)
@@ -119,7 +119,7 @@ def test_earliest_poll_after_the_record_decides() -> None:
 
 
 def test_newer_epochs_apply_to_older_confirmed_records() -> None:
-    led, c = ledger()
+    led, _c = ledger()
     led.received(10)
     led.on_pass(1)
     led.received(1000)
@@ -144,7 +144,7 @@ def test_pass_going_backwards_stops_rewriting() -> None:
 
 
 def test_poll_answer_below_a_seen_pass_stops_rewriting() -> None:
-    led, c = ledger()
+    led, _c = ledger()
     led.on_pass(1)
     led.on_pass(2)
     led.received(1000)
@@ -154,7 +154,7 @@ def test_poll_answer_below_a_seen_pass_stops_rewriting() -> None:
 
 
 def test_polls_going_backwards_stop_rewriting() -> None:
-    led, c = ledger()
+    led, _c = ledger()
     led.on_pass(1)
     led.received(1000)
     led.on_poll(1000, 2)
@@ -192,7 +192,7 @@ def test_stale_epochs_are_released_and_never_consulted() -> None:
 
 
 def test_poll_history_is_bounded() -> None:
-    led, c = ledger(max_polls=8)
+    led, _c = ledger(max_polls=8)
     led.on_pass(1)
     for x in range(100, 10_000, 100):
         led.received(x)
@@ -223,8 +223,10 @@ class World:
     sync_start: list[int] = field(default_factory=list)  # index c-1
     sync_end: list[int] = field(default_factory=list)
     hints: dict[int, list[Hint]] = field(default_factory=dict)  # collector epoch id -> accepted hints
-    #: KVM with manual dirty-log protection, no dirty ring (docs/safety-rule.md §7.2): a write after
-    #: the sync that read P's bit may leave no trace, so only rule (a) holds.
+    #: KVM with manual dirty-log protection: a sync leaves the pages it read
+    #: writable until their chunk's first pick clears the log, so a write
+    #: between sync and pick leaves no mark (docs/safety-rule.md §7.2); only a
+    #: record read before the hint may be zeroed.
     kvm: bool = False
 
     def safe(self, h: Hint, r: Record) -> bool:
@@ -249,17 +251,20 @@ class SimResult:
     mismatches: list[str] = field(default_factory=list)
 
 
-def simulate(seed: int, make: type[EpochLedger[FakeEpoch]] = EpochLedger, span: bool = False, *,
-             completion: bool = False, kvm: bool = False, same_sync: bool | None = None) -> SimResult:
+def simulate(
+    seed: int,
+    make: type[EpochLedger[FakeEpoch]] = EpochLedger,
+    span: bool = False,
+    kvm: bool = False,
+    same_sync: bool | None = None,
+    completion: bool = False,
+) -> SimResult:
     """``span``: judge like the proxy with ``oracle_until``, one window at a time.
-
+    ``kvm``: the world of §7.2; the ledger's ``same_sync`` follows it unless given.
     ``completion``: the migration ends as QEMU's does (docs/safety-rule.md §3.7, §3.9): right
     after a sync the guest stops (STOP reaches the gate), no hint is taken after that, the
     final sync runs and the END section's records follow, never judged; QEMU holds the lock
-    ``query-migrate`` needs from the stop to the last END record, so replies wait.
-    ``kvm``: the rule as it stands under KVM without the dirty ring (rule (a) only); the
-    ledger gets ``same_sync`` (default: ``not kvm``).
-    """
+    ``query-migrate`` needs from the stop to the last END record, so replies wait."""
     rnd = random.Random(seed)
     pages = rnd.choice([4, 8, 16])
     net = rnd.randint(0, 4)
@@ -270,8 +275,7 @@ def simulate(seed: int, make: type[EpochLedger[FakeEpoch]] = EpochLedger, span: 
     # A busy proxy judges in bursts, so one burst can span several polls' windows.
     judge_every = rnd.randint(1, 12) if span else 1
     coll = FakeCollector()
-    led = make(coll, VM, release_lag_polls=rnd.randint(1, 3),  # type: ignore[arg-type]
-               same_sync=(not kvm) if same_sync is None else same_sync)
+    led = make(coll, VM, release_lag_polls=rnd.randint(1, 3), same_sync=not kvm if same_sync is None else same_sync)
     world = World(kvm=kvm)
 
     # QEMU's sync schedule: sync 1 at t=0 (setup), later ones at random gaps.
@@ -313,13 +317,13 @@ def simulate(seed: int, make: type[EpochLedger[FakeEpoch]] = EpochLedger, span: 
 
     for t in range(horizon + 60):
         # QEMU: syncs begin and end; MIGRATION_PASS at the end.
-        for c, (s, e) in enumerate(zip(world.sync_start, world.sync_end), 1):
+        for c, (_s, e) in enumerate(zip(world.sync_start, world.sync_end), 1):
             if e == t:
                 emit(t, "pass", c)
         syncing = any(s <= t < e for s, e in zip(world.sync_start, world.sync_end))
         count = sum(1 for s in world.sync_start if s <= t)
         if completion and t == stop_at:
-            emit(t, "stop", 0)  # after the final pass's predecessor: one FIFO
+            emit(t, "stop", 0)  # after the last pass before it: one FIFO
         if poll is not None and poll[0] <= t and not locked[0] <= t < locked[1]:
             emit(t, "reply", poll[1], count, poll[2])
             poll = None
@@ -392,11 +396,13 @@ def simulate(seed: int, make: type[EpochLedger[FakeEpoch]] = EpochLedger, span: 
 
     violations = []
     for r, entries, _ in judged:
-        for e in entries:
-            for h in world.hints.get(e.epoch.id, []):
+        for entry in entries:
+            for h in world.hints.get(entry.epoch.id, []):
                 if h.page == r.page and not world.safe(h, r):
-                    violations.append(f"seed {seed}: record page {r.page} picked {r.q} (end {r.end}) "
-                                      f"zeroable by epoch {e.sync} hint at {h.t}; syncs {world.sync_start}")
+                    violations.append(
+                        f"seed {seed}: record page {r.page} picked {r.q} (end {r.end}) "
+                        f"zeroable by epoch {entry.sync} hint at {h.t}; syncs {world.sync_start}"
+                    )
     return SimResult(violations, len(judged), sum(1 for *_, z in judged if z), mismatches)
 
 
@@ -412,6 +418,46 @@ def test_simulated_verdicts_follow_the_rule() -> None:
         rewritten += res.rewritten
     assert judged > 10_000
     assert rewritten > judged // 20  # the rule still lets plenty through
+
+
+@pytest.mark.parametrize("span", [False, True])
+def test_simulated_kvm_verdicts_follow_the_rule(span: bool) -> None:
+    """Under KVM (deferred dirty-log clear) the ledger without the same-sync
+    case zeroes only records read before the hint, and still zeroes some."""
+    judged = rewritten = 0
+    for seed in SEEDS:
+        res = simulate(seed, span=span, kvm=True)
+        assert not res.violations, res.violations[:3]
+        judged += res.judged
+        rewritten += res.rewritten
+    assert judged > 10_000
+    assert rewritten > 0
+
+
+def test_simulator_catches_the_kvm_gap() -> None:
+    """Planted fault: rule (b)'s same-sync case kept under KVM (the ledger
+    before §7.2 was closed) zeroes records whose page was written unseen."""
+    caught = sum(1 for seed in SEEDS if simulate(seed, kvm=True, same_sync=True).violations)
+    assert caught > 0, "the same-sync case under KVM was never caught"
+
+
+def test_same_sync_case_only_where_allowed() -> None:
+    """A record read after epoch 1's request and confirmed by a poll answering
+    1 is zeroed by epoch 1 only with same_sync; one read before the request is
+    zeroed either way (rule (a))."""
+    for allowed in (True, False):
+        led, c = ledger(same_sync=allowed)
+        led.received(100)
+        e1 = epoch(c, led.on_pass(1))
+        e1.add_free(BLOCK, 7)
+        led.received(1000)
+        led.on_poll(1000, 1)
+        o = led.oracle_for(900)
+        assert bool(o is not None and o.is_free(BLOCK, 7)) is allowed
+        early = led.oracle_for(100)
+        assert early is not None and early.is_free(BLOCK, 7)
+        o2, _ = led.oracle_until(900)
+        assert bool(o2 is not None and o2.is_free(BLOCK, 7)) is allowed
 
 
 class StalePollLedger(EpochLedger[FakeEpoch]):
@@ -455,83 +501,6 @@ def test_simulator_catches_planted_faults(fault: type[EpochLedger[FakeEpoch]]) -
     assert caught > 0, f"{fault.__name__} was never caught"
 
 
-class EagerCompletionLedger(EpochLedger[FakeEpoch]):
-    """Planted fault: at completion, an unpolled record may use every epoch still kept."""
-
-    def oracle_for(self, end: int):  # type: ignore[no-untyped-def]
-        if self._completing and (not self._poll_x or end > self._poll_x[-1]):
-            usable = [e for e in self._epochs.values() if not e.released]
-            return EpochOracle(usable) if usable else None
-        return super().oracle_for(end)
-
-
-def test_completion_decides_unpolled_records_at_once_by_request_offsets() -> None:
-    """§3.9: after the stop, a record no poll covers is decided at once, with only the
-    epochs whose request went out after it arrived (rule (a), no poll needed)."""
-    led, c = ledger()
-    led.received(100)
-    e1 = epoch(c, led.on_pass(1))
-    e1.add_free(BLOCK, 7)
-    led.received(1000)
-    led.on_poll(1000, 1)
-    led.received(2000)
-    e2 = epoch(c, led.on_pass(2))  # requested at 2000
-    e2.add_free(BLOCK, 8)
-    led.received(3000)
-    assert led.decided_through() == 1000
-    led.completion_started()
-    assert led.decided_through() == NEVER
-    # 1500: before epoch 2's request (case 3 for epoch 2), after the last poll (no case 1 for epoch 1)
-    o = led.oracle_for(1500)
-    assert syncs(o) == (2,) and o is not None and o.is_free(BLOCK, 8) and not o.is_free(BLOCK, 7)
-    assert led.oracle_for(2500) is None  # after every request: nothing may zero it
-    o2, through = led.oracle_until(1500)
-    assert syncs(o2) == (2,) and through == 2000
-    assert led.oracle_until(2500) == (None, NEVER)
-    # records a poll covers keep the full rule
-    assert syncs(led.oracle_for(900)) == (1, 2)
-
-
-def test_simulated_completion_follows_the_rule_and_decides_everything() -> None:
-    judged = rewritten = 0
-    for seed in SEEDS:
-        res = simulate(seed, completion=True)
-        assert not res.violations, res.violations[:3]
-        judged += res.judged
-        rewritten += res.rewritten
-    assert judged > 10_000 and rewritten > judged // 20
-
-
-@pytest.mark.parametrize("fault", [EagerCompletionLedger])
-def test_simulator_catches_planted_completion_faults(fault: type[EpochLedger[FakeEpoch]]) -> None:
-    caught = sum(1 for seed in SEEDS if simulate(seed, fault, completion=True).violations)
-    assert caught > 0, f"{fault.__name__} was never caught"
-
-
-def test_kvm_without_dirty_ring_refuses_the_same_sync_case_and_tcg_uses_it() -> None:
-    """§7.2: the e == s case (rule (b)) is refused when the ledger is told KVM runs without the
-    dirty ring; the other cases stay. Scripted, then by the simulator under KVM's rule."""
-    for same_sync, want in ((True, (1,)), (False, ())):
-        led, c = ledger(same_sync=same_sync)
-        led.received(100)
-        e1 = epoch(c, led.on_pass(1))
-        e1.add_free(BLOCK, 7)
-        led.received(1000)
-        led.on_poll(1000, 1)
-        assert syncs(led.oracle_for(900)) == want
-        assert syncs(led.oracle_until(900)[0]) == want
-        assert syncs(led.oracle_for(50)) == (1,)  # received before the request: rule (a), kept
-    judged = rewritten = 0
-    for seed in SEEDS:
-        res = simulate(seed, kvm=True, completion=bool(seed % 2))
-        assert not res.violations, res.violations[:3]
-        judged += res.judged
-        rewritten += res.rewritten
-    assert judged > 10_000 and rewritten > 0
-    # The same KVM world with the case left on: the simulator finds the records it would corrupt.
-    assert sum(1 for seed in SEEDS if simulate(seed, kvm=True, same_sync=True).violations) > 0
-
-
 def test_windowed_verdicts_equal_per_record_verdicts() -> None:
     judged = 0
     for seed in SEEDS:
@@ -543,7 +512,7 @@ def test_windowed_verdicts_equal_per_record_verdicts() -> None:
 
 
 def test_oracle_until_window_ends_at_the_next_poll_and_request_offset() -> None:
-    led, c = ledger()
+    led, _c = ledger()
     led.on_pass(1)  # request at 0
     led.received(100)
     led.on_poll(100, 1)
@@ -653,3 +622,57 @@ def test_a_stopped_guest_is_not_waited_for() -> None:
     led.received(9000)
     led.on_poll(9000, 2)
     assert led.decided_through() == 9000
+
+
+class EagerCompletionLedger(EpochLedger[FakeEpoch]):
+    """Planted fault: at completion, an unpolled record may use every epoch still kept."""
+
+    def oracle_for(self, end: int):  # type: ignore[no-untyped-def]
+        if self._completing and (not self._poll_x or end > self._poll_x[-1]):
+            usable = [e for e in self._epochs.values() if not e.released]
+            return EpochOracle(usable) if usable else None
+        return super().oracle_for(end)
+
+
+def test_completion_decides_unpolled_records_at_once_by_request_offsets() -> None:
+    """§3.9: after the stop, a record no poll covers is decided at once, with only the
+    epochs whose request went out after it arrived (rule (a), no poll needed)."""
+    led, c = ledger()
+    led.received(100)
+    e1 = epoch(c, led.on_pass(1))
+    e1.add_free(BLOCK, 7)
+    led.received(1000)
+    led.on_poll(1000, 1)
+    led.received(2000)
+    e2 = epoch(c, led.on_pass(2))  # requested at 2000
+    e2.add_free(BLOCK, 8)
+    led.received(3000)
+    assert led.decided_through() == 1000
+    led.completion_started()
+    assert led.decided_through() == NEVER
+    # 1500: before epoch 2's request (case 3 for epoch 2), after the last poll (no case 1 for epoch 1)
+    o = led.oracle_for(1500)
+    assert syncs(o) == (2,) and o is not None and o.is_free(BLOCK, 8) and not o.is_free(BLOCK, 7)
+    assert led.oracle_for(2500) is None  # after every request: nothing may zero it
+    o2, through = led.oracle_until(1500)
+    assert syncs(o2) == (2,) and through == 2000
+    assert led.oracle_until(2500) == (None, NEVER)
+    # records a poll covers keep the full rule
+    assert syncs(led.oracle_for(900)) == (1, 2)
+
+
+@pytest.mark.parametrize("kvm", [False, True])
+def test_simulated_completion_follows_the_rule_and_decides_everything(kvm: bool) -> None:
+    judged = rewritten = 0
+    for seed in SEEDS:
+        res = simulate(seed, completion=True, kvm=kvm, span=bool(seed % 2))
+        assert not res.violations, res.violations[:3]
+        assert not res.mismatches, res.mismatches[:3]
+        judged += res.judged
+        rewritten += res.rewritten
+    assert judged > 10_000 and rewritten > 0
+
+
+def test_simulator_catches_the_planted_completion_fault() -> None:
+    caught = sum(1 for seed in SEEDS if simulate(seed, EagerCompletionLedger, completion=True).violations)
+    assert caught > 0, "EagerCompletionLedger was never caught"

@@ -39,7 +39,7 @@ def test_captures_cover_both_versions() -> None:
 
 @pytest.mark.parametrize("path", CAPTURES, ids=[p.stem for p in CAPTURES])
 def test_captured_layout_matches_qemu_rules(path: Path) -> None:
-    facts, raw = load(path)
+    facts, _raw = load(path)
     case = BY_NAME[path.stem.split("-", 1)[1]]
     learned = build_layout(facts)
     assert learned.layout.ranges == case.ranges
@@ -83,8 +83,15 @@ LOW = "0000000000000000-000000003fffffff (prio 0, ram): alias ram-below-4g @pc.r
 HIGH = "0000000100000000-000000013fffffff (prio 0, ram): alias ram-above-4g @pc.ram 0000000040000000-000000007fffffff"
 
 
-def facts(mtree: str, *, base: int = 2 * G, devices: list[dict[str, Any]] | None = None,
-          plugged: int = 0, ramblocks: str = RAMBLOCKS, memdevs: tuple[str, ...] = ("pc.ram",)) -> MemoryFacts:
+def facts(
+    mtree: str,
+    *,
+    base: int = 2 * G,
+    devices: list[dict[str, Any]] | None = None,
+    plugged: int = 0,
+    ramblocks: str = RAMBLOCKS,
+    memdevs: tuple[str, ...] = ("pc.ram",),
+) -> MemoryFacts:
     return MemoryFacts(
         mtree=mtree,
         ramblocks=ramblocks,
@@ -172,9 +179,12 @@ def test_numa_container_alias_and_nested_offsets() -> None:
 
 def test_alias_target_section_starting_above_zero() -> None:
     """Alias offsets count from the target region's own start (pc.bios prints at 0xfffc0000)."""
-    mtree = tree(LOW, HIGH, "00000000000e0000-00000000000fffff (prio 1, rom): alias isa-bios @pc.bios "
-                 "0000000000020000-000000000003ffff",
-                 extra="memory-region: pc.bios\n  00000000fffc0000-00000000ffffffff (prio 0, rom): pc.bios\n")
+    mtree = tree(
+        LOW,
+        HIGH,
+        "00000000000e0000-00000000000fffff (prio 1, rom): alias isa-bios @pc.bios 0000000000020000-000000000003ffff",
+        extra="memory-region: pc.bios\n  00000000fffc0000-00000000ffffffff (prio 0, rom): pc.bios\n",
+    )
     sections = parse_mtree(mtree)
     ram = map_ram(sections)
     assert all(p.block == "pc.ram" for p in ram.mapped)  # a ROM is never RAM
@@ -200,29 +210,38 @@ def test_device_ram_and_unknown_regions_are_left_out() -> None:
 
 
 def test_dimm_checked_against_query_memory_devices() -> None:
-    dimm = ("0000000140000000-000000017fffffff (prio 0, i/o): device-memory\n"
-            "      0000000140000000-000000017fffffff (prio 0, ram): hp1")
+    dimm = (
+        "0000000140000000-000000017fffffff (prio 0, i/o): device-memory\n"
+        "      0000000140000000-000000017fffffff (prio 0, ram): hp1"
+    )
     blocks = RAMBLOCKS + "hp1 4 KiB 0x0 0x40000000 0x40000000\n"
-    dev = {"type": "dimm", "data": {"memdev": "/objects/hp1", "addr": 5 * G, "size": 1 * G}}
-    layout = build_layout(facts(tree(LOW, HIGH, dimm), ramblocks=blocks, devices=[dev], plugged=1 * G,
-                                memdevs=("pc.ram", "hp1"))).layout
+    data: dict[str, Any] = {"memdev": "/objects/hp1", "addr": 5 * G, "size": 1 * G}
+    dev: dict[str, Any] = {"type": "dimm", "data": data}
+    layout = build_layout(
+        facts(tree(LOW, HIGH, dimm), ramblocks=blocks, devices=[dev], plugged=1 * G, memdevs=("pc.ram", "hp1"))
+    ).layout
     assert layout.find(5 * G) == RamRange(5 * G, 1 * G, "hp1", 0)
-    wrong = dict(dev, data=dict(dev["data"], addr=6 * G))
+    wrong = dict(dev, data=dict(data, addr=6 * G))
     with pytest.raises(LayoutError, match="pc-dimm with memdev 'hp1'"):
-        build_layout(facts(tree(LOW, HIGH, dimm), ramblocks=blocks, devices=[wrong], plugged=1 * G,
-                           memdevs=("pc.ram", "hp1")))
+        build_layout(
+            facts(tree(LOW, HIGH, dimm), ramblocks=blocks, devices=[wrong], plugged=1 * G, memdevs=("pc.ram", "hp1"))
+        )
     with pytest.raises(LayoutError, match="plugged-memory"):
-        build_layout(facts(tree(LOW, HIGH, dimm), ramblocks=blocks, devices=[dev], plugged=0,
-                           memdevs=("pc.ram", "hp1")))
+        build_layout(
+            facts(tree(LOW, HIGH, dimm), ramblocks=blocks, devices=[dev], plugged=0, memdevs=("pc.ram", "hp1"))
+        )
 
 
 def test_other_memory_devices_are_not_hinted() -> None:
-    vmem = ("0000000140000000-000000017fffffff (prio 0, i/o): device-memory\n"
-            "      0000000140000000-000000017fffffff (prio 0, ram): vm0")
+    vmem = (
+        "0000000140000000-000000017fffffff (prio 0, i/o): device-memory\n"
+        "      0000000140000000-000000017fffffff (prio 0, ram): vm0"
+    )
     blocks = RAMBLOCKS + "vm0 4 KiB 0x0 0x40000000 0x40000000\n"
     dev = {"type": "virtio-mem", "data": {"memdev": "/objects/vm0", "memaddr": 5 * G, "size": 256 * M}}
-    learned = build_layout(facts(tree(LOW, HIGH, vmem), ramblocks=blocks, devices=[dev], plugged=256 * M,
-                                 memdevs=("pc.ram", "vm0")))
+    learned = build_layout(
+        facts(tree(LOW, HIGH, vmem), ramblocks=blocks, devices=[dev], plugged=256 * M, memdevs=("pc.ram", "vm0"))
+    )
     assert learned.layout.find(5 * G) is None
     assert "vm0" not in learned.layout.blocks
     assert any("virtio-mem" in n for n in learned.notes)
@@ -240,9 +259,7 @@ def test_identical_duplicate_alias_target_is_accepted() -> None:
 
 
 def test_ambiguous_alias_target_is_an_error() -> None:
-    mtree = tree(LOW, HIGH) + (
-        "memory-region: pc.ram\n  0000000000000000-000000007fffffff (prio 0, ram): other\n"
-    )
+    mtree = tree(LOW, HIGH) + ("memory-region: pc.ram\n  0000000000000000-000000007fffffff (prio 0, ram): other\n")
     with pytest.raises(LayoutError, match="two different regions"):
         build_layout(facts(mtree))
 
@@ -260,10 +277,15 @@ def test_tseg_window_uses_the_blackhole_end() -> None:
     "text, message",
     [
         ("address-space: memory\n      0000000000000000-ffffffffffffffff (prio 0, i/o): system\n", "level 3"),
-        ("address-space: memory\n  0000000000000000-ffffffffffffffff (prio 0, i/o): system\n"
-         "      0000000000000000-0000000000000fff (prio 0, ram): orphan\n", "has no parent"),
-        ("address-space: memory\n  [DETECTED OVERFLOW!] 0000000000000000-0000000000000fff (prio 0, i/o): x\n",
-         "overflowing"),
+        (
+            "address-space: memory\n  0000000000000000-ffffffffffffffff (prio 0, i/o): system\n"
+            "      0000000000000000-0000000000000fff (prio 0, ram): orphan\n",
+            "has no parent",
+        ),
+        (
+            "address-space: memory\n  [DETECTED OVERFLOW!] 0000000000000000-0000000000000fff (prio 0, i/o): x\n",
+            "overflowing",
+        ),
         ("address-space: memory\n  00000000-0fff (prio 0, i/o): short\n", "not an mtree region line"),
         ("  0000000000000000-0000000000000fff (prio 0, i/o): x\n", "before any"),
         ("address-space: memory\n  0000000000001000-0000000000000fff (prio 0, i/o): x\n", "before start"),
@@ -275,9 +297,11 @@ def test_malformed_mtree_is_rejected(text: str, message: str) -> None:
 
 
 def test_alias_to_unprinted_target_is_an_error() -> None:
-    mtree = ("address-space: memory\n  0000000000000000-ffffffffffffffff (prio 0, i/o): system\n"
-             "    0000000000000000-000000003fffffff (prio 0, ram): alias lost @nowhere "
-             "0000000000000000-000000003fffffff\n")
+    mtree = (
+        "address-space: memory\n  0000000000000000-ffffffffffffffff (prio 0, i/o): system\n"
+        "    0000000000000000-000000003fffffff (prio 0, ram): alias lost @nowhere "
+        "0000000000000000-000000003fffffff\n"
+    )
     with pytest.raises(MtreeError, match="not printed"):
         map_ram(parse_mtree(mtree))
 

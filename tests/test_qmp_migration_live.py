@@ -15,6 +15,7 @@ passes.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -43,13 +44,23 @@ MIN_PASSES = 3  # setup, the first pass running out, completion
 # The invlpg makes every page's first write take TCG's slow path, which logs
 # it: QEMU 7.2 under TCG otherwise loses writes after a sync (docs/qmp.md).
 DIRTIER = bytes.fromhex(
-    "fa" "31db"  # cli; xor bx,bx
+    "fa"
+    "31db"  # cli; xor bx,bx
     "ba0010"  # outer: mov dx,0x1000
-    "8ec2" "8eda" "31ff"  # seg: mov es,dx; mov ds,dx; xor di,di
-    "0f013d" "89d8" "b90008" "f3ab"  # page: invlpg [di]; mov ax,bx; mov cx,0x800; rep stosw
-    "85ff" "75f2"  # test di,di; jnz page
-    "81c20010" "81fa0080" "72e2"  # add dx,0x1000; cmp dx,0x8000; jb seg
-    "43" "ebdc"  # inc bx; jmp outer
+    "8ec2"
+    "8eda"
+    "31ff"  # seg: mov es,dx; mov ds,dx; xor di,di
+    "0f013d"
+    "89d8"
+    "b90008"
+    "f3ab"  # page: invlpg [di]; mov ax,bx; mov cx,0x800; rep stosw
+    "85ff"
+    "75f2"  # test di,di; jnz page
+    "81c20010"
+    "81fa0080"
+    "72e2"  # add dx,0x1000; cmp dx,0x8000; jb seg
+    "43"
+    "ebdc"  # inc bx; jmp outer
 )
 
 
@@ -130,9 +141,10 @@ async def with_pair(body: Callable[[QmpSession, QmpSession, Path, Path], Awaitab
     fill_pattern(src_ram)
     write_dirtier_bios(bios)
     try:
-        async with qemu(ram_args(src_ram, bios), name="src") as s, qemu(
-            ["-S", "-incoming", "defer", *ram_args(dst_ram, bios)], name="dst"
-        ) as d:
+        async with (
+            qemu(ram_args(src_ram, bios), name="src") as s,
+            qemu(["-S", "-incoming", "defer", *ram_args(dst_ram, bios)], name="dst") as d,
+        ):
             await body(await s.qmp(), await d.qmp(), src_ram, dst_ram)
     finally:
         for p in (src_ram, dst_ram, bios):
@@ -195,7 +207,7 @@ def test_gate_on_a_real_migration() -> None:
         )
         # a window whose poll reported a newer sync is denied the older epoch
         denied = 0
-        for (x0, s0), (x1, s1) in zip(polls, polls[1:]):
+        for (_x0, s0), (x1, s1) in itertools.pairwise(polls):
             if s1 > s0:
                 o = gate.ledger.oracle_for(x1)
                 older = [e.sync for e in entries if e.sync < s1 and e.request_offset < x1]

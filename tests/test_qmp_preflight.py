@@ -21,9 +21,10 @@ def settings(report: SafetyReport) -> set[tuple[str, str]]:
 
 
 async def pair(body: Any, src_args: list[str] | None = None) -> None:
-    async with qemu(src_args if src_args is not None else ["-S", *VM], name="pf-src") as s, qemu(
-        ["-S", "-incoming", "defer", *VM], name="pf-dst"
-    ) as d:
+    async with (
+        qemu(src_args if src_args is not None else ["-S", *VM], name="pf-src") as s,
+        qemu(["-S", "-incoming", "defer", *VM], name="pf-dst") as d,
+    ):
         await body(s, await s.qmp(), await d.qmp())
 
 
@@ -77,7 +78,9 @@ def test_each_unsafe_capability_is_named_on_the_side_it_is_on() -> None:
                 if cap not in have:  # removed in later QEMU (compress, block: 9.1)
                     continue
                 first = [{"capability": k, "state": v} for k, v in needs.items()]
-                await qmp.execute("migrate-set-capabilities", {"capabilities": [*first, {"capability": cap, "state": True}]})
+                await qmp.execute(
+                    "migrate-set-capabilities", {"capabilities": [*first, {"capability": cap, "state": True}]}
+                )
                 report = await check_migration_safety(src, dst)
                 assert (side, f"capability {cap}") in settings(report), report.summary()
                 assert UNSAFE_CAPABILITIES[cap] in report.summary()
@@ -145,7 +148,7 @@ class ScriptedMonitor:
         self.params: dict[str, Any] = {"tls-creds": "", "mode": "normal", "zero-page-detection": "multifd"}
         self.version = {"qemu": {"major": 10, "minor": 0, "micro": 2}, "package": ""}
         self.refuse_set = False
-        self.kvm = True
+        self.kvm: Any = {"enabled": True, "present": True}
         self.fail: str | None = None
         for k, v in overrides.items():
             setattr(self, k, v)
@@ -158,7 +161,7 @@ class ScriptedMonitor:
         if cmd == "query-migrate":
             return {"status": "none"}
         if cmd == "query-kvm":
-            return {"enabled": self.kvm, "present": True}
+            return copy.deepcopy(self.kvm)
         if cmd == "query-migrate-capabilities":
             return [{"capability": k, "state": v} for k, v in self.caps.items()]
         if cmd == "migrate-set-capabilities":
@@ -184,6 +187,21 @@ def test_mapped_ram_and_mode_exist_only_in_newer_qemu() -> None:
     src.caps["mapped-ram"] = False
     src.params["mode"] = "cpr-reboot"
     assert ("source", "parameter mode") in settings(check(src))
+
+
+def test_only_a_tcg_source_gets_the_same_sync_case() -> None:
+    """KVM defers its dirty-log clear (docs/safety-rule.md §7.2): rewriting
+    stays allowed, without rule (b)'s same-sync case, and the report says so."""
+    src = ScriptedMonitor("src")
+    report = check(src)
+    assert report.safe and report.source_accelerator == "kvm" and not report.same_sync_allowed
+    assert any("§7.2" in w for w in report.warnings)
+    src.kvm = {"enabled": False, "present": True}
+    report = check(src)
+    assert report.safe and report.source_accelerator == "tcg" and report.same_sync_allowed
+    src.kvm = "nonsense"
+    report = check(src)
+    assert report.source_accelerator == "unknown" and not report.same_sync_allowed
 
 
 def test_unknown_capability_that_is_on_blocks_rewriting() -> None:
@@ -214,12 +232,3 @@ def test_a_monitor_that_stops_answering_is_a_problem_not_a_crash() -> None:
     report = check(ScriptedMonitor("src"), ScriptedMonitor("dst", fail="query-migrate-parameters"))
     assert ("destination", "QMP") in settings(report)
     assert report.to_json()["safe"] is False
-
-
-def test_a_kvm_source_is_flagged_so_the_same_sync_case_is_not_used() -> None:
-    """docs/safety-rule.md §7.2: KVM's deferred dirty-log clear breaks rule (b), and QMP cannot
-    show the dirty ring; the report says KVM, warns, and stays safe for rule (a)."""
-    kvm = check(ScriptedMonitor("src"))
-    assert kvm.safe and kvm.source_kvm and any("§7.2" in w for w in kvm.warnings)
-    tcg = check(ScriptedMonitor("src", kvm=False))
-    assert tcg.safe and not tcg.source_kvm and not any("§7.2" in w for w in tcg.warnings)

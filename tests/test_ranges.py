@@ -81,9 +81,7 @@ def test_coalesce() -> None:
 
 # The numpy decoder against the reference: a layout covering the whole 64-bit
 # space (one block per 2**62 bytes) so that only the encoding rules can refuse.
-WHOLE = RamLayout.from_ranges(
-    [RamRange(gpa=i << 62, size=1 << 62, block=f"b{i}", offset=0) for i in range(4)]
-)
+WHOLE = RamLayout.from_ranges([RamRange(gpa=i << 62, size=1 << 62, block=f"b{i}", offset=0) for i in range(4)])
 
 
 @settings(max_examples=400)

@@ -42,6 +42,7 @@ needs_c = pytest.mark.skipif(_fastparse is None, reason="the C extension is not 
 
 ROOT = Path(__file__).resolve().parent.parent
 
+
 class Step(NamedTuple):
     """Everything observable after one ``feed`` call (positions are stream offsets)."""
 

@@ -3,7 +3,7 @@
 The streams are captured once per run from a real migration (source -> tap ->
 destination) of a small running guest. A mutated stream must end in a clean
 give-up or in a complete parse, never in an exception or a hang; the parser,
-fed in random pieces, must agree exactly with tests/stream_reference.py (a
+fed in random pieces, must agree exactly with fphint_lab/stream_reference.py (a
 separate, naive reader of the loader's rules: same PAGE records, same
 stopping byte), so it never takes for a page record what QEMU's loader would
 not; and before the first damaged byte it must report exactly the original's
@@ -22,12 +22,12 @@ from pathlib import Path
 
 import pytest
 
+from fphint_lab.qemu_pair import PAGE, Machine, MiB, Tap, Vm, boot_image, pattern, wait_loop_running, write_gpa
+from fphint_lab.stream_reference import reference_read
 from host_collector.proxy.results import ProxyOutcome
 from host_collector.stream.parser import StreamParser
 from host_collector.stream.wire import Phase
-from fphint_lab.qemu_pair import MiB, PAGE, Machine, Tap, Vm, boot_image, pattern, wait_loop_running, write_gpa
 from tests.stream_helpers import FixedGate, run_proxy
-from tests.stream_reference import reference_read
 
 pytestmark = pytest.mark.qemu
 

@@ -6,10 +6,10 @@ import random
 
 import pytest
 
+from fphint_lab.stream_reference import reference_read
 from host_collector.stream.parser import MAX_ITEM, StreamParser
 from host_collector.stream.wire import Phase
 from tests.stream_helpers import BLOCKS, StreamBuilder, be16, be32, be64, typical_stream
-from tests.stream_reference import reference_read
 
 
 def parse_all(data: bytes) -> StreamParser:

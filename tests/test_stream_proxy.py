@@ -18,9 +18,9 @@ from host_collector.rewrite.gate import NoHints
 from host_collector.stream.wire import Phase
 from tests.stream_helpers import (
     FixedGate,
-    StreamBuilder,
     SpanSteppedGate,
     SteppedGate,
+    StreamBuilder,
     be16,
     be32,
     be64,
@@ -144,7 +144,7 @@ def test_a_gate_that_answers_per_window_is_asked_once_per_window() -> None:
         gate.step(mid, confirmed=False)
         gate.step(gate.total, confirmed=True)
 
-    res, out, _ = run_proxy(bytes(b0.orig), gate, before_close=decide, hold_seconds=30)
+    _res, out, _ = run_proxy(bytes(b0.orig), gate, before_close=decide, hold_seconds=30)
     assert out == bytes(typical_stream(late).want)
     assert gate.per_record_calls == 0
     # one question per window (each step may wake the proxy separately: at most 2 more)
@@ -172,7 +172,7 @@ def test_windows_decided_while_the_stream_flows_through_small_recycled_buffers()
     hinted = {(blk, pg) for _, _, blk, pg in b0.pages if rng.random() < 0.5}
     # windows: cut points at record ends, alternately confirmed and refused
     ends = sorted({end for _, end, _, _ in b0.pages})
-    cuts = sorted(rng.sample(ends[:-1], 9)) + [len(data)]
+    cuts = [*sorted(rng.sample(ends[:-1], 9)), len(data)]
     verdicts = [i % 2 == 0 for i in range(len(cuts))]
 
     def window_of(end: int) -> int:

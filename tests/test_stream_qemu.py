@@ -20,24 +20,24 @@ from typing import Any
 
 import pytest
 
-from host_collector.proxy.migration_proxy import MigrationProxy
-from host_collector.proxy.results import ProxyOutcome, ProxyResult
-from host_collector.rewrite.gate import NoHints
-from host_collector.stream.wire import Phase
 from fphint_lab.qemu_pair import (
-    GiB,
-    MiB,
     PAGE,
+    GiB,
     Machine,
+    MiB,
     Tap,
     Vm,
-    wait_loop_running,
     boot_image,
     compare_ram,
     hint_pages,
     pattern,
+    wait_loop_running,
     write_gpa,
 )
+from host_collector.proxy.migration_proxy import MigrationProxy
+from host_collector.proxy.results import ProxyOutcome, ProxyResult
+from host_collector.rewrite.gate import NoHints
+from host_collector.stream.wire import Phase
 from tests.stream_helpers import FixedGate, SteppedGate
 
 pytestmark = pytest.mark.qemu

@@ -26,10 +26,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from fphint import ranges
 from fphint.v1 import admin_pb2, hints_pb2, hints_pb2_grpc
 from tests.adversary import (
-    GOOD_PAGES,
-    MiB,
     AgentProcess,
     Daemon,
+    MiB,
     bearer,
     call_code,
     channels,
@@ -68,8 +67,9 @@ class BadGuest:
 
     def __init__(self, d: Daemon, tok: str | None = None) -> None:
         self.d = d
-        self.channel = grpc.aio.insecure_channel(d.target, options=[("grpc.max_send_message_length", 256 * MiB),
-                                                                     ("grpc.use_local_subchannel_pool", 1)])
+        self.channel = grpc.aio.insecure_channel(
+            d.target, options=[("grpc.max_send_message_length", 256 * MiB), ("grpc.use_local_subchannel_pool", 1)]
+        )
         self.stub = hints_pb2_grpc.FreePageHintsStub(self.channel)
         self.md = bearer(token("bad") if tok is None else tok)
         self.attach_call: Any = None
@@ -121,16 +121,20 @@ def test_absent_wrong_and_other_tokens(daemon: Daemon) -> None:
                 assert code == grpc.StatusCode.UNAUTHENTICATED, (tok, code)
             # claims in metadata are not identity
             md = (("fphint-vm", "good"), ("x-forwarded-for", "10.0.0.7"))
-            assert await call_code(stub.Report(iter([chunk(1, [0, 4096])]), metadata=md, timeout=5)) \
+            assert (
+                await call_code(stub.Report(iter([chunk(1, [0, 4096])]), metadata=md, timeout=5))
                 == grpc.StatusCode.UNAUTHENTICATED
+            )
         # bad's token against good's epoch: an epoch of another VM is no epoch at all
         bad = BadGuest(daemon)
         try:
             t = threading.Thread(target=lambda: daemon.hints("good", 2000), daemon=True)
             t.start()
             await asyncio.sleep(0.3)
-            codes = {await bad.report([chunk(ep, ranges.encode([(1 << 30, 64 * MiB)]))])
-                     for ep in range(int(time.time() * 1e6) - 10_000_000, int(time.time() * 1e6), 1_000_000)}
+            codes = {
+                await bad.report([chunk(ep, ranges.encode([(1 << 30, 64 * MiB)]))])
+                for ep in range(int(time.time() * 1e6) - 10_000_000, int(time.time() * 1e6), 1_000_000)
+            }
             assert codes == {grpc.StatusCode.FAILED_PRECONDITION}, codes
             t.join(10)
         finally:
@@ -165,13 +169,17 @@ def test_closed_and_future_epochs(daemon: Daemon) -> None:
 BAD = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE}
 
 
-@pytest.mark.parametrize(("words", "codes"), [
-    ([END - 4096, 8192], BAD),  # ends beyond 2**64
-    ([END - 4096, 4096, 4096, 4096], BAD),  # the next start wraps
-    ([END - 8192, 4096], BAD),  # the last whole page: not guest RAM
-    ([0, END - 1], BAD),  # covers everything
-    ([END - 1, 1], {grpc.StatusCode.OK}),  # the last byte: no whole page, counted as rejected
-], ids=["end-beyond", "start-wraps", "last-page", "huge-length", "last-byte"])
+@pytest.mark.parametrize(
+    ("words", "codes"),
+    [
+        ([END - 4096, 8192], BAD),  # ends beyond 2**64
+        ([END - 4096, 4096, 4096, 4096], BAD),  # the next start wraps
+        ([END - 8192, 4096], BAD),  # the last whole page: not guest RAM
+        ([0, END - 1], BAD),  # covers everything
+        ([END - 1, 1], {grpc.StatusCode.OK}),  # the last byte: no whole page, counted as rejected
+    ],
+    ids=["end-beyond", "start-wraps", "last-page", "huge-length", "last-byte"],
+)
 def test_ranges_at_2_to_the_64(daemon: Daemon, words: list[int], codes: set[grpc.StatusCode]) -> None:
     rss0 = daemon.rss()
 
@@ -211,8 +219,15 @@ def test_ten_million_tiny_ranges(daemon: Daemon) -> None:
             ep2, t2 = await bad.epoch(deadline_ms=20000)
             # 153 chunks of 64 Ki: the epoch's limit (1 Mi ranges) ends it
             state = ranges.CodecState()
-            gen = (chunk(ep2, ranges.encode([(4096 * (i * per_chunk + k), 1) for k in range(per_chunk)], state),
-                         seq=i, end=(i == 152)) for i in range(153))
+            gen = (
+                chunk(
+                    ep2,
+                    ranges.encode([(4096 * (i * per_chunk + k), 1) for k in range(per_chunk)], state),
+                    seq=i,
+                    end=(i == 152),
+                )
+                for i in range(153)
+            )
 
             async def chunks() -> AsyncIterator[hints_pb2.ReportChunk]:
                 for c in gen:
@@ -241,13 +256,15 @@ def test_sixty_four_mib_messages(daemon: Daemon) -> None:
         anon = BadGuest(daemon, tok="")
         try:
             facts = hints_pb2.AgentFacts(hostname="h" * (64 * MiB))
-            a = await call_code(bad.stub.Attach(hints_pb2.AttachRequest(facts=facts), metadata=bad.md,
-                                                timeout=20).read())
+            a = await call_code(
+                bad.stub.Attach(hints_pb2.AttachRequest(facts=facts), metadata=bad.md, timeout=20).read()
+            )
             r = await anon.report([chunk(1, [4096] * (8 * MiB))])  # 64 MiB of words, no token
             # just under the message limit but far over the facts limit
             facts = hints_pb2.AgentFacts(hostname="h" * (3 * MiB))
-            b = await call_code(bad.stub.Attach(hints_pb2.AttachRequest(facts=facts), metadata=bad.md,
-                                                timeout=20).read())
+            b = await call_code(
+                bad.stub.Attach(hints_pb2.AttachRequest(facts=facts), metadata=bad.md, timeout=20).read()
+            )
             return a, r, b
         finally:
             await bad.close()
@@ -306,8 +323,9 @@ def test_slowloris(daemon: Daemon) -> None:
 
                 async def gen() -> AsyncIterator[hints_pb2.ReportChunk]:
                     for i in range(100):
-                        yield chunk(ep, ranges.encode([(0x100000 + i * 8192, 4096)]) if i == 0 else [], seq=i,
-                                    end=False)
+                        yield chunk(
+                            ep, ranges.encode([(0x100000 + i * 8192, 4096)]) if i == 0 else [], seq=i, end=False
+                        )
                         await asyncio.sleep(0.5)
 
                 code = await call_code(bad.stub.Report(gen(), metadata=bad.md, timeout=30))
@@ -327,7 +345,7 @@ def test_slowloris(daemon: Daemon) -> None:
                 while s.recv(65536):
                     pass
                 closed += 1
-            except (socket.timeout, BlockingIOError):
+            except (TimeoutError, BlockingIOError):
                 pass
             except OSError:
                 closed += 1
@@ -350,10 +368,12 @@ def test_clients_that_never_read(daemon: Daemon) -> None:
                 await bad.attach()  # then never reads
                 admin = daemon.admin()
                 for _ in range(100):  # 100 epochs: the queue to bad's agent is bounded, the rest dropped
-                    await asyncio.to_thread(admin.CollectHints,
-                                            admin_pb2.CollectHintsRequest(vm="bad", deadline_ms=10), timeout=10)
-                watches = [health_pb2_grpc.HealthStub(chans[0]).Watch(health_pb2.HealthCheckRequest())
-                           for _ in range(8)]
+                    await asyncio.to_thread(
+                        admin.CollectHints, admin_pb2.CollectHintsRequest(vm="bad", deadline_ms=10), timeout=10
+                    )
+                watches = [
+                    health_pb2_grpc.HealthStub(chans[0]).Watch(health_pb2.HealthCheckRequest()) for _ in range(8)
+                ]
                 refl = reflection_pb2_grpc.ServerReflectionStub(chans[1])
 
                 async def requests() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:

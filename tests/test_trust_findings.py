@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -60,7 +61,7 @@ def test_forged_pages_never_reach_an_epoch(tmp_path: Path) -> None:
     with daemon_and_agent(tmp_path, vms={"good": {"vsock_cid": 7}}) as d:
         import threading
 
-        out: dict[str, object] = {}
+        out: dict[str, Any] = {}
         t = threading.Thread(target=lambda: out.update(r=d.hints("good", 3000)))
         t.start()
 
@@ -71,8 +72,12 @@ def test_forged_pages_never_reach_an_epoch(tmp_path: Path) -> None:
                     stub = hints_pb2_grpc.FreePageHintsStub(ch)
                     best = grpc.StatusCode.OK
                     for ep in range(1, 4):  # epoch ids are not secret: try a few and the real one
-                        chunk = hints_pb2.ReportChunk(epoch=ep, kind=hints_pb2.REPORT_KIND_SNAPSHOT, end=True,
-                                                      ranges=ranges.encode([(1 << 30, 64 << 20)]))
+                        chunk = hints_pb2.ReportChunk(
+                            epoch=ep,
+                            kind=hints_pb2.REPORT_KIND_SNAPSHOT,
+                            end=True,
+                            ranges=ranges.encode([(1 << 30, 64 << 20)]),
+                        )
                         try:
                             await stub.Report(iter([chunk]), timeout=5)
                         except grpc.aio.AioRpcError as e:
@@ -85,7 +90,7 @@ def test_forged_pages_never_reach_an_epoch(tmp_path: Path) -> None:
         t.join(20)
         assert code == grpc.StatusCode.UNAUTHENTICATED
         r = out["r"]
-        assert getattr(r, "free_pages") == GOOD_PAGES
+        assert r.free_pages == GOOD_PAGES
 
 
 def test_health_watch_streams_do_not_starve_agents(tmp_path: Path) -> None:
@@ -96,13 +101,16 @@ def test_health_watch_streams_do_not_starve_agents(tmp_path: Path) -> None:
 
         async def flood() -> tuple[bool, grpc.StatusCode, int]:
             async with channels(d.target, limit // 16) as chans:
-                calls = [health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest())
-                         for ch in chans for _ in range(16)]
+                calls = [
+                    health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest())
+                    for ch in chans
+                    for _ in range(16)
+                ]
                 refused = 0
                 for c in calls:
                     try:
                         await asyncio.wait_for(c.read(), 2)
-                    except (grpc.aio.AioRpcError, asyncio.TimeoutError):
+                    except (TimeoutError, grpc.aio.AioRpcError):
                         refused += 1
                 served = await asyncio.to_thread(d.served)
                 async with grpc.aio.insecure_channel(d.target) as ch:
@@ -110,7 +118,7 @@ def test_health_watch_streams_do_not_starve_agents(tmp_path: Path) -> None:
                     try:
                         initial = tuple(await asyncio.wait_for(att.initial_metadata(), 5))
                         code = grpc.StatusCode.OK if ("fphint-vm", "bad") in initial else await att.code()
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         code = grpc.StatusCode.DEADLINE_EXCEEDED
                     except grpc.aio.AioRpcError as e:
                         code = e.code()
@@ -137,9 +145,9 @@ def test_a_refusal_flood_does_not_flood_the_log(tmp_path: Path) -> None:
                 stubs = [hints_pb2_grpc.FreePageHintsStub(ch) for ch in chans]
                 end = time.monotonic() + 4
                 while time.monotonic() < end:
-                    codes = await asyncio.gather(*(
-                        _refused(stub, tok) for stub in stubs for tok in (None, "wrong-token-0123456789abcdef")
-                    ))
+                    codes = await asyncio.gather(
+                        *(_refused(stub, tok) for stub in stubs for tok in (None, "wrong-token-0123456789abcdef"))
+                    )
                     assert all(c == grpc.StatusCode.UNAUTHENTICATED for c in codes), codes
                     n += len(codes)
             return n
@@ -151,12 +159,18 @@ def test_a_refusal_flood_does_not_flood_the_log(tmp_path: Path) -> None:
         assert n > 1000, n
         assert len(lines) < 60, f"{len(lines)} log lines for {n} refused calls"
         metrics = d.metrics()
-        counted = sum(float(ln.rsplit(" ", 1)[1]) for ln in metrics.splitlines()
-                      if ln.startswith('fphint_rejects_total{reason="unknown_token"'))
+        counted = sum(
+            float(ln.rsplit(" ", 1)[1])
+            for ln in metrics.splitlines()
+            if ln.startswith('fphint_rejects_total{reason="unknown_token"')
+        )
         assert counted >= n, (counted, n)
         assert refusals  # the first ones are still logged
-        left_out = sum(float(ln.rsplit(" ", 1)[1]) for ln in metrics.splitlines()
-                       if ln.startswith("fphint_log_lines_suppressed_total{"))
+        left_out = sum(
+            float(ln.rsplit(" ", 1)[1])
+            for ln in metrics.splitlines()
+            if ln.startswith("fphint_log_lines_suppressed_total{")
+        )
         assert left_out >= n - len(refusals), (left_out, n)
 
 
@@ -169,6 +183,7 @@ async def _refused(stub: hints_pb2_grpc.FreePageHintsStub, tok: str | None) -> g
 
 
 # -- the info mtree parser -------------------------------------------------------------
+
 
 def _fan_out_mtree(fan: int, depth: int) -> str:
     """Aliases fanning out: region r<k> holds ``fan`` aliases of r<k+1>."""
@@ -206,8 +221,14 @@ print(json.dumps({"result": out, "s": time.monotonic() - t0}))
 def _probe(text: str, timeout: float = 10) -> dict[str, object]:
     """Parse in a child process, so a parser that never ends cannot hang the suite."""
     try:
-        p = subprocess.run([sys.executable, "-c", _PROBE], input=text, capture_output=True, text=True,
-                           timeout=timeout, cwd=Path(__file__).resolve().parent.parent)
+        p = subprocess.run(
+            [sys.executable, "-c", _PROBE],
+            input=text,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
     except subprocess.TimeoutExpired:
         return {"result": "timeout", "s": timeout}
     return dict(json.loads(p.stdout.strip().splitlines()[-1]))

@@ -18,10 +18,10 @@ from hypothesis import strategies as st
 from fphint import ranges
 from host_collector import config
 from host_collector.layout import LayoutError
-from host_collector.stream import wire as s
-from host_collector.stream.parser import StreamParser
 from host_collector.qmp.mtree import MtreeError, map_ram, parse_mtree
 from host_collector.qmp.ram_layout import MemoryFacts, build_layout
+from host_collector.stream import wire as s
+from host_collector.stream.parser import StreamParser
 
 DATA = Path(__file__).resolve().parent / "data" / "qmp"
 
@@ -34,15 +34,24 @@ def load_capture(name: str) -> MemoryFacts:
     names = {f.name for f in dataclasses.fields(MemoryFacts)}
     return MemoryFacts(**{k: v for k, v in raw.items() if k in names})
 
+
 SPAN = "0000000000000000-0000000000000fff"
 
 
 def _mem_size_stream(blocks: int) -> bytes:
     names = [f"b{i:06d}".encode() for i in range(blocks)]
     body = b"".join(bytes([len(n)]) + n + struct.pack(">Q", 4096) for n in names)
-    return (struct.pack(">II", s.FILE_MAGIC, s.FILE_VERSION) + bytes([s.SECTION_START]) + struct.pack(">I", 2)
-            + bytes([3]) + b"ram" + struct.pack(">II", 0, 4) + struct.pack(">Q", 4096 * blocks | s.FLAG_MEM_SIZE)
-            + body + struct.pack(">Q", s.FLAG_EOS))
+    return (
+        struct.pack(">II", s.FILE_MAGIC, s.FILE_VERSION)
+        + bytes([s.SECTION_START])
+        + struct.pack(">I", 2)
+        + bytes([3])
+        + b"ram"
+        + struct.pack(">II", 0, 4)
+        + struct.pack(">Q", 4096 * blocks | s.FLAG_MEM_SIZE)
+        + body
+        + struct.pack(">Q", s.FLAG_EOS)
+    )
 
 
 def test_a_mem_size_list_trickling_in_is_parsed_in_linear_time() -> None:
@@ -62,8 +71,9 @@ def test_a_mem_size_list_trickling_in_is_parsed_in_linear_time() -> None:
 
 def test_a_record_is_refused_on_its_header() -> None:
     """A CONTINUE page whose offset is beyond its block: refused before its 4 KiB arrived."""
-    seed = (Path(__file__).resolve().parent / "fuzz" / "corpus" / "stream" /
-            "regress-bad-offset-in-a-cut-record.bin").read_bytes()
+    seed = (
+        Path(__file__).resolve().parent / "fuzz" / "corpus" / "stream" / "regress-bad-offset-in-a-cut-record.bin"
+    ).read_bytes()
     p = StreamParser()
     p.feed(bytearray(seed), 0, len(seed), 0)
     assert p.fallback is not None and p.fallback.offset == 168 and "beyond the end of block" in p.fallback.reason
@@ -72,34 +82,53 @@ def test_a_record_is_refused_on_its_header() -> None:
 def test_mtree_alias_lines_cost_linear_time() -> None:
     """An alias line of many " @" made the old regex backtrack quadratically."""
     name = " @x" * 1300  # just under the line limit
-    text = ("address-space: memory\n"
-            f"  {SPAN} (prio 0, i/o): system\n"
-            f"    {SPAN} (prio 0, ram): alias {name} @target {SPAN}\n") * 200
+    text = (
+        "address-space: memory\n"
+        f"  {SPAN} (prio 0, i/o): system\n"
+        f"    {SPAN} (prio 0, ram): alias {name} @target {SPAN}\n"
+    ) * 200
     t0 = time.monotonic()
     with pytest.raises(MtreeError):
         map_ram(parse_mtree(text))
     assert time.monotonic() - t0 < 2
 
 
-@pytest.mark.parametrize("text", [
-    "address-space: memory\n" + f"  {SPAN} (prio {'9' * 5000}, ram): r\n",  # int() digit limit
-    "address-space: memory\n" + "  " + "x" * 10000 + "\n",
-    "address-space: memory\n" + f"  {SPAN} (prio 0, ram): r\n" * 2 + "x" * (5 << 20),
-    "memory-region: m\n" + "".join(f"{'  ' * (i + 1)}{SPAN} (prio 0, i/o): r{i}\n" for i in range(100)),
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "address-space: memory\n" + f"  {SPAN} (prio {'9' * 5000}, ram): r\n",  # int() digit limit
+        "address-space: memory\n" + "  " + "x" * 10000 + "\n",
+        "address-space: memory\n" + f"  {SPAN} (prio 0, ram): r\n" * 2 + "x" * (5 << 20),
+        "memory-region: m\n" + "".join(f"{'  ' * (i + 1)}{SPAN} (prio 0, i/o): r{i}\n" for i in range(100)),
+    ],
+)
 def test_mtree_bounds_end_as_mtree_errors(text: str) -> None:
     with pytest.raises(MtreeError):
         map_ram(parse_mtree(text))
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.sampled_from([
-    "address-space: memory", "memory-region: pc.ram", "memory-region: system",
-    f"  {SPAN} (prio 0, i/o): system", f"    {SPAN} (prio 1, ram): alias a @pc.ram {SPAN}",
-    f"    {SPAN} (prio 0, ram): alias a @system {SPAN}", f"  {SPAN} (prio 0, ram): pc.ram",
-    f"      {SPAN} (prio 0, ram): pc.ram [disabled]", f"    {SPAN} (prio -1, rom): bios",
-    "", "garbage", f"  0000000000001000-0000000000000fff (prio 0, ram): backwards",
-]), max_size=40))
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                "address-space: memory",
+                "memory-region: pc.ram",
+                "memory-region: system",
+                f"  {SPAN} (prio 0, i/o): system",
+                f"    {SPAN} (prio 1, ram): alias a @pc.ram {SPAN}",
+                f"    {SPAN} (prio 0, ram): alias a @system {SPAN}",
+                f"  {SPAN} (prio 0, ram): pc.ram",
+                f"      {SPAN} (prio 0, ram): pc.ram [disabled]",
+                f"    {SPAN} (prio -1, rom): bios",
+                "",
+                "garbage",
+                "  0000000000001000-0000000000000fff (prio 0, ram): backwards",
+            ]
+        ),
+        max_size=40,
+    )
+)
 def test_mtree_raises_only_mtree_errors(lines: list[str]) -> None:
     try:
         map_ram(parse_mtree("\n".join(lines)))
@@ -109,9 +138,14 @@ def test_mtree_raises_only_mtree_errors(lines: list[str]) -> None:
 
 qmp_value: Any = st.recursive(
     st.none() | st.booleans() | st.integers(-2, 1 << 65) | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
-        st.sampled_from(["id", "type", "data", "memdev", "size", "addr", "base-memory", "plugged-memory"]),
-        inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(["id", "type", "data", "memdev", "size", "addr", "base-memory", "plugged-memory"]),
+            inner,
+            max_size=4,
+        )
+    ),
     max_leaves=12,
 )
 
@@ -131,15 +165,18 @@ def test_a_real_capture_still_builds() -> None:
     assert build_layout(load_capture("100-q35-1g")).layout.ram_bytes > 0
 
 
-@pytest.mark.parametrize(("body", "message"), [
-    ("a = " + "[" * 3000 + "]" * 3000 + "\n", "nested too deeply"),
-    ("[collector]\nmax_deadline_s = nan\n", "positive and finite"),
-    ("[collector]\nreport_idle_timeout_s = inf\n", "positive and finite"),
-    ("[collector]\nmax_message_bytes = 0x7fffffffffff\n", "larger than"),
-    ("[collector]\nshutdown_grace_s = -1\n", "shutdown_grace_s"),
-    ('[[vm]]\nname = "a"\ntoken_file = "/dev/zero"\n', "longer than"),
-    ('[[vm]]\nname = "a"\ntoken = "0123456789abcdef0"\nunix_uid = -1\n', "not a uid"),
-])
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("a = " + "[" * 3000 + "]" * 3000 + "\n", "nested too deeply"),
+        ("[collector]\nmax_deadline_s = nan\n", "positive and finite"),
+        ("[collector]\nreport_idle_timeout_s = inf\n", "positive and finite"),
+        ("[collector]\nmax_message_bytes = 0x7fffffffffff\n", "larger than"),
+        ("[collector]\nshutdown_grace_s = -1\n", "shutdown_grace_s"),
+        ('[[vm]]\nname = "a"\ntoken_file = "/dev/zero"\n', "longer than"),
+        ('[[vm]]\nname = "a"\ntoken = "0123456789abcdef0"\nunix_uid = -1\n', "not a uid"),
+    ],
+)
 def test_config_bounds(tmp_path: Path, body: str, message: str) -> None:
     f = tmp_path / "c.toml"
     f.write_text(body)
@@ -157,19 +194,41 @@ def test_config_file_size_is_bounded(tmp_path: Path) -> None:
 
 
 toml_scalar = st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70) | st.floats() | st.text(max_size=6)
-toml_value: Any = st.recursive(toml_scalar, lambda inner: st.lists(inner, max_size=3)
-                               | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=8)
+toml_value: Any = st.recursive(
+    toml_scalar,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
 
 
 @settings(max_examples=400, deadline=None)
-@given(collector=st.dictionaries(st.sampled_from(
-    ["listen", "admin", "metrics", "default_deadline_ms", "shutdown_grace_s", "max_message_bytes",
-     "max_deadline_s", "retained_epochs", "proxy_hold_s"]), toml_value, max_size=4),
-    vm=st.dictionaries(st.sampled_from(["name", "token", "vsock_cid", "unix_uid", "ram", "blocks", "qmp"]),
-                       toml_value, max_size=5))
+@given(
+    collector=st.dictionaries(
+        st.sampled_from(
+            [
+                "listen",
+                "admin",
+                "metrics",
+                "default_deadline_ms",
+                "shutdown_grace_s",
+                "max_message_bytes",
+                "max_deadline_s",
+                "retained_epochs",
+                "proxy_hold_s",
+            ]
+        ),
+        toml_value,
+        max_size=4,
+    ),
+    vm=st.dictionaries(
+        st.sampled_from(["name", "token", "vsock_cid", "unix_uid", "ram", "blocks", "qmp"]), toml_value, max_size=5
+    ),
+)
 def test_config_raises_only_config_errors(collector: dict[str, Any], vm: dict[str, Any]) -> None:
-    data: dict[str, Any] = {"collector": {k: v for k, v in collector.items() if v is not None},
-                            "vm": [{k: v for k, v in vm.items() if v is not None}]}
+    data: dict[str, Any] = {
+        "collector": {k: v for k, v in collector.items() if v is not None},
+        "vm": [{k: v for k, v in vm.items() if v is not None}],
+    }
     try:
         config.parse(data)
     except config.ConfigError:

@@ -17,11 +17,10 @@ import pytest
 
 from fphint import addresses, vsock
 from fphint.v1 import hints_pb2, hints_pb2_grpc
+from fphint_lab.collector_harness import LAYOUT, token
 from host_collector.config import CollectorConfig, VmEntry
 from host_collector.peers import Bridge, KernelPeer, PeerTable, unix_peer
 from host_collector.server import CollectorServer
-
-from fphint_lab.collector_harness import LAYOUT, token
 
 
 def test_unix_peer_reads_so_peercred() -> None:
@@ -37,8 +36,14 @@ def test_peer_table_knows_only_its_own_paths(tmp_path: Path) -> None:
     p = t.new_path()
     t.add(p, KernelPeer("vsock", cid=9))
     assert t.lookup(f"unix:{p}") == KernelPeer("vsock", cid=9)
-    for forged in (p, f"unix-abstract:{p}", f"unix:{tmp_path}/p999", "unix-abstract:fphint-vsock-peer/9/1",
-                   "ipv4:127.0.0.1:5", "unix:"):
+    for forged in (
+        p,
+        f"unix-abstract:{p}",
+        f"unix:{tmp_path}/p999",
+        "unix-abstract:fphint-vsock-peer/9/1",
+        "ipv4:127.0.0.1:5",
+        "unix:",
+    ):
         assert t.lookup(forged) is None
     t.remove(p)
     assert t.lookup(f"unix:{p}") is None
@@ -48,8 +53,15 @@ async def _stand_in(srv: CollectorServer, tmp_path: Path, cid: int) -> tuple[Bri
     """A bridge whose 'kernel' says every peer is ``cid``, and a dialer to it."""
     assert srv.peers is not None and srv._private is not None
     stand_in = str(tmp_path / f"guest-side-{cid}.sock")
-    bridge = Bridge("test-vsock", srv.peers, str(srv._private / "grpc.sock"), socket.AF_UNIX, stand_in,
-                    lambda s: KernelPeer("vsock", cid=cid), srv.collector.metrics)
+    bridge = Bridge(
+        "test-vsock",
+        srv.peers,
+        str(srv._private / "grpc.sock"),
+        socket.AF_UNIX,
+        stand_in,
+        lambda s: KernelPeer("vsock", cid=cid),
+        srv.collector.metrics,
+    )
     await bridge.start()
     dialer = vsock.VsockDialer(0, 0, family=socket.AF_UNIX, address=stand_in)
     await dialer.start()
@@ -74,8 +86,10 @@ def test_identity_comes_from_the_bridged_cid(tmp_path: Path) -> None:
     async def go() -> None:
         cfg = CollectorConfig(
             listen=(addresses.parse(f"unix:{tmp_path}/grpc.sock"),),
-            vms=(VmEntry("seven", token("seven"), vsock_cid=7, layout=LAYOUT),
-                 VmEntry("other", token("other"), layout=LAYOUT)),
+            vms=(
+                VmEntry("seven", token("seven"), vsock_cid=7, layout=LAYOUT),
+                VmEntry("other", token("other"), layout=LAYOUT),
+            ),
         )
         srv = CollectorServer(cfg)
         await srv.start()
@@ -108,8 +122,10 @@ def test_attachment_peer_is_what_the_kernel_said(tmp_path: Path) -> None:
     async def go() -> None:
         cfg = CollectorConfig(
             listen=(addresses.parse(f"unix:{tmp_path}/grpc.sock"),),
-            vms=(VmEntry("seven", token("seven"), vsock_cid=7, layout=LAYOUT),
-                 VmEntry("other", token("other"), layout=LAYOUT, unix_uid=os.getuid())),
+            vms=(
+                VmEntry("seven", token("seven"), vsock_cid=7, layout=LAYOUT),
+                VmEntry("other", token("other"), layout=LAYOUT, unix_uid=os.getuid()),
+            ),
         )
         srv = CollectorServer(cfg)
         await srv.start()
@@ -157,8 +173,10 @@ def test_a_token_bound_to_a_uid_counts_only_from_that_uid(tmp_path: Path) -> Non
 
 def test_bridge_caps_connections_per_peer(tmp_path: Path) -> None:
     async def go() -> None:
-        cfg = CollectorConfig(listen=(addresses.parse(f"unix:{tmp_path}/grpc.sock"),),
-                              vms=(VmEntry("other", token("other"), layout=LAYOUT),))
+        cfg = CollectorConfig(
+            listen=(addresses.parse(f"unix:{tmp_path}/grpc.sock"),),
+            vms=(VmEntry("other", token("other"), layout=LAYOUT),),
+        )
         srv = CollectorServer(cfg)
         await srv.start()
         bridge = srv.bridges[0]
@@ -174,10 +192,11 @@ def test_bridge_caps_connections_per_peer(tmp_path: Path) -> None:
                 try:
                     if await asyncio.wait_for(r.read(1 << 16), 0.5) == b"":
                         closed += 1
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             assert closed >= 3
             from prometheus_client import generate_latest
+
             text = generate_latest(srv.collector.metrics.registry).decode()
             assert 'fphint_bridge_refused_total{reason="peer_full"} 3.0' in text
         finally:
@@ -212,8 +231,10 @@ def test_server_binds_a_real_vsock_port() -> None:
 
 def test_bridge_caps_connections_per_guest(tmp_path: Path) -> None:
     async def go() -> None:
-        cfg = CollectorConfig(listen=(addresses.parse(f"unix:{tmp_path}/grpc.sock"),),
-                              vms=(VmEntry("seven", token("seven"), vsock_cid=7, layout=LAYOUT),))
+        cfg = CollectorConfig(
+            listen=(addresses.parse(f"unix:{tmp_path}/grpc.sock"),),
+            vms=(VmEntry("seven", token("seven"), vsock_cid=7, layout=LAYOUT),),
+        )
         srv = CollectorServer(cfg)
         await srv.start()
         bridge, dialer = await _stand_in(srv, tmp_path, 7)

@@ -20,9 +20,9 @@ import sys
 from pathlib import Path
 
 from vmimage import cache as cache_mod
+from vmimage.accel import AccelError, choose
 from vmimage.builder import Image, ensure_image, keys
 from vmimage.final import ImageSpec
-from vmimage.accel import AccelError, choose
 from vmimage.qemu import Endpoints, GuestConfig, collector_address, default_binary, qemu_argv
 from vmimage.run import BuildError
 

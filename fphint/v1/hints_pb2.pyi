@@ -98,18 +98,22 @@ class CollectorMessage(_message.Message):
     def __init__(self, request: _Optional[_Union[HintRequest, _Mapping]] = ..., closed: _Optional[_Union[EpochClosed, _Mapping]] = ...) -> None: ...
 
 class AgentStats(_message.Message):
-    __slots__ = ("cpu_seconds", "rss_bytes", "snapshot_us", "snapshot_pages", "truncated_ranges")
+    __slots__ = ("cpu_seconds", "rss_bytes", "snapshot_us", "snapshot_pages", "truncated_ranges", "pss_bytes", "tracked")
     CPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
     RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_US_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_PAGES_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_RANGES_FIELD_NUMBER: _ClassVar[int]
+    PSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TRACKED_FIELD_NUMBER: _ClassVar[int]
     cpu_seconds: float
     rss_bytes: int
     snapshot_us: int
     snapshot_pages: int
     truncated_ranges: int
-    def __init__(self, cpu_seconds: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., snapshot_us: _Optional[int] = ..., snapshot_pages: _Optional[int] = ..., truncated_ranges: _Optional[int] = ...) -> None: ...
+    pss_bytes: int
+    tracked: bool
+    def __init__(self, cpu_seconds: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., snapshot_us: _Optional[int] = ..., snapshot_pages: _Optional[int] = ..., truncated_ranges: _Optional[int] = ..., pss_bytes: _Optional[int] = ..., tracked: _Optional[bool] = ...) -> None: ...
 
 class ReportChunk(_message.Message):
     __slots__ = ("epoch", "seq", "kind", "ranges", "end", "stats")

@@ -86,6 +86,25 @@ class WholeScan:
     pages: int
 
 
+class TrackedPart(Protocol):
+    """Pages free now by tracking, already in the wire's packed form."""
+
+    @property
+    def nranges(self) -> int: ...
+
+    @property
+    def pages(self) -> int: ...
+
+    #: Seconds it took to compute.
+    @property
+    def compute_s(self) -> float: ...
+
+    def packed(self, limit: int) -> tuple[Sequence[int], int]:
+        """The first ``limit`` ranges as ``fphint.ranges.encode`` words from
+        a fresh codec state, and how many ranges that is."""
+        ...
+
+
 class LiveFrees(abc.ABC):
     """Pages freed after a point in time, for extra hints of an open epoch.
 
@@ -145,6 +164,22 @@ class FreePageSource(abc.ABC):
 
     def live_frees(self) -> LiveFrees | None:
         """A tracker of pages freed after a point in time, if the source has one."""
+        return None
+
+    def cancel_scans(self) -> None:
+        """Make the scans running now stop soon (a newer request wants the
+        source); scans begun later are unaffected. The default does nothing:
+        the agent still stops between parts."""
+
+    def set_tracking(self, on: bool) -> bool:
+        """Scan once, then track: keep the last scan valid between requests
+        (docs/safety-rule.md §5.6). True when the source now tracks; the
+        default cannot."""
+        return False
+
+    def tracked(self) -> TrackedPart | None:
+        """Pages free now, from the last scan and what was allocated since,
+        with no scan; None when the source does not track (the default)."""
         return None
 
     def close(self) -> None:

@@ -31,7 +31,9 @@ EXIT_INTERRUPTED = 130
 def report_json(report: admin_pb2.MigrationReport) -> dict[str, Any]:
     """Every field, defaults included, 64-bit integers as numbers."""
     out: dict[str, Any] = json_format.MessageToDict(
-        report, always_print_fields_with_no_presence=True, preserving_proto_field_name=True,
+        report,
+        always_print_fields_with_no_presence=True,
+        preserving_proto_field_name=True,
         unquote_int64_if_possible=True,
     )
     return out
@@ -62,8 +64,11 @@ def parse_size(text: str) -> int:
 
 
 def progress_line(vm: str, p: admin_pb2.MigrateProgress, page_size: int = 4096) -> str:
-    parts = [f"{vm} [{p.status or '-'}] {p.elapsed_s:6.1f}s", f"in {size(p.source_bytes)}",
-             f"out {size(p.destination_bytes)}"]
+    parts = [
+        f"{vm} [{p.status or '-'}] {p.elapsed_s:6.1f}s",
+        f"in {size(p.source_bytes)}",
+        f"out {size(p.destination_bytes)}",
+    ]
     if p.rewriting:
         parts.append(f"rewritten {p.pages_rewritten} ({size(p.pages_rewritten * page_size)})")
         if p.epoch:
@@ -85,22 +90,29 @@ def _pct(x: float) -> str:
 def coverage_lines(c: admin_pb2.Coverage) -> list[str]:
     """Per epoch: when its report came, and how much of what QEMU sent after it was rewritten."""
     first = "none" if c.first_report_ms < 0 else f"{c.first_report_ms:.0f} ms"
-    goals = [("first report <= 100 ms", c.first_report_goal_met), (">= 90 % rewritten", c.fraction_goal_met),
-             ("a report in every epoch > 200 ms", c.report_every_epoch_goal_met)]
-    lines = [f"  coverage   first report {first}; {c.rewritten} of {c.sent_after_report} reported-free pages sent "
-             f"after a report rewritten ({_pct(c.fraction)}; after the epoch opened {c.rewritten_after_open} of "
-             f"{c.sent_after_open}, {_pct(c.fraction_after_open)}); {c.epochs_over_200ms_without_report} epochs "
-             f"over 200 ms without a report; END section {c.end_section_records} records, "
-             f"{c.end_section_reported_free} of them reported free",
-             "             goals: " + ", ".join(f"{name} {'met' if ok else 'NOT met'}" for name, ok in goals)]
+    goals = [
+        ("first report <= 100 ms", c.first_report_goal_met),
+        (">= 90 % rewritten", c.fraction_goal_met),
+        ("a report in every epoch > 200 ms", c.report_every_epoch_goal_met),
+    ]
+    lines = [
+        f"  coverage   first report {first}; {c.rewritten} of {c.sent_after_report} reported-free pages sent "
+        f"after a report rewritten ({_pct(c.fraction)}; after the epoch opened {c.rewritten_after_open} of "
+        f"{c.sent_after_open}, {_pct(c.fraction_after_open)}); {c.epochs_over_200ms_without_report} epochs "
+        f"over 200 ms without a report; END section {c.end_section_records} records, "
+        f"{c.end_section_reported_free} of them reported free",
+        "             goals: " + ", ".join(f"{name} {'met' if ok else 'NOT met'}" for name, ok in goals),
+    ]
     for e in c.epochs:
         when = "no report" if e.first_report_ms < 0 else f"report after {e.first_report_ms:.0f} ms"
         if e.first_report_ms >= 0 and not e.reported:
             when += " (too late)"
-        lines.append(f"             sync {e.sync}: at {e.opened_at_s:.2f} s for {e.duration_ms:.0f} ms, {when}; "
-                     f"{e.reported_free_pages} free, {e.rewritten} of {e.sent_after_report} sent after the report "
-                     f"rewritten ({e.rewritten_after_open} of {e.sent_after_open} after opening)"
-                     + ("; guest stopped" if e.after_stop else ""))
+        lines.append(
+            f"             sync {e.sync}: at {e.opened_at_s:.2f} s for {e.duration_ms:.0f} ms, {when}; "
+            f"{e.reported_free_pages} free, {e.rewritten} of {e.sent_after_report} sent after the report "
+            f"rewritten ({e.rewritten_after_open} of {e.sent_after_open} after opening)"
+            + ("; guest stopped" if e.after_stop else "")
+        )
     return lines
 
 
@@ -116,17 +128,24 @@ def render_report(r: admin_pb2.MigrationReport) -> str:
     else:
         lines.append(f"{head} {r.outcome.upper()}: {r.message}")
         state = r.source_runstate or "unknown"
-        lines.append(f"  source     still on the source: run state {state}, migration {r.source_status or '-'}"
-                     + (f" ({r.source_error})" if r.source_error else ""))
+        lines.append(
+            f"  source     still on the source: run state {state}, migration {r.source_status or '-'}"
+            + (f" ({r.source_error})" if r.source_error else "")
+        )
     if r.proxy_outcome:
-        lines.append(f"  stream     {size(r.source_bytes)} from the source, {size(r.destination_bytes)} to the "
-                     f"destination ({r.proxy_outcome}); {r.page_records} page records, {r.zero_records} zero records")
-        lines.append(f"  rewritten  {r.pages_rewritten} pages to zero ({size(r.pages_rewritten * ps)}); "
-                     f"{r.pages_held} waited for the gate, {r.pages_released_unjudged} went out unjudged")
+        lines.append(
+            f"  stream     {size(r.source_bytes)} from the source, {size(r.destination_bytes)} to the "
+            f"destination ({r.proxy_outcome}); {r.page_records} page records, {r.zero_records} zero records"
+        )
+        lines.append(
+            f"  rewritten  {r.pages_rewritten} pages to zero ({size(r.pages_rewritten * ps)}); "
+            f"{r.pages_held} waited for the gate, {r.pages_released_unjudged} went out unjudged"
+        )
     if r.rewriting:
         agent = f"agent {r.agent_source}" if r.agent_attached else "no agent attached"
-        lines.append(f"  hints      {agent}; {r.passes} syncs, {len(r.epochs) + r.epochs_not_listed} epochs, "
-                     f"{r.polls} polls")
+        lines.append(
+            f"  hints      {agent}; {r.passes} syncs, {len(r.epochs) + r.epochs_not_listed} epochs, {r.polls} polls"
+        )
         ram_pages = r.ram_bytes // ps if r.ram_bytes else 0
         for e in r.epochs:
             cover = f" ({100 * e.hint_pages / ram_pages:.1f}% of RAM)" if ram_pages else ""
@@ -136,8 +155,9 @@ def render_report(r: admin_pb2.MigrationReport) -> str:
                 when = f"snapshot in {e.request_to_last_chunk_s * 1000:.1f} ms"
             else:
                 when = "no complete snapshot"
-            lines.append(f"             sync {e.sync} epoch {e.epoch}: {e.hint_pages} pages{cover}, {when}; "
-                         f"{e.close_reason}")
+            lines.append(
+                f"             sync {e.sync} epoch {e.epoch}: {e.hint_pages} pages{cover}, {when}; {e.close_reason}"
+            )
         if r.epochs_not_listed:
             lines.append(f"             ... {r.epochs_not_listed} older epochs not listed")
         if r.HasField("coverage"):
@@ -146,22 +166,31 @@ def render_report(r: admin_pb2.MigrationReport) -> str:
         lines.append(f"  hints      none: plain relay because {r.plain_relay_reason or 'of an earlier error'}")
     pf = r.preflight
     versions = f"source {pf.source_version or '?'}, destination " + (
-        pf.destination_version or "?" if pf.destination_checked else "not checked")
-    lines.append(f"  pre-flight {'rewriting allowed' if pf.safe else 'rewriting refused'}; {versions}"
-                 + (f"; enabled {', '.join(pf.enabled)}" if pf.enabled else ""))
+        pf.destination_version or "?" if pf.destination_checked else "not checked"
+    )
+    lines.append(
+        f"  pre-flight {'rewriting allowed' if pf.safe else 'rewriting refused'}; {versions}"
+        + (f"; enabled {', '.join(pf.enabled)}" if pf.enabled else "")
+    )
     for p in pf.problems:
         lines.append(f"             - {p.side}: {p.setting}: {p.why}")
     for w in pf.warnings:
         lines.append(f"             warning: {w}")
-    for label, text in (("gate", r.gate_failure), ("fallback", r.fallback_reason), ("abort", r.abort_reason),
-                        ("error", r.proxy_error)):
+    for label, text in (
+        ("gate", r.gate_failure),
+        ("fallback", r.fallback_reason),
+        ("abort", r.abort_reason),
+        ("error", r.proxy_error),
+    ):
         if text:
             lines.append(f"  {label:<10} {text}")
     if r.source_status:
-        lines.append(f"  QEMU       {r.source_status}, now {r.source_runstate or '?'}; {r.dirty_sync_count} syncs, "
-                     f"{size(r.qemu_transferred_bytes)} transferred, {r.qemu_normal_pages} normal and "
-                     f"{r.qemu_zero_pages} zero pages"
-                     + (f"; destination {r.destination_status}" if r.destination_status else ""))
+        lines.append(
+            f"  QEMU       {r.source_status}, now {r.source_runstate or '?'}; {r.dirty_sync_count} syncs, "
+            f"{size(r.qemu_transferred_bytes)} transferred, {r.qemu_normal_pages} normal and "
+            f"{r.qemu_zero_pages} zero pages"
+            + (f"; destination {r.destination_status}" if r.destination_status else "")
+        )
     for n in r.notes:
         lines.append(f"  note       {n}")
     return "\n".join(lines)
@@ -250,8 +279,11 @@ def follow(
         if interrupts > 1:
             raise KeyboardInterrupt
         printer.end_line()
-        print("fph-collector: cancelling (migrate_cancel on the source; Ctrl-C again to stop waiting)",
-              file=sys.stderr, flush=True)
+        print(
+            "fph-collector: cancelling (migrate_cancel on the source; Ctrl-C again to stop waiting)",
+            file=sys.stderr,
+            flush=True,
+        )
         threading.Thread(target=cancel_remotely, daemon=True).start()
 
     old = signal.signal(signal.SIGINT, on_sigint)

@@ -103,8 +103,9 @@ class CoverageCounter:
     of the "report in every epoch" goal. At most ``limit`` windows are kept.
     """
 
-    def __init__(self, layout: RamLayout, *, guest_stopped: Callable[[], bool] = lambda: False,
-                 limit: int = 256) -> None:
+    def __init__(
+        self, layout: RamLayout, *, guest_stopped: Callable[[], bool] = lambda: False, limit: int = 256
+    ) -> None:
         self._pages = {b: n // layout.page_size for b, n in layout.blocks.items()}
         self._guest_stopped = guest_stopped
         self._limit = limit
@@ -120,7 +121,8 @@ class CoverageCounter:
         self._last_answered: tuple[int, dict[str, Mask]] | None = None
         #: Batches not yet counted: (received_at, pages, rewritten indices, final).
         self._queue: collections.deque[tuple[float, list[tuple[int, int, str, int]], list[int] | None, bool]] = (
-            collections.deque())
+            collections.deque()
+        )
 
     # ---- inputs ---------------------------------------------------------------
 
@@ -157,8 +159,9 @@ class CoverageCounter:
             w.free_pages = sum(int(np.count_nonzero(m)) for m in free.values())
             self._finalise_ready()
 
-    def batch(self, received_at: float, pages: list[tuple[int, int, str, int]], rewritten: list[int] | None,
-              final: bool) -> None:
+    def batch(
+        self, received_at: float, pages: list[tuple[int, int, str, int]], rewritten: list[int] | None, final: bool
+    ) -> None:
         """The relay's tap: a batch of PAGE records parsed at ``received_at`` is done with.
 
         Only queued; every :data:`DRAIN_BATCHES` the queue is counted here, in bulk.
@@ -231,9 +234,11 @@ class CoverageCounter:
                 if w.free is None:
                     w.free = {}  # never released (e.g. a gate that failed early): nothing counts as free
             self._finalise_ready(ended_at)
-            out = admin_pb2.Coverage(epochs_not_tracked=self._not_tracked,
-                                     records_before_first_epoch=self._before_first,
-                                     end_section_records=self._end_records)
+            out = admin_pb2.Coverage(
+                epochs_not_tracked=self._not_tracked,
+                records_before_first_epoch=self._before_first,
+                end_section_records=self._end_records,
+            )
             for w in self._windows:
                 assert w.result is not None
                 e = out.epochs.add()
@@ -242,7 +247,8 @@ class CoverageCounter:
             if self._last_answered is not None:
                 free = self._last_answered[1]
                 out.end_section_reported_free = sum(
-                    int(np.count_nonzero(m & free[b])) for b, m in self._end_pages.items() if b in free)
+                    int(np.count_nonzero(m & free[b])) for b, m in self._end_pages.items() if b in free
+                )
         _summarise(out)
         return out
 
@@ -256,8 +262,11 @@ class CoverageCounter:
             if nxt is None:
                 continue
             w.result = _window_result(w, nxt)
-            if w.result.reported and not w.after_stop and (
-                    self._last_answered is None or self._last_answered[0] < w.sync):
+            if (
+                w.result.reported
+                and not w.after_stop
+                and (self._last_answered is None or self._last_answered[0] < w.sync)
+            ):
                 self._last_answered = (w.sync, w.free)
             w.before, w.after, w.rewritten, w.free = {}, {}, {}, {}
 
@@ -265,7 +274,7 @@ class CoverageCounter:
 class _Pending:
     """Batches of one block bound for one mask (and their rewrites for ``rw_target``)."""
 
-    __slots__ = ("target", "block", "rw_target", "chunks", "n", "rw")
+    __slots__ = ("block", "chunks", "n", "rw", "rw_target", "target")
 
     def __init__(self, target: dict[str, Mask], block: str, rw_target: dict[str, Mask] | None) -> None:
         self.target = target
@@ -344,7 +353,8 @@ def _summarise(c: admin_pb2.Coverage) -> None:
     c.rewritten_after_open = sum(e.rewritten_after_open for e in eps)
     c.fraction_after_open = c.rewritten_after_open / c.sent_after_open if c.sent_after_open else -1.0
     c.epochs_over_200ms_without_report = sum(
-        1 for e in eps if not e.after_stop and not e.reported and e.duration_ms > LONG_EPOCH_MS)
+        1 for e in eps if not e.after_stop and not e.reported and e.duration_ms > LONG_EPOCH_MS
+    )
     c.first_report_goal_met = 0 <= c.first_report_ms <= FIRST_REPORT_GOAL_MS
     c.fraction_goal_met = c.fraction >= FRACTION_GOAL
     c.report_every_epoch_goal_met = bool(eps) and c.epochs_over_200ms_without_report == 0

@@ -77,8 +77,13 @@ class Migrations:
     def migrate(self, req: admin_pb2.MigrateRequest) -> Job:
         """Start ``fph-collector migrate``. :raise MigrateError: bad request or VM busy."""
         plan = make_plan(
-            self.collector, req.vm, req.to, listen=req.listen, dest_qmp=req.dest_qmp,
-            progress_interval_ms=req.progress_interval_ms, hint_deadline_ms=req.hint_deadline_ms,
+            self.collector,
+            req.vm,
+            req.to,
+            listen=req.listen,
+            dest_qmp=req.dest_qmp,
+            progress_interval_ms=req.progress_interval_ms,
+            hint_deadline_ms=req.hint_deadline_ms,
             timeout_s=req.timeout_s,
             max_bandwidth=req.max_bandwidth if req.HasField("max_bandwidth") else None,
             downtime_limit_ms=req.downtime_limit_ms if req.HasField("downtime_limit_ms") else None,
@@ -89,11 +94,19 @@ class Migrations:
     def proxy(self, req: admin_pb2.ProxyRequest) -> Job:
         """Start a standing proxy. :raise MigrateError: bad request or VM busy."""
         if not req.listen:
-            raise MigrateError("INVALID_ARGUMENT", "a standing proxy needs a listen address the orchestrator "
-                                                   "can be told (--listen tcp:HOST:PORT or unix:PATH)")
+            raise MigrateError(
+                "INVALID_ARGUMENT",
+                "a standing proxy needs a listen address the orchestrator "
+                "can be told (--listen tcp:HOST:PORT or unix:PATH)",
+            )
         plan = make_plan(
-            self.collector, req.vm, req.to, listen=req.listen, dest_qmp=req.dest_qmp,
-            progress_interval_ms=req.progress_interval_ms, hint_deadline_ms=req.hint_deadline_ms,
+            self.collector,
+            req.vm,
+            req.to,
+            listen=req.listen,
+            dest_qmp=req.dest_qmp,
+            progress_interval_ms=req.progress_interval_ms,
+            hint_deadline_ms=req.hint_deadline_ms,
         )
         return self._start(plan, "proxy", lambda job: self._standing(job, plan, req.count))
 
@@ -155,8 +168,9 @@ class Migrations:
             n = 0
             while job.cancelled is None and (count == 0 or n < count):
                 n += 1
-                run = job.run = MigrationRun(self.collector, plan, src, dst, job.emit, number=n, issue_migrate=False,
-                                             observer=self.observer)
+                run = job.run = MigrationRun(
+                    self.collector, plan, src, dst, job.emit, number=n, issue_migrate=False, observer=self.observer
+                )
                 report = await run.run()
                 if report is None:
                     break  # cancelled while waiting for a source

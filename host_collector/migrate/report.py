@@ -64,5 +64,7 @@ def progress_message(
 
 def progress_text(p: admin_pb2.MigrateProgress) -> str:
     """One log line's worth of a progress message."""
-    return (f"{p.elapsed_s:.1f}s in={p.source_bytes} out={p.destination_bytes} rewritten={p.pages_rewritten} "
-            f"held={p.held_bytes} sync={p.dirty_sync_count} remaining={p.remaining_bytes} phase={p.phase}")
+    return (
+        f"{p.elapsed_s:.1f}s in={p.source_bytes} out={p.destination_bytes} rewritten={p.pages_rewritten} "
+        f"held={p.held_bytes} sync={p.dirty_sync_count} remaining={p.remaining_bytes} phase={p.phase}"
+    )

@@ -122,7 +122,7 @@ def make_plan(
     if not entry.qmp:
         raise MigrateError(
             "FAILED_PRECONDITION",
-            f"VM {vm!r} has no QMP monitor in the registry: add qmp = \"unix:/path\" to its [[vm]] entry "
+            f'VM {vm!r} has no QMP monitor in the registry: add qmp = "unix:/path" to its [[vm]] entry '
             "and start QEMU with -qmp unix:/path,server=on,wait=off (docs/migrate.md)",
         )
     if not to:
@@ -253,8 +253,11 @@ class MigrationRun:
                 return self._finish(None, None)
             limits = self.collector.limits
             proxy = self._proxy = MigrationProxy(
-                self.plan.listen, self.plan.to, self._watch.gate(gate),
-                hold_bytes=limits.proxy_hold_bytes, hold_seconds=limits.proxy_hold_s,
+                self.plan.listen,
+                self.plan.to,
+                self._watch.gate(gate),
+                hold_bytes=limits.proxy_hold_bytes,
+                hold_seconds=limits.proxy_hold_s,
                 readahead_bytes=limits.proxy_readahead_bytes,
                 tap=self._coverage.batch if self._coverage is not None else None,
             )
@@ -263,9 +266,16 @@ class MigrationRun:
             except (ProxyError, OSError) as e:
                 return self._error(f"the proxy cannot listen: {e}")
             self.listen_address = r.proxy_address = proxy.listen_address
-            self.emit(admin_pb2.MigrateEvent(ready=admin_pb2.ProxyReady(
-                migration=self.number, listen_address=self.listen_address, rewriting=self.rewriting,
-                plain_relay_reason=r.plain_relay_reason)))
+            self.emit(
+                admin_pb2.MigrateEvent(
+                    ready=admin_pb2.ProxyReady(
+                        migration=self.number,
+                        listen_address=self.listen_address,
+                        rewriting=self.rewriting,
+                        plain_relay_reason=r.plain_relay_reason,
+                    )
+                )
+            )
             if self._epoch_gate is not None:
                 await self._epoch_gate.start()
                 await self._note_paused(self._epoch_gate)
@@ -323,10 +333,14 @@ class MigrationRun:
             return NoHints()
         if self._layout is not None:
             self._coverage = CoverageCounter(self._layout, guest_stopped=lambda: gate.guest_stopped)
-        r.same_sync_rule = not preflight.source_kvm
+        r.same_sync_rule = preflight.same_sync_allowed
         gate = self._epoch_gate = EpochGate(
-            self.src, self.collector, self.plan.vm, hint_deadline_s=self.plan.hint_deadline_s,
-            on_release=self._recorder.released, same_sync=r.same_sync_rule,
+            self.src,
+            self.collector,
+            self.plan.vm,
+            hint_deadline_s=self.plan.hint_deadline_s,
+            on_release=self._recorder.released,
+            same_sync=r.same_sync_rule,
             on_open=self._coverage.epoch_opened if self._coverage is not None else None,
         )
         if self.issue_migrate:
@@ -418,13 +432,17 @@ class MigrationRun:
                 return info
             st = proxy.stats()
             ram = info.get("ram")
-            mark = (st.source_bytes, st.destination_bytes,
-                    int(ram.get("transferred", 0)) if isinstance(ram, Mapping) else 0)
+            mark = (
+                st.source_bytes,
+                st.destination_bytes,
+                int(ram.get("transferred", 0)) if isinstance(ram, Mapping) else 0,
+            )
             if mark != moved:
                 moved, moved_at = mark, now
             elif now - moved_at > STALL_S:
-                self.request_cancel(f"the migration stream did not move for {STALL_S:g} s "
-                                    f"(source {status}, proxy {st.phase.value})")
+                self.request_cancel(
+                    f"the migration stream did not move for {STALL_S:g} s (source {status}, proxy {st.phase.value})"
+                )
             if plan.timeout_s is not None and now - self._t0 > plan.timeout_s:
                 self.request_cancel(f"timed out after {plan.timeout_s:g} s")
             if self._cancel.is_set() and cancel_sent is None:
@@ -446,8 +464,7 @@ class MigrationRun:
                     else:
                         return info
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._cancel.wait() if cancel_sent is None else asyncio.sleep(1),
-                                       STATUS_POLL_S)
+                await asyncio.wait_for(self._cancel.wait() if cancel_sent is None else asyncio.sleep(1), STATUS_POLL_S)
 
     async def _migrate_cancel(self) -> None:
         try:
@@ -460,13 +477,13 @@ class MigrationRun:
     async def _drain(self, proxy: MigrationProxy) -> ProxyResult:
         try:
             return await asyncio.wait_for(proxy.wait_async(), PROXY_DRAIN_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             why = "the source's migration ended but its stream did not"
             self._notes.append(why)
             proxy.abort(why)
         try:
             return await asyncio.wait_for(proxy.wait_async(), 10)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._notes.append("the proxy did not stop after an abort")
             return ProxyResult(ProxyOutcome.ABORTED, proxy.stats())
 
@@ -541,8 +558,11 @@ class MigrationRun:
             r.timing.send_s = st.send_s
             r.timing.held_wait_s = st.held_wait_s
             r.timing.backlog_at_stop_bytes = st.backlog_at_stop
-            for field, at in (("stop_to_end_section_ms", st.end_section_at), ("stop_to_drained_ms", st.drained_at),
-                              ("stop_to_eof_ms", st.eof_at)):
+            for field, at in (
+                ("stop_to_end_section_ms", st.end_section_at),
+                ("stop_to_drained_ms", st.drained_at),
+                ("stop_to_eof_ms", st.eof_at),
+            ):
                 since = at - st.stop_seen_at if at is not None and st.stop_seen_at is not None else None
                 setattr(r.timing, field, -1.0 if since is None else 1000 * since)
         r.rewriting = self.rewriting
@@ -570,8 +590,10 @@ class MigrationRun:
             return "cancelled", f"cancelled: {self.cancel_reason}"
         if status == "completed":
             if result is not None and result.outcome is not ProxyOutcome.FINISHED:
-                return "failed", (f"the source reports completed but the proxy's stream was {result.outcome.value}: "
-                                  f"{proxy_problem}; check the destination")
+                return "failed", (
+                    f"the source reports completed but the proxy's stream was {result.outcome.value}: "
+                    f"{proxy_problem}; check the destination"
+                )
             return "completed", ""
         if status == "cancelled":
             return "cancelled", "the migration was cancelled on the source"
@@ -582,9 +604,17 @@ class MigrationRun:
 
     def _log(self, r: admin_pb2.MigrationReport) -> None:
         log.info(
-            "migration %s: %s", r.outcome, r.message or "ok",
-            extra={"vm": r.vm, "migration": r.migration, "to": r.to, "wall_s": round(r.wall_s, 3),
-                   "pages_rewritten": r.pages_rewritten, "source_bytes": r.source_bytes},
+            "migration %s: %s",
+            r.outcome,
+            r.message or "ok",
+            extra={
+                "vm": r.vm,
+                "migration": r.migration,
+                "to": r.to,
+                "wall_s": round(r.wall_s, 3),
+                "pages_rewritten": r.pages_rewritten,
+                "source_bytes": r.source_bytes,
+            },
         )
 
     async def _note_paused(self, gate: EpochGate[Epoch]) -> None:

@@ -32,7 +32,6 @@ from dataclasses import replace
 import grpc
 
 from host_collector.errors import CollectorError
-
 from host_collector.proxy import sockets
 from host_collector.proxy.relay import CHUNK_SIZE, HoldLimits, MainRelay
 from host_collector.proxy.results import BatchTap, PhaseListener, ProxyOutcome, ProxyResult, ProxyStats
@@ -189,14 +188,19 @@ class MigrationProxy:
         src.settimeout(None)
         dst.settimeout(None)
         main = MainRelay(
-            src, dst, self._gate, self._limits, on_phase=self._on_phase,
-            ended=self._ended, fail=self._fail, note_fallback=self._note_fallback, tap=self._tap,
+            src,
+            dst,
+            self._gate,
+            self._limits,
+            on_phase=self._on_phase,
+            ended=self._ended,
+            fail=self._fail,
+            note_fallback=self._note_fallback,
+            tap=self._tap,
         )
         self._main = main
         fwd = threading.Thread(target=main.run, name="fph-proxy-main", daemon=True)
-        back = threading.Thread(
-            target=self._relay_return, args=(dst, src), name="fph-proxy-return", daemon=True
-        )
+        back = threading.Thread(target=self._relay_return, args=(dst, src), name="fph-proxy-return", daemon=True)
         self._threads += [fwd, back]
         fwd.start()
         back.start()
@@ -211,9 +215,7 @@ class MigrationProxy:
         assert self._main is not None
         self._main.extra_connection(n)
         for a, b, name in ((src, dst, "fwd"), (dst, src, "back")):
-            t = threading.Thread(
-                target=self._relay_extra, args=(a, b), name=f"fph-proxy-extra{n}-{name}", daemon=True
-            )
+            t = threading.Thread(target=self._relay_extra, args=(a, b), name=f"fph-proxy-extra{n}-{name}", daemon=True)
             self._threads.append(t)
             t.start()
 

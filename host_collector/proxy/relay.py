@@ -65,8 +65,10 @@ class HoldLimits:
     chunk_size: int = CHUNK_SIZE
 
     def __post_init__(self) -> None:
-        if self.hold_bytes < 0 or self.hold_seconds < 0 or (
-            self.readahead_bytes is not None and self.readahead_bytes <= 0
+        if (
+            self.hold_bytes < 0
+            or self.hold_seconds < 0
+            or (self.readahead_bytes is not None and self.readahead_bytes <= 0)
         ):
             raise ValueError("hold bounds must not be negative, read-ahead must be positive")
         if self.chunk_size < 2 * (256 << 10):
@@ -76,7 +78,7 @@ class HoldLimits:
 class _Chunk:
     """A receive buffer; bytes [sent, limit) still have to go to the destination."""
 
-    __slots__ = ("buf", "view", "base", "fill", "parsed", "sent", "limit", "cuts")
+    __slots__ = ("base", "buf", "cuts", "fill", "limit", "parsed", "sent", "view")
 
     def __init__(self, size: int) -> None:
         self.buf = bytearray(size)
@@ -100,10 +102,15 @@ class _Batch:
     ``rw`` collects the indices of rewritten records for a tap (None: no tap).
     """
 
-    __slots__ = ("chunk", "pages", "i", "deadline", "final", "received_at", "rw")
+    __slots__ = ("chunk", "deadline", "final", "i", "pages", "received_at", "rw")
 
     def __init__(
-        self, chunk: _Chunk, pages: list[PageRecord], received_at: float, deadline: float, final: bool = False,
+        self,
+        chunk: _Chunk,
+        pages: list[PageRecord],
+        received_at: float,
+        deadline: float,
+        final: bool = False,
         tap: bool = False,
     ) -> None:
         self.chunk = chunk
@@ -309,9 +316,7 @@ class MainRelay:
 
     def _check_extra(self) -> None:
         if self._extra is not None and self.parser.parsing:
-            self.parser.give_up(
-                f"extra connection #{self._extra} (multifd or postcopy-preempt)", self.received
-            )
+            self.parser.give_up(f"extra connection #{self._extra} (multifd or postcopy-preempt)", self.received)
             self._after_parse()
 
     def _receive(self) -> None:
@@ -367,8 +372,14 @@ class MainRelay:
         parser = self.parser
         on_phase = self._on_phase
         for phase, offset in parser.transitions:
-            log.debug("migration proxy: %s at offset %d (received %d, sent %d, held %d bytes)",
-                      phase.value, offset, self.received, self.sent_bytes, self._held_bytes())
+            log.debug(
+                "migration proxy: %s at offset %d (received %d, sent %d, held %d bytes)",
+                phase.value,
+                offset,
+                self.received,
+                self.sent_bytes,
+                self._held_bytes(),
+            )
             if phase is Phase.COMPLETION:
                 self._completion_at = offset
                 self.end_section_at = time.monotonic()
@@ -386,8 +397,9 @@ class MainRelay:
         if fb is None or parser.parsing:
             return
         if self.rewritten:
-            self._fail(ProxyOutcome.ABORTED,
-                       f"{fb.reason} at offset {fb.offset} after {self.rewritten} pages were rewritten")
+            self._fail(
+                ProxyOutcome.ABORTED, f"{fb.reason} at offset {fb.offset} after {self.rewritten} pages were rewritten"
+            )
             return
         self._note_fallback(f"{fb.reason} at offset {fb.offset} ({fb.phase.value})")
         self.unjudged += len(parser.pages)
@@ -411,8 +423,12 @@ class MainRelay:
     def _source_closed(self) -> None:
         self.src_eof = True
         self.eof_at = time.monotonic()
-        log.debug("migration proxy: source EOF at %d (sent %d, held %d bytes)",
-                  self.received, self.sent_bytes, self._held_bytes())
+        log.debug(
+            "migration proxy: source EOF at %d (sent %d, held %d bytes)",
+            self.received,
+            self.sent_bytes,
+            self._held_bytes(),
+        )
         self._poller.unregister(self.src)  # POLLIN stays set at EOF
         parser = self.parser
         if parser.parsing:
@@ -492,8 +508,10 @@ class MainRelay:
                         unjudged += 1
                         if expired and self._paced:
                             self._paced = False
-                            log.info("migration proxy: the gate took longer than %.1f s; no longer pacing the source",
-                                     self._hold_seconds)
+                            log.info(
+                                "migration proxy: the gate took longer than %.1f s; no longer pacing the source",
+                                self._hold_seconds,
+                            )
                     else:
                         bt.i = i
                         return

@@ -82,8 +82,14 @@ class SafetyReport:
     enabled: list[str] = field(default_factory=list)
     versions: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     capabilities: dict[str, dict[str, bool]] = field(default_factory=dict)
-    #: The source runs KVM (query-kvm): rule (b)'s same-sync case is off (docs/safety-rule.md §7.2).
-    source_kvm: bool = False
+    #: The source's accelerator from ``query-kvm``: "kvm", "tcg", or "unknown"
+    #: (not asked, or no answer). Only "tcg" allows rule (b)'s same-sync case
+    #: (docs/safety-rule.md §7.2).
+    source_accelerator: str = "unknown"
+
+    @property
+    def same_sync_allowed(self) -> bool:
+        return self.source_accelerator == "tcg"
 
     @property
     def safe(self) -> bool:
@@ -101,12 +107,11 @@ class SafetyReport:
             "warnings": list(self.warnings),
             "enabled": list(self.enabled),
             "versions": {k: ".".join(map(str, v)) for k, v in self.versions.items()},
+            "source_accelerator": self.source_accelerator,
         }
 
 
-async def check_migration_safety(
-    src: QmpSession, dst: QmpSession | None, *, enable: bool = True
-) -> SafetyReport:
+async def check_migration_safety(src: QmpSession, dst: QmpSession | None, *, enable: bool = True) -> SafetyReport:
     """Check both ends and (``enable``) switch on return-path (both) and events (source).
 
     Never raises for an unsafe setting: each one becomes a :class:`Problem`.
@@ -141,16 +146,11 @@ async def _check_end(report: SafetyReport, side: str, qmp: QmpSession, enable: t
             )
         )
     if side == "source":
-        kvm = await qmp.execute("query-kvm")
-        report.source_kvm = isinstance(kvm, Mapping) and bool(kvm.get("enabled"))
-        if report.source_kvm:
-            report.warnings.append(
-                "source: KVM, and QMP cannot show whether it uses the dirty ring: records are rewritten only "
-                "by hints taken after they were read (rule (a); docs/safety-rule.md §7.2)")
         status = await qmp.execute("query-migrate")
         state = status.get("status") if isinstance(status, Mapping) else None
         if state in ("setup", "active", "pre-switchover", "device", "postcopy-active", "cancelling"):
             report.problems.append(Problem(side, "migration state", f"a migration is already {state}"))
+        await _learn_accelerator(report, qmp)
         await _check_tcg_dirty_tracking(report, qmp, version)
     caps = _capabilities(await qmp.execute("query-migrate-capabilities"))
     missing = [c for c in enable if not caps.get(c, False)]
@@ -191,6 +191,22 @@ async def _check_end(report: SafetyReport, side: str, qmp: QmpSession, enable: t
         report.problems.append(Problem(side, "parameter mode", f"is {mode!r}: not a live pre-copy migration"))
 
 
+async def _learn_accelerator(report: SafetyReport, qmp: QmpSession) -> None:
+    """KVM or TCG on the source: under KVM a sync does not clear the dirty log
+    at once (manual dirty-log protection defers the clear to the first pick in
+    each chunk), so rule (b)'s same-sync case is not sound there (§7.2)."""
+    kvm = await qmp.execute("query-kvm")
+    if not isinstance(kvm, Mapping) or "enabled" not in kvm:
+        report.warnings.append(f"source: query-kvm answered {kvm!r}; rewriting without rule (b)'s same-sync case")
+        return
+    report.source_accelerator = "kvm" if kvm.get("enabled") else "tcg"
+    if report.source_accelerator == "kvm":
+        report.warnings.append(
+            "source: KVM (its dirty-log clear is deferred): hints judge only records of later syncs or "
+            "read before their request (docs/safety-rule.md §7.2), fewer pages skipped than under TCG"
+        )
+
+
 async def _check_tcg_dirty_tracking(report: SafetyReport, qmp: QmpSession, version: tuple[int, int, int]) -> None:
     """TCG before 9.0 can drop writes made after a dirty-bitmap sync.
 
@@ -202,10 +218,7 @@ async def _check_tcg_dirty_tracking(report: SafetyReport, qmp: QmpSession, versi
     fphint). The safety rule needs every write after a hint to be logged, so
     a running TCG guest is relayed unchanged; a paused one cannot write.
     """
-    if version[:2] >= FIXED_TCG_DIRTY_TRACKING:
-        return
-    kvm = await qmp.execute("query-kvm")
-    if isinstance(kvm, Mapping) and kvm.get("enabled"):
+    if version[:2] >= FIXED_TCG_DIRTY_TRACKING or report.source_accelerator == "kvm":
         return
     status = await qmp.execute("query-status")
     running = isinstance(status, Mapping) and bool(status.get("running"))

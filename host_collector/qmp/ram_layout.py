@@ -21,6 +21,7 @@ and the daemon runs it in a worker thread, off its event loop.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -122,8 +123,10 @@ def build_layout(facts: MemoryFacts) -> LearnedLayout:
     except (MtreeError, RamBlockError, ValueError) as err:
         raise LayoutError(str(err)) from err
     if len(ram.mapped) > MAX_PIECES or len(ram.hidden) > MAX_PIECES:
-        raise LayoutError(f"info mtree maps {len(ram.mapped)} RAM pieces and hides {len(ram.hidden)}: "
-                          f"more than {MAX_PIECES}, not a machine fphint supports")
+        raise LayoutError(
+            f"info mtree maps {len(ram.mapped)} RAM pieces and hides {len(ram.hidden)}: "
+            f"more than {MAX_PIECES}, not a machine fphint supports"
+        )
     memdevs = _entries(facts.memdevs, "query-memdev")
     notes: list[str] = []
     backends = {_str(m, "id", "query-memdev") for m in memdevs}
@@ -329,8 +332,6 @@ def _check_unique(ranges: list[RamRange]) -> None:
         by_block.setdefault(r.block, []).append(r)
     for name, rs in by_block.items():
         rs.sort(key=lambda r: r.offset)
-        for a, b in zip(rs, rs[1:]):
+        for a, b in itertools.pairwise(rs):
             if b.offset < a.offset + a.size:
-                raise LayoutError(
-                    f"RAMBlock {name!r} offset {b.offset:#x} is mapped at both {a.gpa:#x} and {b.gpa:#x}"
-                )
+                raise LayoutError(f"RAMBlock {name!r} offset {b.offset:#x} is mapped at both {a.gpa:#x} and {b.gpa:#x}")

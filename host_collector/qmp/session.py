@@ -77,9 +77,7 @@ class QmpSession:
         self.timeout_s = timeout_s
 
     @classmethod
-    async def connect(
-        cls, spec: str, *, label: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S
-    ) -> QmpSession:
+    async def connect(cls, spec: str, *, label: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> QmpSession:
         """Connect to the monitor at ``spec`` and negotiate capabilities.
 
         :raise QmpError: connection refused, no greeting, or the deadline passed.
@@ -91,7 +89,7 @@ class QmpSession:
         client = QMPClient(label)
         try:
             await asyncio.wait_for(client.connect(address), timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await _quiet_disconnect(client)
             raise QmpTimeout(f"QMP {label}: no greeting within {timeout_s:g} s") from None
         except (ConnectError, QMPError, OSError) as err:
@@ -111,12 +109,10 @@ class QmpSession:
         limit = self.timeout_s if timeout_s is None else timeout_s
         try:
             return await asyncio.wait_for(self._client.execute(command, arguments), limit)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise QmpTimeout(f"QMP {self.label}: {command} not answered within {limit:g} s") from None
         except ExecuteError as err:
-            raise QmpCommandError(
-                f"QMP {self.label}: {command} failed: {err}", err.error_class
-            ) from err
+            raise QmpCommandError(f"QMP {self.label}: {command} failed: {err}", err.error_class) from err
         except (QMPError, OSError, EOFError) as err:
             raise QmpError(f"QMP {self.label}: {command}: {type(err).__name__}: {err}") from err
 
@@ -159,5 +155,5 @@ async def _quiet_disconnect(client: QMPClient) -> None:
     """Disconnect, ignoring the reason the connection already broke (it was reported elsewhere)."""
     try:
         await asyncio.wait_for(client.disconnect(), DEFAULT_TIMEOUT_S)
-    except (QMPError, OSError, EOFError, asyncio.TimeoutError):
+    except (TimeoutError, QMPError, OSError, EOFError):
         pass

@@ -23,7 +23,7 @@ from typing import Any, Generic
 
 from host_collector.qmp.session import EventQueue, QmpError, QmpSession
 from host_collector.rewrite.gate import PageOracle, RewriteGate
-from host_collector.rewrite.ledger import E, CollectorLike, EpochEntry, EpochLedger, LedgerStats
+from host_collector.rewrite.ledger import CollectorLike, E, EpochEntry, EpochLedger, LedgerStats
 
 #: query-migrate states that still carry a current ``ram.dirty-sync-count``.
 _COUNTING = frozenset({"active", "pre-switchover", "device", "completed", "cancelling"})
@@ -58,8 +58,9 @@ class EpochGate(RewriteGate, Generic[E]):
     ) -> None:
         if poll_interval_s <= 0 or poll_timeout_s <= 0:
             raise ValueError("poll interval and timeout must be positive")
-        self.ledger = EpochLedger(collector, vm, hint_deadline_s=hint_deadline_s, on_release=on_release,
-                                  same_sync=same_sync)
+        self.ledger = EpochLedger(
+            collector, vm, hint_deadline_s=hint_deadline_s, on_release=on_release, same_sync=same_sync
+        )
         self._source = source
         self._interval = poll_interval_s
         self._timeout = poll_timeout_s

@@ -332,15 +332,15 @@ class EpochLedger(Generic[E]):
             if i >= len(self._poll_x):
                 if self._completing and not self._failed:
                     # §3.9: no poll covers it, and none will before the final pass: case 3 alone.
-                    return self._oracle_locked(tuple(
-                        e for e in self._epochs.values() if not e.released and e.request_offset >= end))
+                    return self._oracle_locked(
+                        tuple(e for e in self._epochs.values() if not e.released and e.request_offset >= end)
+                    )
                 return None  # not confirmed (after a failure, never will be)
             # If the earliest poll after `end` was dropped, _poll_x[i] is a later
             # one: its answer is no smaller, so the usable set only shrinks.
             s = self._poll_s[i]
             usable = tuple(
-                e for e in self._epochs.values()
-                if not e.released and (self._usable(e, s) or e.request_offset >= end)
+                e for e in self._epochs.values() if not e.released and (self._usable(e, s) or e.request_offset >= end)
             )
             return self._oracle_locked(usable)
 

@@ -74,6 +74,7 @@ def accelerator() -> str:
         return f"python: {NO_C_ENV} is set"
     return "c"
 
+
 # Where the parser stands between items.
 _HEADER = 0  # before "QEVM"
 _CONFIG = 1  # after the version word: the configuration section or a top-level item
@@ -347,7 +348,9 @@ class StreamParser:
         q = self._skip(p + 1, buf[p], end)
         q, instance = self._u32(buf, q, end)
         q, version = self._u32(buf, q, end)
-        return f"{bytes(buf[p + 1 : p + 1 + buf[p]]).decode('ascii', 'replace')!r} instance {instance} version {version}"
+        return (
+            f"{bytes(buf[p + 1 : p + 1 + buf[p]]).decode('ascii', 'replace')!r} instance {instance} version {version}"
+        )
 
     def _footer(self, buf: bytearray, pos: int, end: int) -> int:
         if buf[pos] == s.SECTION_FOOTER:

@@ -13,8 +13,10 @@ import grpc
 
 from fphint import addresses, ranges
 from fphint.v1 import hints_pb2, hints_pb2_grpc
-from guest_agent.agent import Agent, Endpoint, Settings
+from guest_agent.agent import Agent, Endpoint
 from guest_agent.facts import GuestSafety, build_facts
+from guest_agent.reclaim import PageCacheReclaim
+from guest_agent.settings import Settings
 from guest_agent.sources.base import FreePageSource, Part, Probe, WholeScan
 from host_collector.config import CollectorConfig, Limits, VmEntry
 from host_collector.layout import RamLayout, RamRange
@@ -22,9 +24,7 @@ from host_collector.server import CollectorServer
 
 GiB = 1 << 30
 #: A q35-like 3 GiB guest: 2 GiB below 4G, 1 GiB above, one RAMBlock.
-LAYOUT = RamLayout.from_ranges(
-    [RamRange(0, 2 * GiB, "pc.ram", 0), RamRange(4 * GiB, 1 * GiB, "pc.ram", 2 * GiB)]
-)
+LAYOUT = RamLayout.from_ranges([RamRange(0, 2 * GiB, "pc.ram", 0), RamRange(4 * GiB, 1 * GiB, "pc.ram", 2 * GiB)])
 
 
 def token(name: str) -> str:
@@ -76,13 +76,16 @@ async def running_collector(cfg: CollectorConfig) -> AsyncIterator[CollectorServ
 
 @contextlib.asynccontextmanager
 async def running_agent(
-    srv: CollectorServer, vm: str, source: FreePageSource | None, settings: Settings = Settings(backoff_initial_s=0.05,
-                                                                                              backoff_max_s=0.5),
+    srv: CollectorServer,
+    vm: str,
+    source: FreePageSource | None,
+    settings: Settings = Settings(backoff_initial_s=0.05, backoff_max_s=0.5),
     tok: str | None = None,
+    reclaim: PageCacheReclaim | None = None,
 ) -> AsyncIterator[Agent]:
     facts = build_facts(GuestSafety(), [], source.name if source else "", "" if source else "test refusal")
     addr = srv.bound[0]
-    agent = Agent(source, facts, lambda: Endpoint(addr, tok or token(vm)), settings)
+    agent = Agent(source, facts, lambda: Endpoint(addr, tok or token(vm)), settings, reclaim=reclaim)
     stop = asyncio.Event()
     task = asyncio.ensure_future(agent.run(stop))
     try:
@@ -114,8 +117,9 @@ class RawGuest:
         self.attach_call: Any = None
 
     async def attach(self) -> None:
-        self.attach_call = self.stub.Attach(hints_pb2.AttachRequest(facts=hints_pb2.AgentFacts(
-            chosen_source="raw")), metadata=self.md)
+        self.attach_call = self.stub.Attach(
+            hints_pb2.AttachRequest(facts=hints_pb2.AgentFacts(chosen_source="raw")), metadata=self.md
+        )
         await self.attach_call.initial_metadata()
 
     async def next_request(self, timeout: float = 5.0) -> hints_pb2.HintRequest:
@@ -127,8 +131,9 @@ class RawGuest:
                 request: hints_pb2.HintRequest = msg.request
                 return request
 
-    async def report(self, chunks: Sequence[hints_pb2.ReportChunk], stall: float = 0.0,
-                     timeout: float | None = 10.0) -> hints_pb2.ReportAck:
+    async def report(
+        self, chunks: Sequence[hints_pb2.ReportChunk], stall: float = 0.0, timeout: float | None = 10.0
+    ) -> hints_pb2.ReportAck:
         async def gen() -> AsyncIterator[hints_pb2.ReportChunk]:
             for c in chunks:
                 yield c
@@ -144,8 +149,13 @@ class RawGuest:
         await self.channel.close()
 
 
-def chunk(epoch: int, rs: Sequence[tuple[int, int]], seq: int = 0, end: bool = True,
-          kind: int = hints_pb2.REPORT_KIND_SNAPSHOT) -> hints_pb2.ReportChunk:
+def chunk(
+    epoch: int,
+    rs: Sequence[tuple[int, int]],
+    seq: int = 0,
+    end: bool = True,
+    kind: int = hints_pb2.REPORT_KIND_SNAPSHOT,
+) -> hints_pb2.ReportChunk:
     return hints_pb2.ReportChunk(epoch=epoch, seq=seq, kind=kind, ranges=ranges.encode(rs), end=end)  # type: ignore[arg-type]
 
 

@@ -35,7 +35,6 @@ import grpc
 
 from fphint import ranges
 from fphint.v1 import admin_pb2, admin_pb2_grpc
-
 from vmimage.accel import MODES, AccelError
 
 from .vm.fphint_daemon import FphintMigrator
@@ -121,13 +120,20 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--fill-mib", type=int, default=512, help="garbage left in free memory before each migration")
     g.add_argument("--link-mbit", type=float, default=1000.0, help="the emulated link's rate")
     g.add_argument("--keep", action="store_true", help="keep the VM logs")
-    g.add_argument("--accel", choices=MODES, help="kvm, tcg or auto (default: $FPH_ACCEL, else auto: KVM where "
-                   "a probe guest runs on it)")
+    g.add_argument(
+        "--accel",
+        choices=MODES,
+        help="kvm, tcg or auto (default: $FPH_ACCEL, else auto: KVM where a probe guest runs on it)",
+    )
     h = ap.add_argument_group("--host-only")
     h.add_argument("--source", default="auto", help="agent source: auto, ebpf, kpageflags")
     h.add_argument("--show", type=int, default=12, help="largest ranges to print")
-    h.add_argument("--tolerance", type=float, default=0.02,
-                   help="allowed relative difference to /proc/buddyinfo (churn between the reads)")
+    h.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.02,
+        help="allowed relative difference to /proc/buddyinfo (churn between the reads)",
+    )
     args = ap.parse_args(argv)
     if not args.host_only:
         try:
@@ -147,8 +153,11 @@ def guest_demo(args: argparse.Namespace) -> int:
     rate = args.link_mbit * 1e6
     results: dict[str, list[Any]] = {"plain": [], "fphint": []}
     accel_line = "?"
-    print(f"== fphint demo: one 1 GiB guest, migrated over an emulated {args.link_mbit:.0f} Mbit/s link, "
-          "plainly and with fphint", flush=True)
+    print(
+        f"== fphint demo: one 1 GiB guest, migrated over an emulated {args.link_mbit:.0f} Mbit/s link, "
+        "plainly and with fphint",
+        flush=True,
+    )
     print("   building or reusing the guest image (the first build takes about 2 minutes) ...", flush=True)
     with vm_session("demo", keep=args.keep, accel=args.accel) as factory:
         accel_line = factory.accel.describe()
@@ -159,21 +168,39 @@ def guest_demo(args: argparse.Namespace) -> int:
             hinted.wait_ready(vm)
             info = hinted.daemon.vm_info(FphintMigrator.VM_NAME)
             boot_id = vm.boot_id()
-            print(f"   guest booted (QEMU {vm.qemu_version}, kernel {info.get('kernel_release')}); "
-                  f"agent attached, free-page source {info.get('chosen_source')!r}", flush=True)
+            print(
+                f"   guest booted (QEMU {vm.qemu_version}, kernel {info.get('kernel_release')}); "
+                f"agent attached, free-page source {info.get('chosen_source')!r}",
+                flush=True,
+            )
             hop = 0
             for run in range(args.runs):
                 for name, migrator in (("plain", PlainMigrator()), ("fphint", hinted)):
-                    print(f"-- run {run + 1}, {name}: fill and free {workload.fill_mib} MiB, start the churn "
-                          "workload, migrate ...", flush=True)
+                    print(
+                        f"-- run {run + 1}, {name}: fill and free {workload.fill_mib} MiB, start the churn "
+                        "workload, migrate ...",
+                        flush=True,
+                    )
                     prepare(vm, workload)
                     hop += 1
-                    res, dst = migrate_once(factory, vm, f"hop{hop}", migrator, scenario=SCENARIOS[name],
-                                            run=run, boot_id=boot_id, link_rate_bps=rate, workload=workload)
+                    res, dst = migrate_once(
+                        factory,
+                        vm,
+                        f"hop{hop}",
+                        migrator,
+                        scenario=SCENARIOS[name],
+                        run=run,
+                        boot_id=boot_id,
+                        link_rate_bps=rate,
+                        workload=workload,
+                    )
                     results[name].append(res)
-                    print(f"   {res.wire_bytes / 2**20:.1f} MiB on the wire in {res.total_time_ms} ms, "
-                          f"downtime {res.downtime_ms} ms, {res.dirty_sync_count} dirty syncs; guest "
-                          f"{'intact' if res.ok else 'PROBLEMS: ' + '; '.join(res.problems)[:600]}", flush=True)
+                    print(
+                        f"   {res.wire_bytes / 2**20:.1f} MiB on the wire in {res.total_time_ms} ms, "
+                        f"downtime {res.downtime_ms} ms, {res.dirty_sync_count} dirty syncs; guest "
+                        f"{'intact' if res.ok else 'PROBLEMS: ' + '; '.join(res.problems)[:600]}",
+                        flush=True,
+                    )
                     if not res.qemu_transferred or not res.survived:
                         return 1
                     vm.shutdown()
@@ -186,11 +213,15 @@ def guest_demo(args: argparse.Namespace) -> int:
     plain, fph = sums
     ok = all(r.ok for rs in results.values() for r in rs)
     if fph.wire_bytes.median and fph.total_time_ms.median:
-        print(f"\nfphint sent {plain.wire_bytes.median / fph.wire_bytes.median:.2f}x fewer bytes and took "
-              f"{fph.total_time_ms.median / plain.total_time_ms.median:.2f}x the time of the plain migration; "
-              f"the workload verified every byte after each migration: {'yes' if ok else 'NO'}")
-    print(f"(accelerator: {accel_line}; the full comparison with QEMU's own free-page hinting: "
-          "bench/migration_comparison.py, docs/comparison.md)")
+        print(
+            f"\nfphint sent {plain.wire_bytes.median / fph.wire_bytes.median:.2f}x fewer bytes and took "
+            f"{fph.total_time_ms.median / plain.total_time_ms.median:.2f}x the time of the plain migration; "
+            f"the workload verified every byte after each migration: {'yes' if ok else 'NO'}"
+        )
+    print(
+        f"(accelerator: {accel_line}; the full comparison with QEMU's own free-page hinting: "
+        "bench/migration_comparison.py, docs/comparison.md)"
+    )
     return 0 if ok else 1
 
 
@@ -203,23 +234,39 @@ def host_demo(args: argparse.Namespace) -> int:
         work = Path(tmp)
         cfg = write_config(work, secrets.token_urlsafe(24))
         print(f"== collector and agent on this machine (work dir {work})")
-        collector = subprocess.Popen([py, "-m", "host_collector", "serve", "--config", str(cfg)],
-                                     stderr=open(work / "collector.log", "w"))
+        collector = subprocess.Popen(
+            [py, "-m", "host_collector", "serve", "--config", str(cfg)], stderr=open(work / "collector.log", "w")
+        )
         agent = subprocess.Popen(
-            [py, "-m", "guest_agent", "--source", args.source, "run", "--collector", f"unix:{work}/agents.sock",
-             "--token-file", str(work / "token"), "--config", str(work / "none.toml")],
+            [
+                py,
+                "-m",
+                "guest_agent",
+                "--source",
+                args.source,
+                "run",
+                "--collector",
+                f"unix:{work}/agents.sock",
+                "--token-file",
+                str(work / "token"),
+                "--config",
+                str(work / "none.toml"),
+            ],
             stderr=open(work / "agent.log", "w"),
         )
         try:
             with grpc.insecure_channel(f"unix:{work}/admin.sock") as ch:
                 stub = admin_pb2_grpc.CollectorAdminStub(ch)
                 info = wait_attached(stub, 60)
-                print(f"agent attached: source={info.chosen_source or 'none'} kernel={info.kernel_release} "
-                      f"{info.refusal}".rstrip())
+                print(
+                    f"agent attached: source={info.chosen_source or 'none'} kernel={info.kernel_release} "
+                    f"{info.refusal}".rstrip()
+                )
                 before = buddyinfo_pages()
                 resp = stub.CollectHints(
-                    admin_pb2.CollectHintsRequest(vm="this-host", deadline_ms=5000, close_on_snapshot=True,
-                                                  include_ranges=True),
+                    admin_pb2.CollectHintsRequest(
+                        vm="this-host", deadline_ms=5000, close_on_snapshot=True, include_ranges=True
+                    ),
                     timeout=20,
                 )
                 after = buddyinfo_pages()
@@ -236,11 +283,15 @@ def host_demo(args: argparse.Namespace) -> int:
 
 def report(resp: admin_pb2.CollectHintsResponse, before: int, after: int, show: int, tol: float, work: Path) -> int:
     runs = [(first, count) for b in resp.blocks for first, count in ranges.decode(list(b.ranges))]
-    print(f"epoch {resp.epoch}: {resp.accepted_ranges} ranges, {resp.free_pages} free pages "
-          f"({resp.free_pages * PAGE / 2**30:.2f} GiB) in {resp.reports} report(s); "
-          f"request to last chunk {resp.request_to_last_chunk_s * 1000:.1f} ms")
-    print(f"agent: source {resp.agent_source}, scan {resp.agent_snapshot_us / 1000:.1f} ms, "
-          f"CPU {resp.agent_cpu_seconds:.2f} s, RSS {resp.agent_rss_bytes / 2**20:.1f} MiB")
+    print(
+        f"epoch {resp.epoch}: {resp.accepted_ranges} ranges, {resp.free_pages} free pages "
+        f"({resp.free_pages * PAGE / 2**30:.2f} GiB) in {resp.reports} report(s); "
+        f"request to last chunk {resp.request_to_last_chunk_s * 1000:.1f} ms"
+    )
+    print(
+        f"agent: source {resp.agent_source}, scan {resp.agent_snapshot_us / 1000:.1f} ms, "
+        f"CPU {resp.agent_cpu_seconds:.2f} s, RSS {resp.agent_rss_bytes / 2**20:.1f} MiB"
+    )
     print(f"\n{'guest-physical range':<37} {'pages':>10} {'MiB':>9}")
     for first, count in sorted(runs, key=lambda r: r[1], reverse=True)[:show]:
         print(f"{first * PAGE:#018x}-{(first + count) * PAGE - 1:#018x} {count:>10} {count * PAGE / 2**20:>9.1f}")
@@ -250,8 +301,10 @@ def report(resp: admin_pb2.CollectHintsResponse, before: int, after: int, show: 
     diff = abs(resp.free_pages - ref) / ref if ref else 1.0
     ok = diff <= tol and resp.reports > 0
     print(f"\n/proc/buddyinfo free pages: {before} before, {after} after the request")
-    print(f"collector received {resp.free_pages}: {diff * 100:.3f}% from buddyinfo (tolerance {tol * 100:.1f}%) "
-          f"-> {'OK' if ok else 'MISMATCH'}")
+    print(
+        f"collector received {resp.free_pages}: {diff * 100:.3f}% from buddyinfo (tolerance {tol * 100:.1f}%) "
+        f"-> {'OK' if ok else 'MISMATCH'}"
+    )
     if not ok:
         print(f"logs: {work}/collector.log, {work}/agent.log (kept only while the demo runs)", file=sys.stderr)
     return 0 if ok else 1

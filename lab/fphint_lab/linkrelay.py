@@ -236,8 +236,12 @@ class LinkRelay:
                 conn = _Conn(len(self._conns), client, target)
                 self._conns.append(conn)
             for forward in (True, False):
-                t = threading.Thread(target=self._pump, args=(conn, forward),
-                                     name=f"link-{conn.stats.index}-{'fwd' if forward else 'back'}", daemon=True)
+                t = threading.Thread(
+                    target=self._pump,
+                    args=(conn, forward),
+                    name=f"link-{conn.stats.index}-{'fwd' if forward else 'back'}",
+                    daemon=True,
+                )
                 self._threads.append(t)
                 t.start()
 

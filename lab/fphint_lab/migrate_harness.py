@@ -63,8 +63,13 @@ class Daemon:
         self.dir = Path(tempfile.mkdtemp(prefix="fph-migrate-", dir="/tmp"))  # short: unix socket paths
         self.port = free_port()
         self.admin = f"unix:{self.dir}/admin.sock"
-        lines = ["[collector]", f'listen = ["tcp:127.0.0.1:{self.port}"]', f'admin = "{self.admin}"',
-                 "retained_epochs = 64", ""]
+        lines = [
+            "[collector]",
+            f'listen = ["tcp:127.0.0.1:{self.port}"]',
+            f'admin = "{self.admin}"',
+            "retained_epochs = 64",
+            "",
+        ]
         for vm in [*vms, *no_qmp]:
             lines += ["[[vm]]", f'name = "{vm}"', f'token = "{token(vm)}"']
             if vm in vms:
@@ -86,7 +91,9 @@ class Daemon:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [PY, "-m", "host_collector", "-v", "serve", "--config", str(self.config)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
             )
         end = time.monotonic() + 30
         while True:
@@ -139,12 +146,14 @@ class Daemon:
 
     def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """An ``fph-collector`` subcommand against this daemon, to completion."""
-        return subprocess.run(self.cli(*args), capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
+        return subprocess.run(
+            self.cli(*args), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+        )
 
     def popen(self, *args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(self.cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                stdin=subprocess.DEVNULL)
+        return subprocess.Popen(
+            self.cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL
+        )
 
 
 def report_of(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
@@ -163,8 +172,9 @@ class AgentThread:
         self.source = source
         facts = build_facts(GuestSafety(), [], source.name, "")
         addr = addresses.parse(f"tcp:127.0.0.1:{daemon.port}")
-        self.agent = Agent(source, facts, lambda: Endpoint(addr, token(vm)),
-                           Settings(backoff_initial_s=0.05, backoff_max_s=0.5))
+        self.agent = Agent(
+            source, facts, lambda: Endpoint(addr, token(vm)), Settings(backoff_initial_s=0.05, backoff_max_s=0.5)
+        )
         self._stop = asyncio.Event()
         self._thread = threading.Thread(target=self._main, name=f"agent-{vm}", daemon=True)
         self._thread.start()
@@ -185,15 +195,40 @@ def fixed_agent(daemon: Daemon, vm: str, spans: Sequence[tuple[int, int]]) -> Ag
     return AgentThread(daemon, vm, FixedSource([(a, b - a) for a, b in spans]))
 
 
-def source_vm(daemon: Daemon, vm: str, machine: Machine, workdir: Path, *, running: bool = False,
-              boot: Path | None = None, qemu: str | None = None, ram_dir: Path | None = None) -> Vm:
+def source_vm(
+    daemon: Daemon,
+    vm: str,
+    machine: Machine,
+    workdir: Path,
+    *,
+    running: bool = False,
+    boot: Path | None = None,
+    qemu: str | None = None,
+    ram_dir: Path | None = None,
+) -> Vm:
     kw: dict[str, Any] = {"qemu": qemu} if qemu else {}
-    return Vm(machine, workdir, "src", incoming=False, running=running, boot=boot, ram_dir=ram_dir,
-              extra_args=daemon.qmp_args(vm), **kw)
+    return Vm(
+        machine,
+        workdir,
+        "src",
+        incoming=False,
+        running=running,
+        boot=boot,
+        ram_dir=ram_dir,
+        extra_args=daemon.qmp_args(vm),
+        **kw,
+    )
 
 
-def dest_vm(machine: Machine, workdir: Path, *, boot: Path | None = None, qemu: str | None = None,
-            ram_dir: Path | None = None, extra_args: Sequence[str] = ()) -> Vm:
+def dest_vm(
+    machine: Machine,
+    workdir: Path,
+    *,
+    boot: Path | None = None,
+    qemu: str | None = None,
+    ram_dir: Path | None = None,
+    extra_args: Sequence[str] = (),
+) -> Vm:
     kw: dict[str, Any] = {"qemu": qemu} if qemu else {}
     return Vm(machine, workdir, "dst", incoming=True, boot=boot, ram_dir=ram_dir, extra_args=list(extra_args), **kw)
 

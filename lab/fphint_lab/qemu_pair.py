@@ -54,12 +54,7 @@ DIRTY_GPA = (0x20000, 0xA0000)
 # already dirty go unlogged after the second pass and the destination ends up
 # with stale pages, proxy or not (seen with 7.2.22; 10.0.2 does not show it).
 # Flushing the entry after each write makes every write take the logged path.
-_BOOT_CODE = bytes.fromhex(
-    "fa31c08ed0bc007c"
-    "bb0020"
-    "8ec3" "26ff060000" "260f013e0000" "81c30001" "81fb00a0" "72e9"
-    "ebe4"
-)
+_BOOT_CODE = bytes.fromhex("fa31c08ed0bc007cbb00208ec326ff060000260f013e000081c3000181fb00a072e9ebe4")
 
 
 def boot_image(path: Path) -> Path:

@@ -23,13 +23,12 @@ from pathlib import Path
 
 import pytest
 
+from fphint_lab.vm.harness import VMFactory, remove_stale_ram_files
 from vmimage.accel import AccelError, choose
 from vmimage.builder import Image, cached_image, ensure_image, keys
 from vmimage.cache import default_cache_dir
 from vmimage.final import ImageSpec
 from vmimage.qemu import default_binary, qemu_version
-
-from fphint_lab.vm.harness import VMFactory, remove_stale_ram_files
 
 SKIP_ENV = "FPHINT_SKIP_VM_TESTS"
 KEEP_ENV = "FPHINT_VM_KEEP"

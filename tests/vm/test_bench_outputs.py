@@ -6,6 +6,7 @@ test here times anything."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -22,8 +23,9 @@ BENCH = ROOT / "bench"
 
 
 def bench(script: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=180,
-                          cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=180, cwd=ROOT
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {args}: exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
@@ -34,8 +36,19 @@ def last_json(out: str) -> Any:
 
 
 def test_comparison_dry_run_writes_the_document(tmp_path: Path) -> None:
-    proc = bench("migration_comparison.py", "--dry-run", "--runs", "3", "--sizes", "1,8", "--busy",
-                 "--scenarios", "plain,init_on_free,balloon_hint,balloon_report,fphint", "--out", str(tmp_path))
+    proc = bench(
+        "migration_comparison.py",
+        "--dry-run",
+        "--runs",
+        "3",
+        "--sizes",
+        "1,8",
+        "--busy",
+        "--scenarios",
+        "plain,init_on_free,balloon_hint,balloon_report,fphint",
+        "--out",
+        str(tmp_path),
+    )
     assert "[1/" in proc.stdout and "min left" in proc.stdout, "progress lines"
     line = last_json(proc.stdout)
     assert set(line["written"]) == {"json", "md", "png"} and line["dry_run"] is True
@@ -106,11 +119,10 @@ def test_pair_fits_counts_both_ram_files_and_the_margin() -> None:
 
 
 def test_coverage_block_is_passed_through() -> None:
-    sys.path.insert(0, str(BENCH))
-    try:
-        import comparison_report
-    finally:
-        sys.path.remove(str(BENCH))
+    spec = importlib.util.spec_from_file_location("comparison_report", BENCH / "comparison_report.py")
+    assert spec is not None and spec.loader is not None
+    comparison_report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(comparison_report)
     r = RunResult("fphint", 0, "10.0.2", qemu_transferred=5 * MiB, wire_bytes=4 * MiB, ok=True, survived=True)
     assert "coverage" not in comparison_report.run_record(r)
     r.report = {"coverage": [{"epoch": 1, "reported": 10, "sent_after": 8, "rewritten": 7}], "pages_rewritten": 7}

@@ -36,14 +36,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from vmimage.qemu import collector_address
-
 from fphint_lab.guest import rogue_agent
 from fphint_lab.linkrelay import GIGABIT, LinkRelay, LinkStats
 from fphint_lab.vm.fphint_daemon import CollectorDaemon, MigrateCall, Witness
 from fphint_lab.vm.harness import VM, VMFactory, migrate, start_incoming, wait_incoming
 from fphint_lab.vm.ramcompare import NOT_REWRITTEN, PAGE, RamDiff, compare_ram_files
 from fphint_lab.vm.scenarios import SAME_CLOCK, guest_problems, set_switchover_bandwidth
+from vmimage.qemu import collector_address
 
 pytestmark = [pytest.mark.vm, pytest.mark.qemu, pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(1500)]
 pytest.importorskip("host_collector.migrate.run", reason="fph-collector migrate (host_collector/migrate/) is needed")
@@ -80,10 +79,12 @@ class Hop:
     def describe(self) -> str:
         r = self.ram
         rep = self.call.report if self.call else {}
-        return (f"{self.src.name}->{self.dst.name}: wire {self.wire / MiB:.1f} MiB, QEMU {r.get('transferred', 0) / MiB:.1f}"
-                f" MiB ({r.get('downtime-bytes', 0) / MiB:.1f} MiB in the downtime), normal {r.get('normal')}, zero {r.get('duplicate')}, syncs {r.get('dirty-sync-count')}, "
-                f"total {self.info.get('total-time')} ms, down {self.info.get('downtime')} ms; "
-                f"rewritten {rep.get('pages_rewritten', '-')}, agent {rep.get('agent_source', '-')}")
+        return (
+            f"{self.src.name}->{self.dst.name}: wire {self.wire / MiB:.1f} MiB, QEMU {r.get('transferred', 0) / MiB:.1f}"
+            f" MiB ({r.get('downtime-bytes', 0) / MiB:.1f} MiB in the downtime), normal {r.get('normal')}, zero {r.get('duplicate')}, syncs {r.get('dirty-sync-count')}, "
+            f"total {self.info.get('total-time')} ms, down {self.info.get('downtime')} ms; "
+            f"rewritten {rep.get('pages_rewritten', '-')}, agent {rep.get('agent_source', '-')}"
+        )
 
 
 @dataclass
@@ -104,12 +105,15 @@ class Rig:
             return self.vm
         if self.vm is not None:
             self.vm.shutdown(hard=True)
-        self.vm = self.factory.boot(f"boot{len(self.factory.vms)}", token=TOKEN,
-                                    collector=collector_address(self.daemon.port))
+        self.vm = self.factory.boot(
+            f"boot{len(self.factory.vms)}", token=TOKEN, collector=collector_address(self.daemon.port)
+        )
         self.boot_id = self.vm.boot_id()
         info = self.daemon.wait_attached(VM_NAME, 180)
-        self.note(f"booted {self.vm.name} (QEMU {self.vm.qemu_version}); agent attached, source "
-                  f"{info.get('chosen_source')!r}, kernel {info.get('kernel_release')}")
+        self.note(
+            f"booted {self.vm.name} (QEMU {self.vm.qemu_version}); agent attached, source "
+            f"{info.get('chosen_source')!r}, kernel {info.get('kernel_release')}"
+        )
         return self.vm
 
     def note(self, text: str) -> None:
@@ -134,8 +138,9 @@ class Rig:
         self.note("plain  " + hop.describe())
         return hop
 
-    def fphint(self, *, paused: bool = False, rate: float | None = GIGABIT, attached: bool = True,
-               extra: tuple[str, ...] = ()) -> Hop:
+    def fphint(
+        self, *, paused: bool = False, rate: float | None = GIGABIT, attached: bool = True, extra: tuple[str, ...] = ()
+    ) -> Hop:
         """``fph-collector migrate`` through the link; asserts it completed."""
         src = self.current()
         if attached:
@@ -214,8 +219,10 @@ def test_a_garbage_in_free_memory_is_not_sent(rig: Rig) -> None:
     assert hop.witness.rewritten_unhinted("mem") == []
     # Most of the garbage was rewritten: it would otherwise cost fill_mib on the wire.
     assert rep["pages_rewritten"] > 0.8 * (fill_mib * MiB // PAGE), rep
-    rig.note(f"(a) after filling and freeing {fill_mib} MiB: wire {hop.wire / MiB:.1f} MiB = "
-             f"{hop.wire / baseline:.3f} x the idle page records (goal <= 1.10)")
+    rig.note(
+        f"(a) after filling and freeing {fill_mib} MiB: wire {hop.wire / MiB:.1f} MiB = "
+        f"{hop.wire / baseline:.3f} x the idle page records (goal <= 1.10)"
+    )
     assert hop.wire <= 1.10 * baseline, (hop.wire, baseline)
 
     diff = compare(hop)
@@ -241,8 +248,10 @@ def test_b_integrity_under_churn_across_dirty_syncs(rig: Rig) -> None:
 
     diff = compare(hop)
     assert diff.ok, diff.describe()
-    rig.note(f"(b) {syncs} dirty syncs; RAM files: {diff.differing} pages differ, every one zero on the "
-             f"destination, rewritten and hinted ({hop.call.report['pages_rewritten']} rewritten)")
+    rig.note(
+        f"(b) {syncs} dirty syncs; RAM files: {diff.differing} pages differ, every one zero on the "
+        f"destination, rewritten and hinted ({hop.call.report['pages_rewritten']} rewritten)"
+    )
     vm = rig.advance(hop)
     check = vm.workload("churn.py", "check", timeout=180, check=False)
     assert check["ok"], check
@@ -303,8 +312,17 @@ def test_c1_lying_agent_is_caught_by_the_workload(rig: Rig) -> None:
     vm = rig.current()
     started = start_churn(vm, "--workers", "1", "--loop-mib", "4", "--keep-mib", "32", "--dwell", "0.5")
     victim = started["workers"][0]
-    pid = rogue(rig, vm, "lie", "--pid", str(victim["pid"]), "--addr", str(victim["keep_addr"]),
-                "--len", str(victim["keep_len"]))
+    pid = rogue(
+        rig,
+        vm,
+        "lie",
+        "--pid",
+        str(victim["pid"]),
+        "--addr",
+        str(victim["keep_addr"]),
+        "--len",
+        str(victim["keep_len"]),
+    )
     info = rig.daemon.wait_attached(VM_NAME, 60)
     assert info.get("chosen_source") == "kpageflags", info
     hop = rig.fphint(paused=True)
@@ -323,9 +341,11 @@ def test_c1_lying_agent_is_caught_by_the_workload(rig: Rig) -> None:
     (worker,) = check["workers"]
     zeroed = [e for e in worker["errors"] if e.get("where") == "keep" and e.get("zero")]
     assert worker["keep_bad_pages"] > 0 and zeroed, worker
-    rig.note(f"(c) lying agent: {worker['keep_bad_pages']} of {victim['keep_len'] // PAGE} "
-             f"pages of the victim's region read as zero on the destination; the workload reported it "
-             f"(RAM comparison: {diff.differing} differing pages, all 'hinted')")
+    rig.note(
+        f"(c) lying agent: {worker['keep_bad_pages']} of {victim['keep_len'] // PAGE} "
+        f"pages of the victim's region read as zero on the destination; the workload reported it "
+        f"(RAM comparison: {diff.differing} differing pages, all 'hinted')"
+    )
     back_to_real_agent(rig, vm, pid)
     assert guest_problems(vm, rig.boot_id) == []
 
@@ -334,8 +354,9 @@ def test_c2_proxy_zeroing_an_unhinted_page_is_caught_by_the_ram_comparison(rig: 
     vm = rig.current()
     started = start_churn(vm, "--workers", "1", "--loop-mib", "4", "--keep-mib", "16", "--dwell", "0.5")
     w = started["workers"][0]
-    listing = vm.workload("pagemap.py", str(w["pid"]), "--addr", str(w["keep_addr"]), "--len", str(w["keep_len"]),
-                          "--list")
+    listing = vm.workload(
+        "pagemap.py", str(w["pid"]), "--addr", str(w["keep_addr"]), "--len", str(w["keep_len"]), "--list"
+    )
     victim_pfn = listing["pfns"][7]
     assert victim_pfn is not None
     ram_pages = vm.ram_path.stat().st_size // PAGE
@@ -359,8 +380,10 @@ def test_c2_proxy_zeroing_an_unhinted_page_is_caught_by_the_ram_comparison(rig: 
     rewritten[hop.witness.rewritten["mem"]] = True
     naive = compare_ram_files(hop.src.ram_path, hop.dst.ram_path, rewritten=rewritten)
     assert naive.ok, naive.describe()
-    rig.note(f"(c) planted proxy fault: page {victim_pfn:#x} zeroed without a hint; the RAM comparison names "
-             f"exactly it ({diff.differing} pages differ, {diff.bad_count} bad)")
+    rig.note(
+        f"(c) planted proxy fault: page {victim_pfn:#x} zeroed without a hint; the RAM comparison names "
+        f"exactly it ({diff.differing} pages differ, {diff.bad_count} bad)"
+    )
     vm = rig.advance(hop)
     check = vm.workload("churn.py", "check", timeout=180, check=False)
     assert not check["ok"] and check["workers"][0]["keep_bad_pages"] == 1, check
@@ -448,8 +471,10 @@ def test_e_collector_killed_mid_migration_leaves_the_guest_on_the_source(rig: Ri
     assert status == "failed", vm.cmd("query-migrate")
     assert cli.returncode != 0
     assert vm.status() == "running"
-    rig.note(f"(e) collector SIGKILLed after {link.stats().main.forward_bytes / MiB:.0f} MiB: source {status}, "
-             f"guest {vm.status()}; CLI exit {cli.returncode} ({(err or out).strip()[-160:]!r})")
+    rig.note(
+        f"(e) collector SIGKILLed after {link.stats().main.forward_bytes / MiB:.0f} MiB: source {status}, "
+        f"guest {vm.status()}; CLI exit {cli.returncode} ({(err or out).strip()[-160:]!r})"
+    )
     dst.shutdown(hard=True)
     check = vm.workload("churn.py", "check", timeout=180, check=False)
     assert check["ok"], check

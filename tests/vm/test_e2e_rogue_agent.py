@@ -6,6 +6,7 @@ can encode; the late agent really sends after the deadline."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import mmap
 import os
@@ -30,10 +31,13 @@ def test_union_merges_and_sorts() -> None:
 def test_late_outcomes_name_both_correct_endings_and_nothing_else() -> None:
     """test_d accepts exactly these two endings of a late report; anything else
     (an accepted report, an unknown error) must not pass as one of them."""
-    refused = ('<AioRpcError of RPC that terminated with: status = StatusCode.FAILED_PRECONDITION '
-               'details = "epoch 17 is closed (deadline)">')
-    transport = ("ExecuteBatchError('Failed \"execute_batch\": (<grpc._cython.cygrpc.SendMessageOperation "
-                 "object at 0x7f>,)')")
+    refused = (
+        "<AioRpcError of RPC that terminated with: status = StatusCode.FAILED_PRECONDITION "
+        'details = "epoch 17 is closed (deadline)">'
+    )
+    transport = (
+        "ExecuteBatchError('Failed \"execute_batch\": (<grpc._cython.cygrpc.SendMessageOperation object at 0x7f>,)')"
+    )
     assert rogue_agent.late_outcome({"error": refused}) == "refused: closed epoch"
     assert rogue_agent.late_outcome({"error": transport}) == "connection ended"
     assert rogue_agent.late_outcome({"cancelled": True}) == "connection ended"
@@ -59,7 +63,7 @@ def test_lying_source_adds_the_victims_pages(tmp_path: Path) -> None:
     finally:
         src.close()
     rs = list(part.ranges)
-    assert rs == sorted(rs) and all(a + n <= b for (a, n), (b, _) in zip(rs, rs[1:])), "sorted, no overlap"
+    assert rs == sorted(rs) and all(a + n <= b for (a, n), (b, _) in itertools.pairwise(rs)), "sorted, no overlap"
     covered = 0
     for start, length in victim:
         for page in range(start, start + length, PAGE):
@@ -80,9 +84,14 @@ def test_late_agent_sends_after_the_deadline(tmp_path: Path) -> None:
         async with running_collector(make_config(["vm"])) as srv:
             facts = build_facts(GuestSafety(), [], "fixed", "")
             addr = srv.bound[0]
-            agent = rogue_agent.LateAgent(FixedSource([(0, 1 << 20)]), facts, lambda: Endpoint(addr, token("vm")),
-                                          Settings(backoff_initial_s=0.05, backoff_max_s=0.5), delay=0.5,
-                                          journal=tmp_path / "journal")
+            agent = rogue_agent.LateAgent(
+                FixedSource([(0, 1 << 20)]),
+                facts,
+                lambda: Endpoint(addr, token("vm")),
+                Settings(backoff_initial_s=0.05, backoff_max_s=0.5),
+                delay=0.5,
+                journal=tmp_path / "journal",
+            )
             stop = asyncio.Event()
             task = asyncio.ensure_future(agent.run(stop))
             try:

@@ -94,10 +94,14 @@ def test_installed_unit_picks_ebpf(guest: VM) -> None:
     status = "/proc/$(systemctl show -p MainPID --value fph-agent)/status"
     rss_kib = int(guest.output(f"awk '/VmHWM/ {{print $2}}' {status}"))
     now_kib = int(guest.output(f"awk '/VmRSS/ {{print $2}}' {status}"))
-    mem = {k.rstrip(":"): int(v) // 1024 for k, v in (l.split()[:2] for l in guest.output(
-        "grep -E '^(MemFree|Cached|AnonPages):' /proc/meminfo").splitlines())}
-    print(f"agent RSS in the guest: {now_kib / 1024:.0f} MiB (peak {rss_kib / 1024:.0f} MiB); "
-          f"guest meminfo MiB: {mem}")
+    mem = {
+        k.rstrip(":"): int(v) // 1024
+        for k, v in (
+            line.split()[:2]
+            for line in guest.output("grep -E '^(MemFree|Cached|AnonPages):' /proc/meminfo").splitlines()
+        )
+    }
+    print(f"agent RSS in the guest: {now_kib / 1024:.0f} MiB (peak {rss_kib / 1024:.0f} MiB); guest meminfo MiB: {mem}")
     assert now_kib < 80 * 1024, "bcc and LLVM stay in the loader child"
     assert rss_kib < 256 * 1024, "the unit caps memory at 256M"
     assert not guest.kernel_trouble()

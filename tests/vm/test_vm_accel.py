@@ -17,11 +17,10 @@ from types import SimpleNamespace
 
 import pytest
 
+from fphint_lab.vm.harness import VM, VMFactory
 from vmimage import accel as accel_mod
 from vmimage.accel import Accel, AccelError, Choice, choose, probe_argv, probe_kvm, probe_once, tcg
 from vmimage.qemu import GuestConfig, default_binary
-
-from fphint_lab.vm.harness import VM, VMFactory
 
 FAKE_QEMU = r'''#!{python}
 """Fake QEMU for the probe: behaviour per -cpu model from $FAKE_KVM."""
@@ -67,16 +66,29 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
     monkeypatch.delenv(accel_mod.CPU_ENV, raising=False)
 
     def inputs(**kw: object) -> Choice:
-        base: dict[str, object] = {"device": device, "boot_id_path": boot, "cache": tmp_path / "cache.json",
-                                   "timeout": 2.0, "env": {}}
+        base: dict[str, object] = {
+            "device": device,
+            "boot_id_path": boot,
+            "cache": tmp_path / "cache.json",
+            "timeout": 2.0,
+            "env": {},
+        }
         base.update(kw)
         return Choice(**base)  # type: ignore[arg-type]
 
     def calls() -> list[list[str]]:
         return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
-    return SimpleNamespace(binary=str(binary), kernel=kernel, device=device, boot=boot, inputs=inputs, calls=calls,
-                           monkeypatch=monkeypatch, tmp=tmp_path)
+    return SimpleNamespace(
+        binary=str(binary),
+        kernel=kernel,
+        device=device,
+        boot=boot,
+        inputs=inputs,
+        calls=calls,
+        monkeypatch=monkeypatch,
+        tmp=tmp_path,
+    )
 
 
 def test_probe_argv_boots_the_kernel_alone_on_kvm(tmp_path: Path) -> None:
@@ -113,7 +125,7 @@ def test_a_silent_kvm_guest_means_tcg_quickly_and_says_why(fake: SimpleNamespace
     got = choose(fake.binary, fake.kernel, inputs=fake.inputs(timeout=1.0))
     took = time.monotonic() - t0
     assert (got.name, got.cpu, got.how) == ("tcg", None, "probed")
-    assert "QEMU exited 134" in got.reason or "signal" in got.reason and "MSR 0x10a" in got.reason
+    assert "QEMU exited 134" in got.reason or ("signal" in got.reason and "MSR 0x10a" in got.reason)
     assert "no kernel line within 1 s" in got.reason and "Probing EDD" in got.reason
     assert len(fake.calls()) == 2, "the default model is not tried after a silent one"
     assert took < 5, f"the probe took {took:.1f} s"
@@ -149,8 +161,9 @@ def test_overrides(fake: SimpleNamespace) -> None:
     assert (forced.name, forced.how) == ("tcg", "forced") and "FPH_ACCEL=tcg" in forced.reason
     kvm = choose(fake.binary, fake.kernel, inputs=fake.inputs(env={"FPH_ACCEL": "KVM"}, prober=no_probe))
     assert (kvm.name, kvm.cpu, kvm.how) == ("kvm", "host", "forced")
-    cpu = choose(fake.binary, fake.kernel, inputs=fake.inputs(env={"FPH_ACCEL": "kvm", "FPH_ACCEL_CPU": "max"},
-                                                              prober=no_probe))
+    cpu = choose(
+        fake.binary, fake.kernel, inputs=fake.inputs(env={"FPH_ACCEL": "kvm", "FPH_ACCEL_CPU": "max"}, prober=no_probe)
+    )
     assert cpu.cpu == "max"
     # The option beats the environment.
     opt = choose(fake.binary, fake.kernel, "tcg", inputs=fake.inputs(env={"FPH_ACCEL": "kvm"}, prober=no_probe))

@@ -15,14 +15,13 @@ from typing import Any
 import pytest
 
 from fphint import addresses
+from fphint_lab.collector_harness import CollectorThread
+from fphint_lab.guest import mempattern
+from fphint_lab.vm.harness import VM, VMFactory
 from host_collector.config import CollectorConfig, VmEntry
 from host_collector.qmp.ram_layout import read_layout
 from host_collector.qmp.session import QmpSession
 from vmimage.qemu import collector_address
-
-from fphint_lab.collector_harness import CollectorThread
-from fphint_lab.guest import mempattern
-from fphint_lab.vm.harness import VM, VMFactory
 
 pytestmark = [pytest.mark.vm, pytest.mark.qemu, pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -46,7 +45,7 @@ async def learn_layout(path: Path) -> object:
         await qmp.close()
 
 
-def page_hashes(content: bytes) -> set[bytes]:  # noqa: D103
+def page_hashes(content: bytes) -> set[bytes]:
     return {hashlib.sha1(content[i : i + PAGE]).digest() for i in range(0, len(content), PAGE)}
 
 
@@ -61,11 +60,15 @@ def live_pages_hinted(mask: Any, layout: Any, spans: list[list[int]]) -> list[in
     return sorted(out)
 
 
-def test_agent_in_guest_hints_only_free_pages(vm_factory: VMFactory, collector: CollectorThread,
-                                               tmp_path: Path) -> None:
+def test_agent_in_guest_hints_only_free_pages(
+    vm_factory: VMFactory, collector: CollectorThread, tmp_path: Path
+) -> None:
     qmp_path = tmp_path / "fphint.qmp"
-    vm: VM = vm_factory.boot(token=TOKEN, collector=collector_address(collector.port),
-                             extra_args=["-qmp", f"unix:{qmp_path},server=on,wait=off"])
+    vm: VM = vm_factory.boot(
+        token=TOKEN,
+        collector=collector_address(collector.port),
+        extra_args=["-qmp", f"unix:{qmp_path},server=on,wait=off"],
+    )
     layout = collector.call(learn_layout(qmp_path))
     collector.collector.set_layout("guest", layout)
     collector.wait_attached("guest")
@@ -88,8 +91,9 @@ def test_agent_in_guest_hints_only_free_pages(vm_factory: VMFactory, collector: 
     # named by physical address, since content can be copied into free memory.
     held = vm.workload("pagemap.py", str(keep["pid"]))
     free_pages, masks = collector.call(one_epoch())
-    held_after = vm.workload("pagemap.py", str(keep["pid"]), "--addr", str(keep["keep_addr"]),
-                             "--len", str(keep["keep_len"]))
+    held_after = vm.workload(
+        "pagemap.py", str(keep["pid"]), "--addr", str(keep["keep_addr"]), "--len", str(keep["keep_len"])
+    )
     assert free_pages > 150 * 256, free_pages  # most of the 1 GiB guest is free
 
     (block,) = masks  # one RAMBlock: the memory backend
@@ -128,5 +132,7 @@ def test_agent_in_guest_hints_only_free_pages(vm_factory: VMFactory, collector: 
                 present += 1
                 hinted_garbage += bool(mask[page])
     assert present > 0.5 * (192 << 20) // PAGE, present
-    print(f"\ngarbage pages {present}, hinted {hinted_garbage} ({hinted_garbage / present:.1%}), source {facts.chosen_source}")
+    print(
+        f"\ngarbage pages {present}, hinted {hinted_garbage} ({hinted_garbage / present:.1%}), source {facts.chosen_source}"
+    )
     assert hinted_garbage > 0.95 * present, (hinted_garbage, present)

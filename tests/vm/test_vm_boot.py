@@ -13,13 +13,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from vmimage.builder import Image
-from vmimage.final import IMAGE_INFO_IN_GUEST
-from vmimage.qemu import FW_CFG_COLLECTOR, FW_CFG_TOKEN, RAM_BACKEND_ID, collector_address
-
 from fphint_lab.guest import mempattern
 from fphint_lab.vm.harness import VM, VMFactory
 from fphint_lab.vm.qmp import QMPCommandError
+from vmimage.builder import Image
+from vmimage.final import IMAGE_INFO_IN_GUEST
+from vmimage.qemu import FW_CFG_COLLECTOR, FW_CFG_TOKEN, RAM_BACKEND_ID, collector_address
 
 pytestmark = [pytest.mark.vm, pytest.mark.qemu, pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -87,7 +86,9 @@ def test_agent_unit_is_installed_and_enabled(guest: VM) -> None:
     assert guest.output("systemctl is-enabled fph-agent.service") == "enabled"
     props = dict(
         line.split("=", 1)
-        for line in guest.output("systemctl show fph-agent.service -p LoadState -p FragmentPath -p ExecStart").splitlines()
+        for line in guest.output(
+            "systemctl show fph-agent.service -p LoadState -p FragmentPath -p ExecStart"
+        ).splitlines()
     )
     assert props["LoadState"] == "loaded"
     assert props["FragmentPath"] == "/etc/systemd/system/fph-agent.service"

@@ -30,8 +30,18 @@ def test_busy_guest_migrates_and_verifies(vm_factory: VMFactory) -> None:
     status = src.workload("busy.py", "status")
     assert all(w["alive"] for w in status["workers"].values()) and len(status["workers"]) == 3, status
 
-    res, dst = migrate_once(vm_factory, src, "dst", PlainMigrator(), scenario=plain, run=0, boot_id=boot_id,
-                            link_rate_bps=GIGABIT, workload=BUSY, verify=False)
+    res, dst = migrate_once(
+        vm_factory,
+        src,
+        "dst",
+        PlainMigrator(),
+        scenario=plain,
+        run=0,
+        boot_id=boot_id,
+        link_rate_bps=GIGABIT,
+        workload=BUSY,
+        verify=False,
+    )
     assert res.survived and res.qemu_transferred and res.workload == "busy" and res.accel, res
     check = dst.workload("busy.py", "check", timeout=300, check=False)
     assert check["ok"], check

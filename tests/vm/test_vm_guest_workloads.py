@@ -130,7 +130,9 @@ def test_pagemap_lists_a_workers_pages(churn: tuple[str, dict[str, Any]]) -> Non
     assert starts == sorted(starts) and all(a % mempattern.PAGE == 0 and a > 0 for a in starts)
     pfns = out["pfns"]
     assert len(pfns) == npages and len(set(pfns)) == npages
-    assert sorted(p * mempattern.PAGE for p in pfns) == [a + i for a, n in out["ranges"] for i in range(0, n, mempattern.PAGE)]
+    assert sorted(p * mempattern.PAGE for p in pfns) == [
+        a + i for a, n in out["ranges"] for i in range(0, n, mempattern.PAGE)
+    ]
 
 
 def test_pagemap_refuses_bad_ranges() -> None:
@@ -143,7 +145,9 @@ def test_pagemap_refuses_bad_ranges() -> None:
 
 def test_churn_restarts_only_after_check(churn: tuple[str, dict[str, Any]]) -> None:
     state, _ = churn
-    rc, _ = run("churn.py", "--dir", state, "start", "--workers", "1", "--loop-mib", "1", "--keep-mib", "1", check=False)
+    rc, _ = run(
+        "churn.py", "--dir", state, "start", "--workers", "1", "--loop-mib", "1", "--keep-mib", "1", check=False
+    )
     assert rc == 2, "a second run must not start over live workers"
     assert run("churn.py", "--dir", state, "check")[1]["ok"]
     _, again = run("churn.py", "--dir", state, "start", "--workers", "1", "--loop-mib", "1", "--keep-mib", "1")
@@ -160,8 +164,9 @@ def busy(tmp_path: Path) -> Iterator[tuple[list[str], dict[str, Any]]]:
                      "--tmpfs-dir", str(tmp_path / "tmpfs"), "--tmpfs-mib", "2", "--tmpfs-keep-mib", "1",
                      "--cache-mib", "2", "--drop-every", "0.05", "--no-drop")  # fmt: skip
     yield dirs, started
-    pids = [w["pid"] for w in started.get("anon", [])] + [started[k]["pid"] for k in ("tmpfs", "cache", "fork")
-                                                         if k in started]
+    pids = [w["pid"] for w in started.get("anon", [])] + [
+        started[k]["pid"] for k in ("tmpfs", "cache", "fork") if k in started
+    ]
     for pid in pids:
         try:
             os.kill(pid, 9)

@@ -12,13 +12,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from vmimage.accel import Accel, tcg
-from vmimage.builder import Image
-from vmimage.qemu import FW_CFG_TOKEN, Endpoints, GuestConfig, qemu_argv
-
 from fphint_lab.vm import daemon_witness
 from fphint_lab.vm.fphint_daemon import CollectorDaemon, DaemonError, FphintMigrator
 from fphint_lab.vm.harness import VM, MigrationError, VMFactory, VMLaunchError, migrate, remove_stale_ram_files
+from vmimage.accel import Accel, tcg
+from vmimage.builder import Image
+from vmimage.qemu import FW_CFG_TOKEN, Endpoints, GuestConfig, qemu_argv
 
 
 def _endpoints(tmp: Path, incoming: bool = False, paused: bool = False) -> Endpoints:
@@ -39,8 +38,9 @@ def _guest(tmp: Path, **kw: object) -> GuestConfig:
 
 
 def test_argv_shape(tmp_path: Path) -> None:
-    argv = qemu_argv(_guest(tmp_path, token="a,b", mem_mib=512, append=("init_on_free=1",)), _endpoints(tmp_path),
-                     accel=tcg("test"))
+    argv = qemu_argv(
+        _guest(tmp_path, token="a,b", mem_mib=512, append=("init_on_free=1",)), _endpoints(tmp_path), accel=tcg("test")
+    )
     joined = " ".join(argv)
     assert argv[argv.index("-accel") + 1] == "tcg" and "-cpu" not in argv
     assert f"mem-path={tmp_path}/x.ram,share=on" in joined and "-m 512M" in joined
@@ -64,7 +64,11 @@ def test_argv_on_kvm_names_the_cpu_model(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("balloon", "needle"),
-    [("plain", "virtio-balloon-pci,id=balloon0"), ("hint", "free-page-hint=on,iothread="), ("report", "free-page-reporting=on")],
+    [
+        ("plain", "virtio-balloon-pci,id=balloon0"),
+        ("hint", "free-page-hint=on,iothread="),
+        ("report", "free-page-reporting=on"),
+    ],
 )
 def test_balloon_variants(tmp_path: Path, balloon: str, needle: str) -> None:
     argv = qemu_argv(_guest(tmp_path, balloon=balloon), _endpoints(tmp_path))

@@ -89,7 +89,7 @@ class Accel:
 
     @property
     def label(self) -> str:
-        """"KVM (-cpu host)" or "TCG"."""
+        """ "KVM (-cpu host)" or "TCG"."""
         return self.name.upper() + (f" (-cpu {self.cpu})" if self.cpu else "")
 
     def describe(self) -> str:
@@ -155,8 +155,13 @@ def probe_once(binary: str, kernel: Path, cpu: str | None, timeout: float, workd
     t0 = time.monotonic()
     with stderr_path.open("wb") as err:
         try:
-            proc = subprocess.Popen(probe_argv(binary, kernel, cpu, console), stdin=subprocess.DEVNULL,
-                                    stdout=err, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                probe_argv(binary, kernel, cpu, console),
+                stdin=subprocess.DEVNULL,
+                stdout=err,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         except OSError as exc:
             return ProbeResult(cpu, False, 0.0, exitcode=127, detail=f"cannot start {binary}: {exc}")
         try:
@@ -167,13 +172,24 @@ def probe_once(binary: str, kernel: Path, cpu: str | None, timeout: float, workd
                     return ProbeResult(cpu, True, round(seconds, 2))
                 rc = proc.poll()
                 if rc is not None:
-                    return ProbeResult(cpu, False, round(seconds, 2), exitcode=rc,
-                                       detail=_first_error(_read(stderr_path)) or "no output")
+                    return ProbeResult(
+                        cpu,
+                        False,
+                        round(seconds, 2),
+                        exitcode=rc,
+                        detail=_first_error(_read(stderr_path)) or "no output",
+                    )
                 if seconds > timeout:
                     seen = _oneline(shown)
-                    return ProbeResult(cpu, False, round(seconds, 2), detail=(
-                        f"no kernel line within {timeout:g} s" + (f" (console: {seen!r})" if seen else
-                                                                   " (console empty)")))
+                    return ProbeResult(
+                        cpu,
+                        False,
+                        round(seconds, 2),
+                        detail=(
+                            f"no kernel line within {timeout:g} s"
+                            + (f" (console: {seen!r})" if seen else " (console empty)")
+                        ),
+                    )
                 time.sleep(0.05)
         finally:
             _end(proc)
@@ -219,8 +235,14 @@ def _oneline(data: bytes, limit: int = 160) -> str:
 Prober = Callable[[str, Path, "str | None", float, Path], ProbeResult]
 
 
-def probe_kvm(binary: str, kernel: Path, *, timeout: float = PROBE_TIMEOUT,
-              models: Sequence[str | None] = CPU_MODELS, prober: Prober = probe_once) -> Accel:
+def probe_kvm(
+    binary: str,
+    kernel: Path,
+    *,
+    timeout: float = PROBE_TIMEOUT,
+    models: Sequence[str | None] = CPU_MODELS,
+    prober: Prober = probe_once,
+) -> Accel:
     """KVM with the first CPU model whose guest prints its first kernel line,
     else TCG with every attempt's reason. A model whose QEMU exits is skipped;
     one that starts but stays silent ends the probe."""
@@ -229,9 +251,13 @@ def probe_kvm(binary: str, kernel: Path, *, timeout: float = PROBE_TIMEOUT,
         for cpu in models:
             r = prober(binary, kernel, cpu, timeout, Path(tmp))
             if r.ok:
-                return Accel("kvm", cpu, "probed",
-                             f"a KVM guest printed its first kernel line after {r.seconds:.2f} s"
-                             + (f" (skipped: {'; '.join(tried)})" if tried else ""))
+                return Accel(
+                    "kvm",
+                    cpu,
+                    "probed",
+                    f"a KVM guest printed its first kernel line after {r.seconds:.2f} s"
+                    + (f" (skipped: {'; '.join(tried)})" if tried else ""),
+                )
             what = f"-cpu {cpu or 'default'}: "
             what += f"{_status(r.exitcode)}: {r.detail}" if r.exitcode is not None else r.detail
             tried.append(what)
@@ -273,8 +299,7 @@ def parse_mode(value: str | None) -> Mode:
     return v
 
 
-def choose(binary: str, kernel: Path | None = None, mode: str | None = None, *,
-           inputs: Choice | None = None) -> Accel:
+def choose(binary: str, kernel: Path | None = None, mode: str | None = None, *, inputs: Choice | None = None) -> Accel:
     """The accelerator for guests of ``binary``.
 
     :param kernel: the guest kernel the probe boots (default: ``$FPH_ACCEL_KERNEL``).

@@ -89,9 +89,15 @@ def build_base(spec: BaseSpec, key: str, work: Path, log: BuildLog) -> dict[str,
     with log.step("debootstrap"):
         log.run(
             [
-                "debootstrap", "--variant=minbase", "--arch=amd64", "--components=main",
-                "--include=" + ",".join(spec.bootstrap), spec.suite, str(root), spec.mirror,
-            ],  # fmt: skip
+                "debootstrap",
+                "--variant=minbase",
+                "--arch=amd64",
+                "--components=main",
+                "--include=" + ",".join(spec.bootstrap),
+                spec.suite,
+                str(root),
+                spec.mirror,
+            ],
             timeout=3600,
         )
     with log.step("configure rootfs"):
@@ -124,9 +130,7 @@ def build_base(spec: BaseSpec, key: str, work: Path, log: BuildLog) -> dict[str,
         write_new(root / "etc/resolv.conf", "", mode=0o644)
         shutil.copyfile(root / f"boot/vmlinuz-{kernel}", work / "vmlinuz")
         shutil.copyfile(root / f"boot/initrd.img-{kernel}", work / "initrd.img")
-        packages = log.run(
-            ["dpkg-query", f"--admindir={root}/var/lib/dpkg", "-W", "-f", "${Package} ${Version}\n"]
-        )
+        packages = log.run(["dpkg-query", f"--admindir={root}/var/lib/dpkg", "-W", "-f", "${Package} ${Version}\n"])
         (work / "packages.txt").write_text(packages)
     return {
         "kernel_version": kernel,
@@ -187,10 +191,18 @@ def _install_venv(spec: BaseSpec, root: Path, log: BuildLog) -> dict[str, str]:
     shutil.copyfile(spec.requirements, wheelhouse / "requirements.txt")
     log.run(
         [
-            sys.executable, "-m", "pip", "download", "--disable-pip-version-check",
-            "--only-binary=:all:", "--no-deps", "-d", str(wheelhouse),
-            "-r", str(spec.requirements),
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--disable-pip-version-check",
+            "--only-binary=:all:",
+            "--no-deps",
+            "-d",
+            str(wheelhouse),
+            "-r",
+            str(spec.requirements),
+        ]
     )
     py = f"{AGENT_VENV}/bin/python"
     log.run(chroot_argv(root, ["python3", "-m", "venv", "--system-site-packages", AGENT_VENV]), env=CHROOT_ENV)
@@ -198,10 +210,19 @@ def _install_venv(spec: BaseSpec, root: Path, log: BuildLog) -> dict[str, str]:
         chroot_argv(
             root,
             [
-                py, "-m", "pip", "install", "--disable-pip-version-check", "--no-cache-dir",
-                "--no-index", "--no-deps", "--find-links", "/tmp/wheelhouse",
-                "-r", "/tmp/wheelhouse/requirements.txt",
-            ],  # fmt: skip
+                py,
+                "-m",
+                "pip",
+                "install",
+                "--disable-pip-version-check",
+                "--no-cache-dir",
+                "--no-index",
+                "--no-deps",
+                "--find-links",
+                "/tmp/wheelhouse",
+                "-r",
+                "/tmp/wheelhouse/requirements.txt",
+            ],
         ),
         env=CHROOT_ENV,
     )

@@ -128,7 +128,7 @@ def _build_layer(
     try:
         manifest = make(work, log)
         manifest["timings"] = log.timings
-        manifest["built_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        manifest["built_at"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         (work / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str) + "\n")
     finally:
         log.close()

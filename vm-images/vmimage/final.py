@@ -109,10 +109,20 @@ def build_image(
             fs_uuid = str(uuid.UUID(hashlib.sha256(key.encode()).hexdigest()[:32]))
             log.run(
                 [
-                    "mkfs.ext4", "-q", "-F", "-L", LABEL, "-U", fs_uuid,
-                    "-E", f"lazy_itable_init=0,lazy_journal_init=0,root_owner=0:0,hash_seed={fs_uuid}",
-                    "-d", str(stage), str(work / "rootfs.raw"), f"{size_mib}M",
-                ],  # fmt: skip
+                    "mkfs.ext4",
+                    "-q",
+                    "-F",
+                    "-L",
+                    LABEL,
+                    "-U",
+                    fs_uuid,
+                    "-E",
+                    f"lazy_itable_init=0,lazy_journal_init=0,root_owner=0:0,hash_seed={fs_uuid}",
+                    "-d",
+                    str(stage),
+                    str(work / "rootfs.raw"),
+                    f"{size_mib}M",
+                ],
                 timeout=900,
             )
     finally:
@@ -168,9 +178,16 @@ def _install_wheel(wheel: Path, stage: Path, log: BuildLog) -> None:
             chroot_argv(
                 stage,
                 [
-                    f"{AGENT_VENV}/bin/python", "-m", "pip", "install", "--disable-pip-version-check",
-                    "--no-cache-dir", "--no-index", "--no-deps", f"/tmp/{wheel.name}",
-                ],  # fmt: skip
+                    f"{AGENT_VENV}/bin/python",
+                    "-m",
+                    "pip",
+                    "install",
+                    "--disable-pip-version-check",
+                    "--no-cache-dir",
+                    "--no-index",
+                    "--no-deps",
+                    f"/tmp/{wheel.name}",
+                ],
             ),
             env=CHROOT_ENV,
         )

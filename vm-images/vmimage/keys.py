@@ -35,9 +35,7 @@ def iter_tree(root: Path) -> Iterator[Path]:
         yield root
         return
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(
-            d for d in dirnames if d not in _SKIP_DIRS and not d.endswith(".egg-info")
-        )
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.endswith(".egg-info"))
         for name in sorted(filenames):
             if not name.endswith(_SKIP_SUFFIXES):
                 yield Path(dirpath, name)

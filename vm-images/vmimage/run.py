@@ -126,9 +126,7 @@ class BuildLog:
         except subprocess.TimeoutExpired as exc:
             out = _text(exc.stdout) + _text(exc.stderr)
             self.note(out)
-            raise BuildError(
-                f"{argv[0]} timed out after {timeout:.0f} s", self.path, _tail(out)
-            ) from exc
+            raise BuildError(f"{argv[0]} timed out after {timeout:.0f} s", self.path, _tail(out)) from exc
         except OSError as exc:
             raise BuildError(f"cannot run {argv[0]}: {exc}", self.path) from exc
         if proc.stdout:

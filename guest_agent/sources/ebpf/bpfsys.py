@@ -30,6 +30,7 @@ BPF_RAW_TRACEPOINT_OPEN = 17
 BPF_MAP_TYPE_HASH = 1
 BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_RINGBUF = 27
+BPF_PROG_TYPE_KPROBE = 2
 BPF_PROG_TYPE_TRACEPOINT = 5
 BPF_PROG_TYPE_RAW_TRACEPOINT = 17
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351, "riscv64": 280}
@@ -177,7 +178,9 @@ def raw_tracepoint_open(name: str, prog_fd: int) -> int:
     return _bpf(BPF_RAW_TRACEPOINT_OPEN, attr, f"BPF_RAW_TRACEPOINT_OPEN({name})")
 
 
-def _elem_attr(fd: int, key: ctypes.Array[ctypes.c_char], value: ctypes.Array[ctypes.c_char] | None) -> ctypes.Array[ctypes.c_uint64]:
+def _elem_attr(
+    fd: int, key: ctypes.Array[ctypes.c_char], value: ctypes.Array[ctypes.c_char] | None
+) -> ctypes.Array[ctypes.c_uint64]:
     attr = _attr()
     attr[0] = fd
     attr[1] = ctypes.addressof(key)

@@ -90,9 +90,7 @@ class Btf:
     def __init__(self, data: bytes) -> None:
         if len(data) < _HEADER.size:
             raise BtfError("BTF blob is shorter than its header")
-        magic, version, _flags, hdr_len, type_off, type_len, str_off, str_len = (
-            _HEADER.unpack_from(data, 0)
-        )
+        magic, version, _flags, hdr_len, type_off, type_len, str_off, str_len = _HEADER.unpack_from(data, 0)
         if magic != MAGIC:
             raise BtfError(f"bad BTF magic {magic:#x} (big-endian BTF is not supported)")
         if version != 1:

@@ -70,9 +70,7 @@ def run(paths: KernelPaths, release: str | None = None) -> Findings:
         found.reason = f"cannot use BTF at {paths.btf}: {e}"
         return found
     if problems:
-        found.reason = "kernel tracepoints differ from what the BPF code reads: " + "; ".join(
-            problems
-        )
+        found.reason = "kernel tracepoints differ from what the BPF code reads: " + "; ".join(problems)
         return found
     if missing:
         found.absent_tracepoints = [m.split(":")[0] for m in missing]

@@ -85,14 +85,10 @@ def choose_encoding(btf: Btf, release: str) -> BuddyEncoding:
             base, bit = values["PAGE_TYPE_BASE"] & 0xFFFFFFFF, values["PG_buddy"] & 0xFFFFFFFF
             if not base or not bit or base & bit:
                 raise PageLayoutError(f"enum {enum_name}: odd PAGE_TYPE_BASE/PG_buddy {base:#x}/{bit:#x}")
-            return BuddyEncoding(
-                base | bit, base, f"BTF enum {enum_name}: PAGE_TYPE_BASE={base:#x} PG_buddy={bit:#x}"
-            )
+            return BuddyEncoding(base | bit, base, f"BTF enum {enum_name}: PAGE_TYPE_BASE={base:#x} PG_buddy={bit:#x}")
     version = release_version(release)
     if version == (6, 11):
-        return BuddyEncoding(
-            V611_BASE | V611_PG_BUDDY, V611_BASE, f"release {release}: 6.11 inverted PG_buddy"
-        )
+        return BuddyEncoding(V611_BASE | V611_PG_BUDDY, V611_BASE, f"release {release}: 6.11 inverted PG_buddy")
     if version < (6, 12):
         return BuddyEncoding(
             LEGACY_BASE | LEGACY_PG_BUDDY,

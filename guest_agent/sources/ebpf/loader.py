@@ -83,8 +83,11 @@ def run(request: dict[str, Any], timeout: float = TIMEOUT_S, argv: list[str] | N
         with theirs:
             proc = subprocess.Popen(
                 (argv or default_argv()) + [str(theirs.fileno())],
-                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err,
-                pass_fds=(theirs.fileno(),), env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                pass_fds=(theirs.fileno(),),
+                env=env,
             )
         try:
             assert proc.stdin is not None

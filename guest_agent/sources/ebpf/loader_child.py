@@ -39,7 +39,7 @@ def _load(req: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
     fds: list[int] = []
     progs: dict[str, int] = {}
     errors: dict[str, str] = {}
-    kinds = {"raw_tracepoint": BPF.RAW_TRACEPOINT, "tracepoint": BPF.TRACEPOINT}
+    kinds = {"raw_tracepoint": BPF.RAW_TRACEPOINT, "tracepoint": BPF.TRACEPOINT, "kprobe": BPF.KPROBE}
     for name, kind in req["programs"].items():
         try:
             fds.append(int(bpf.load_func(name.encode(), kinds[kind]).fd))

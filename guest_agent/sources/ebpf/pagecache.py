@@ -90,4 +90,3 @@ def drop(files: Iterable[str], dirs: Iterable[str], max_files: int = MAX_FILES, 
             return Dropped(n, time.monotonic() - t0, True)
         n += _drop_one(path)
     return Dropped(n, time.monotonic() - t0, False)
-

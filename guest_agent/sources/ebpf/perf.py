@@ -1,4 +1,4 @@
-"""Attach a tracepoint BPF program to a tracefs event through perf_event_open.
+"""Attach a tracepoint or kprobe BPF program through perf_event_open.
 
 bcc did this for us; the agent now holds only fds, so it asks the kernel
 directly. One perf event on CPU 0 is enough: the kernel runs a tracepoint's
@@ -23,7 +23,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 class _PerfEventAttr(ctypes.Structure):
-    """The first (PERF_ATTR_SIZE_VER0) part of ``struct perf_event_attr``."""
+    """The first (PERF_ATTR_SIZE_VER1) part of ``struct perf_event_attr``."""
 
     _fields_ = [
         ("type", ctypes.c_uint32),
@@ -36,7 +36,12 @@ class _PerfEventAttr(ctypes.Structure):
         ("wakeup_events", ctypes.c_uint32),
         ("bp_type", ctypes.c_uint32),
         ("config1", ctypes.c_uint64),
+        ("config2", ctypes.c_uint64),
     ]
+
+
+#: Where the kprobe PMU publishes its perf type (kernels with CONFIG_KPROBES).
+KPROBE_PMU_TYPE = "/sys/bus/event_source/devices/kprobe/type"
 
 
 def tracepoint_id(tracefs: str, event: str) -> int:
@@ -46,26 +51,15 @@ def tracepoint_id(tracefs: str, event: str) -> int:
         return int(f.read().strip())
 
 
-def attach_tracepoint(tracefs: str, event: str, prog_fd: int) -> int:
-    """Run ``prog_fd`` on ``category:name``; closing the returned fd detaches it.
-
-    :raise OSError: event unknown, or the kernel refuses.
-    """
+def _open_and_attach(attr: _PerfEventAttr, what: str, prog_fd: int) -> int:
     try:
         nr = _SYS_PERF_EVENT_OPEN[platform.machine()]
     except KeyError:
         raise OSError(f"perf_event_open syscall number unknown for {platform.machine()}") from None
-    attr = _PerfEventAttr(
-        type=PERF_TYPE_TRACEPOINT,
-        size=ctypes.sizeof(_PerfEventAttr),
-        config=tracepoint_id(tracefs, event),
-        sample_period=1,
-        wakeup_events=1,
-    )
     fd = int(_libc.syscall(nr, ctypes.byref(attr), -1, 0, -1, PERF_FLAG_FD_CLOEXEC))
     if fd < 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"perf_event_open({event}): {os.strerror(err)}")
+        raise OSError(err, f"perf_event_open({what}): {os.strerror(err)}")
     try:
         fcntl.ioctl(fd, PERF_EVENT_IOC_SET_BPF, prog_fd)
         fcntl.ioctl(fd, PERF_EVENT_IOC_ENABLE, 0)
@@ -73,3 +67,42 @@ def attach_tracepoint(tracefs: str, event: str, prog_fd: int) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def attach_tracepoint(tracefs: str, event: str, prog_fd: int) -> int:
+    """Run ``prog_fd`` on ``category:name``; closing the returned fd detaches it.
+
+    :raise OSError: event unknown, or the kernel refuses.
+    """
+    attr = _PerfEventAttr(
+        type=PERF_TYPE_TRACEPOINT,
+        size=ctypes.sizeof(_PerfEventAttr),
+        config=tracepoint_id(tracefs, event),
+        sample_period=1,
+        wakeup_events=1,
+    )
+    return _open_and_attach(attr, event, prog_fd)
+
+
+def attach_kprobe(function: str, prog_fd: int, pmu_type_file: str = KPROBE_PMU_TYPE) -> int:
+    """Run ``prog_fd`` at the entry of kernel function ``function``; closing the
+    returned fd detaches it.
+
+    :raise OSError: no kprobe PMU (kernel without kprobes), unknown or
+        unprobeable function, or the kernel refuses.
+    """
+    try:
+        with open(pmu_type_file) as f:
+            pmu = int(f.read().strip())
+    except (OSError, ValueError) as e:
+        raise OSError(f"no kprobe PMU ({pmu_type_file}: {e})") from None
+    name = ctypes.create_string_buffer(function.encode())
+    attr = _PerfEventAttr(
+        type=pmu,
+        size=ctypes.sizeof(_PerfEventAttr),
+        sample_period=1,
+        wakeup_events=1,
+        config1=ctypes.addressof(name),
+        config2=0,
+    )
+    return _open_and_attach(attr, f"kprobe {function}", prog_fd)

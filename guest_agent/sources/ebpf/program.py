@@ -20,6 +20,7 @@ from . import loader, pagecache, perf
 from .bpfsys import (
     BPF_MAP_TYPE_ARRAY,
     BPF_MAP_TYPE_RINGBUF,
+    BPF_PROG_TYPE_KPROBE,
     BPF_PROG_TYPE_RAW_TRACEPOINT,
     BPF_PROG_TYPE_TRACEPOINT,
     TestRunner,
@@ -75,14 +76,17 @@ TRACKERS: dict[str, tuple[str, tuple[str, ...], bool]] = {
     # tracepoint: (program, argument kinds, required)
     "mm_page_alloc": ("on_alloc", PAGE_ARGS, True),
     "mm_page_alloc_zone_locked": ("on_alloc_zone_locked", PAGE_ARGS, True),
-    "mm_page_alloc_extfrag": ("on_extfrag", PAGE_ARGS + ("int",), True),
-    "mm_compaction_isolate_freepages": ("on_isolate", RANGE_ARGS + ("long",), False),
-    "mm_compaction_fast_isolate_freepages": ("on_fast_isolate", RANGE_ARGS + ("long",), False),
+    "mm_page_alloc_extfrag": ("on_extfrag", (*PAGE_ARGS, "int"), True),
+    "mm_compaction_isolate_freepages": ("on_isolate", (*RANGE_ARGS, "long"), False),
+    "mm_compaction_fast_isolate_freepages": ("on_fast_isolate", (*RANGE_ARGS, "long"), False),
     "test_pages_isolated": ("on_test_isolated", RANGE_ARGS, False),
 }
 LIVE_TRACEPOINT = ("mm_page_free", "on_free", PAGE_ARGS)
+#: Kernel function whose entry marks every free block isolated from the free
+#: lists (optional: kernels without kprobes, or where it is inlined, lack it).
+ISOLATE_KPROBE = ("__isolate_free_page", "on_isolate_free")
 #: Tracepoints whose absence makes the source unusable.
-REQUIRED_RAW = ("mm_page_free",) + tuple(t for t, (_, _, req) in TRACKERS.items() if req)
+REQUIRED_RAW = ("mm_page_free", *tuple(t for t, (_, _, req) in TRACKERS.items() if req))
 
 
 def _arg_matches(btf: Btf, tid: int, want: str) -> bool:
@@ -114,9 +118,7 @@ def tracepoint_problems(btf: Btf) -> tuple[list[str], list[str]]:
             problems.append(f"{tp}: {e}")
             continue
         have = [btf.describe(p) for p in params[1:]]
-        if len(params) < 1 + len(args) or not all(
-            _arg_matches(btf, p, w) for p, w in zip(params[1:], args)
-        ):
+        if len(params) < 1 + len(args) or not all(_arg_matches(btf, p, w) for p, w in zip(params[1:], args)):
             problems.append(f"{tp}({', '.join(have)}) does not start with ({', '.join(args)})")
     return problems, missing
 
@@ -231,6 +233,7 @@ PROGRAMS: dict[str, str] = {
     **{name: "raw_tracepoint" for name in SYNC_PROGRAMS},
     **{fn: "raw_tracepoint" for fn, _args, _req in TRACKERS.values()},
     LIVE_TRACEPOINT[1]: "raw_tracepoint",
+    ISOLATE_KPROBE[1]: "kprobe",
     "pair_raw": "raw_tracepoint",
     "pair_tp": "tracepoint",
 }
@@ -406,10 +409,24 @@ class LoadedProgram:
     def attach_tracepoint(self, tracepoint: str, fn: str) -> None:
         """Attach ``fn`` to tracefs event ``category:name``."""
         key = self._unattached("tp:" + tracepoint)
-        self._links[key] = perf.attach_tracepoint(self._tracefs, tracepoint, self._prog_fd(fn, BPF_PROG_TYPE_TRACEPOINT))
+        self._links[key] = perf.attach_tracepoint(
+            self._tracefs, tracepoint, self._prog_fd(fn, BPF_PROG_TYPE_TRACEPOINT)
+        )
 
     def detach_tracepoint(self, tracepoint: str) -> None:
         self._unlink("tp:" + tracepoint)
+
+    def attach_kprobe(self, function: str, fn: str) -> None:
+        """Run ``fn`` at the entry of kernel function ``function``."""
+        key = self._unattached("kprobe:" + function)
+        self._links[key] = perf.attach_kprobe(function, self._prog_fd(fn, BPF_PROG_TYPE_KPROBE))
+
+    def detach_kprobe(self, function: str) -> None:
+        self._unlink("kprobe:" + function)
+
+    def attached(self, key: str) -> bool:
+        """``raw:NAME``, ``tp:CAT:NAME`` or ``kprobe:FUNCTION`` is attached."""
+        return key in self._links
 
     def close(self) -> None:
         """Detach and unload everything; safe to call twice."""

@@ -41,19 +41,20 @@ class RingReader:
         #: Records one call reads at most (a ring full of the smallest records).
         self.limit = size // HDR_SIZE
 
-    def consume(self, handler: Handler) -> int:
-        """Hand every complete record to ``handler``; return how many.
+    def consume(self, handler: Handler, limit: int | None = None) -> int:
+        """Hand every complete record to ``handler`` (at most ``limit``); return how many.
 
         Discarded records are skipped; a busy one ends the call (the producer
         is still writing it and records after it wait for it).
         """
         cons = self._cons[0]
         n = 0
-        while n < self.limit:
+        cap = self.limit if limit is None else min(limit, self.limit)
+        while n < cap:
             prod = self._prod[0]
             if cons >= prod:
                 break
-            while cons < prod and n < self.limit:
+            while cons < prod and n < cap:
                 off = cons & self._mask
                 hdr = _U32.unpack_from(self._data, off)[0]
                 if hdr & BUSY_BIT:
@@ -81,8 +82,8 @@ class RingBuffer:
         self._views = [cons, prod, cons[:8].cast("Q"), prod[:8].cast("Q"), prod[page:]]
         self.reader = RingReader(self._views[2], self._views[3], self._views[4], size)
 
-    def consume(self, handler: Handler) -> int:
-        return self.reader.consume(handler)
+    def consume(self, handler: Handler, limit: int | None = None) -> int:
+        return self.reader.consume(handler, limit)
 
     def close(self) -> None:
         for v in reversed(self._views):

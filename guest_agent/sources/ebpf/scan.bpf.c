@@ -20,10 +20,21 @@
  * Attached to raw tracepoints while the source is open:
  *   on_alloc, on_alloc_zone_locked, on_extfrag   mark pages leaving the buddy lists
  *   on_isolate, on_fast_isolate, on_test_isolated  compaction/isolation ranges
+ *   on_isolate_free (kprobe, optional)             __isolate_free_page(page, order):
+ *                                                  every isolation of a free block
+ *                                                  (compaction, incl. 6.1's untraced
+ *                                                  fast path; page isolation; reporting)
  *   on_free                                       live frees during an open epoch
+ * While the agent tracks (docs/safety-rule.md §5.6) the gate stays open
+ * between scans, so the bitmap holds every page that left the buddy lists
+ * since the last scan began.
  * Attached only while discovering vmemmap_base (no kallsyms entry):
  *   pair_raw (raw tracepoint, page pointer) + pair_tp (tracepoint, pfn)
  */
+
+/* struct pt_regs for the kprobe's arguments (PT_REGS_PARM*): the register
+ * save layout is the architecture's ABI, the same in every kernel's headers. */
+#include <uapi/linux/ptrace.h>
 
 #define FPH_BUDDY(t) (((t) & FPH_BUDDY_MASK) == FPH_BUDDY_VALUE)
 #define FPH_BARRIER() asm volatile("" ::: "memory")
@@ -363,10 +374,16 @@ static __always_inline void mark_range(struct fph_ctl *c, u64 start, u64 end)
 		u64 mask = (n >= 64 ? ~0ULL : ((1ULL << n) - 1)) << (start & 63);
 		u32 k = w0;
 		u64 *w = dirty.lookup(&k);
-		if (w)
-			__sync_fetch_and_or(w, mask);
-		else
+		/* The locked OR only when a bit is missing: a page allocated
+		 * again since the scan began costs a load. A bit seen set just
+		 * before a scan clears it belongs to an exit before that scan
+		 * reads (the same argument as for a mark the clearing erases). */
+		if (w) {
+			if ((*w & mask) != mask)
+				__sync_fetch_and_or(w, mask);
+		} else {
 			mark_wide(c, start, end);
+		}
 		return;
 	}
 	if (w1 - w0 >= FPH_MARK_WORDS) {
@@ -451,6 +468,15 @@ int on_fast_isolate(struct bpf_raw_tracepoint_args *ctx)
 	if (c && ctx->args[3])
 		mark_wide(c, ctx->args[0], ~0ULL);
 	return 0;
+}
+
+/* __isolate_free_page(struct page *page, unsigned int order), kprobe at entry:
+ * the block is marked before it leaves the free lists. Kernels before the
+ * mm_compaction_fast_isolate_freepages tracepoint (6.1) isolate free blocks
+ * for compaction with no tracepoint at all; this catches every isolation. */
+int on_isolate_free(struct pt_regs *ctx)
+{
+	return track_page(PT_REGS_PARM1(ctx), (u32)PT_REGS_PARM2(ctx));
 }
 
 /* test_pages_isolated(start_pfn, end_pfn, fin_pfn): a range about to leave */

@@ -12,18 +12,23 @@ bitmap), then for each portion of at most ``nr_recs`` PFNs:
 
 A portion is complete and sound on its own, so the agent can send it while
 the next one is scanned (time to first chunk). The gate closes when the
-iteration ends, however it ends.
+iteration ends, however it ends, unless the scanner tracks: then it stays
+open and every part joins the tracked set (tracked.py), which the next
+request is answered from at once.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from . import system
+from .hooks import Hooks
 from .program import WIDE_MAX, Ctl, LoadedProgram
 from .system import PAGE_SHIFT, KernelPaths, PfnRanges
+from .tracked import TrackedAnswer, TrackedSet
 
 #: Re-read which memory blocks are online at least this often; /proc/iomem is
 #: read every scan (cheap) and a change forces a re-read (hot-add).
@@ -86,25 +91,96 @@ class RamMap:
 
 
 class Scanner:
-    def __init__(self, prog: LoadedProgram, ram: RamMap) -> None:
+    def __init__(self, prog: LoadedProgram, ram: RamMap, hooks: Hooks | None = None) -> None:
         self.prog = prog
         self.ram = ram
+        #: The exit hooks: attached for a scan (and while tracking), else not.
+        self.hooks = hooks or Hooks(prog, detachable=False)
+        #: Called (under the lock) when the gate closes: nothing is watched now.
+        self.on_idle: Callable[[], None] = lambda: None
         self.portion = prog.config.nr_recs
         self.bitmap_bytes = 8 * prog.config.bitmap_words
         self.last = ScanStats()
+        #: Held to clear the bitmap, to add a part to the tracked set and to
+        #: answer from it: an answer never sees a bitmap half cleared.
+        self.lock = threading.Lock()
+        self.tracked = TrackedSet()
+        self._tracking = False
+        self._scanning = False
 
-    def parts(self, deadline: float | None = None) -> Iterator[ScanPart]:
-        """Scan now, yielding one part per portion of PFNs (some may be empty)."""
+    @property
+    def tracking(self) -> bool:
+        return self._tracking
+
+    def set_tracking(self, on: bool) -> None:
+        """Keep the gate open after scans (on), or close it and forget (off).
+
+        On, the scan running now (if any) and every later one are tracked;
+        nothing scanned before is (its bitmap history is gone). Off never
+        closes the gate under a running scan: that scan closes it at its end.
+        """
+        with self.lock:
+            if on == self._tracking:
+                return
+            self._tracking = on
+            if not on and not self._scanning:  # a running scan closes it when it ends
+                self._close_gate()
+
+    def _close_gate(self) -> None:
+        """Gate closed, set forgotten, hooks detached (under the lock)."""
+        self.prog.begin.run(0)
+        self.tracked.clear()
+        self.hooks.detach()
+        self.on_idle()
+
+    def answer(self) -> TrackedAnswer | None:
+        """What the tracked set says is free now, or None (not tracking, or
+        no scan since tracking began). No BPF run: the bitmap is read in place."""
+        ctl = self.prog.ctl
+        with self.lock:
+            if not (self._tracking and self.tracked.valid):
+                return None
+            n = ctl[Ctl.WIDE_N]
+            wide = []
+            spoiled = n > WIDE_MAX
+            for i in range(0 if spoiled else n):
+                s, e = ctl[Ctl.WIDE + 2 * i], ctl[Ctl.WIDE + 2 * i + 1]
+                if e == 0:  # an event is writing it right now: cannot tell
+                    spoiled = True
+                    break
+                wide.append((s, e))
+            if spoiled:
+                wide = [(0, 1 << 62)]
+            return self.tracked.answer(self.prog.dirty_bytes, wide)
+
+    def parts(self, deadline: float | None = None, cancel: Callable[[], bool] | None = None) -> Iterator[ScanPart]:
+        """Scan now, yielding one part per portion of PFNs (some may be empty).
+
+        ``cancel`` is asked between BPF runs; when it says so the scan stops
+        as at a deadline (what it yielded stays sound).
+        """
         prog, ctl = self.prog, self.prog.ctl
         ranges = self.ram.refresh()
         stats = self.last = ScanStats()
+        with self.lock:
+            self._scanning = True
+        try:
+            self.hooks.attach()  # no-op while tracking; else attach and a grace period
+        except BaseException:
+            with self.lock:
+                self._scanning = False
+            raise
         # Zero the bitmap and the wide list, then open the gate with a fence.
-        prog.clear_dirty()
-        ctl[Ctl.WIDE_N] = 0
-        for i in range(Ctl.WIDE, Ctl.WIDE + 2 * WIDE_MAX):
-            ctl[i] = 0
-        ctl[Ctl.FAULTS] = ctl[Ctl.REJECTS] = ctl[Ctl.DROPPED] = 0
-        prog.begin.run(1)
+        # With the gate already open (tracking) an event racing the clearing
+        # may lose its mark: its page left the lists before this scan reads.
+        with self.lock:
+            prog.clear_dirty()
+            ctl[Ctl.WIDE_N] = 0
+            for i in range(Ctl.WIDE, Ctl.WIDE + 2 * WIDE_MAX):
+                ctl[i] = 0
+            ctl[Ctl.FAULTS] = ctl[Ctl.REJECTS] = ctl[Ctl.DROPPED] = 0
+            prog.begin.run(1)
+            self.tracked.reset(time.monotonic(), self.bitmap_bytes)
         folded = 0
         try:
             pfn = 0
@@ -116,7 +192,7 @@ class Scanner:
                     stop = min(pfn + self.portion, end)
                     ctl[Ctl.NREC] = 0
                     while pfn < stop:
-                        if deadline is not None and time.monotonic() >= deadline:
+                        if (deadline is not None and time.monotonic() >= deadline) or (cancel is not None and cancel()):
                             stats.complete = False
                             break
                         prog.scan.run(pfn, stop)
@@ -124,11 +200,17 @@ class Scanner:
                         pfn = ctl[Ctl.CURSOR]
                     scanned_at = time.monotonic()
                     folded = self._fold_wide(folded, stats)
-                    yield self._filter(first, max(pfn, first), scanned_at, stats)
+                    part = self._filter(first, max(pfn, first), scanned_at, stats)
+                    with self.lock:
+                        self.tracked.add(part.ranges)
+                    yield part
                     if not stats.complete:
                         return
         finally:
-            prog.begin.run(0)
+            with self.lock:
+                self._scanning = False
+                if not self._tracking:
+                    self._close_gate()
             stats.extra["faults"] = float(ctl[Ctl.FAULTS])
             stats.extra["rejects"] = float(ctl[Ctl.REJECTS])
 

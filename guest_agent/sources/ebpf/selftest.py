@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..kpageflags import _BUDDY_BYTE, _TO_FLAG, ENTRY
-from .scanner import ScanPart, Scanner
+from .scanner import Scanner, ScanPart
 
 _ONES = re.compile(rb"\x01+")
 
@@ -152,10 +152,7 @@ def compare_part(part: ScanPart, kpf_fd: int, dirty: memoryview, block: int | No
     for m in _ONES.finditer(extra.to_bytes(n, "little")):
         first, count = part.first_pfn + m.start(), m.end() - m.start()
         out.extra += count
-        left = [
-            pfn for pfn in range(first, first + count)
-            if not (pfn < nbits and dirty[pfn >> 3] >> (pfn & 7) & 1)
-        ]
+        left = [pfn for pfn in range(first, first + count) if not (pfn < nbits and dirty[pfn >> 3] >> (pfn & 7) & 1)]
         out.explained += count - len(left)
         for pfn, n in runs_of(left):
             if block and pfn % block == 0 and n % block == 0:

@@ -8,13 +8,16 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from ... import memory
 from ..base import FreePageSource, Probe, ScanSummary, SourceUnavailable
 from . import checks, headers, selftest, system, vmemmap
-from .live import EbpfLiveFrees
+from .hooks import Hooks, grace_period
 from .layout import PageLayout, PageLayoutError, release_version
-from .program import TRACKERS, Ctl, LoadedProgram, LoadError, ProgramConfig, tracepoint_fields
-from .scanner import RamMap, ScanPart, Scanner
+from .live import EbpfLiveFrees
+from .program import ISOLATE_KPROBE, TRACKERS, Ctl, LoadedProgram, LoadError, ProgramConfig, tracepoint_fields
+from .scanner import RamMap, Scanner, ScanPart
 from .system import KernelPaths
+from .tracked import TrackedAnswer
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +38,13 @@ class Options:
     #: Tests only, to show what the checks catch. Never turn off in the agent.
     crosscheck: bool = True
     recheck: bool = True
+    tracked_subtraction: bool = True
     #: Seconds the loader child may take to compile and load (TCG guests
     #: need ~30 s).
     load_timeout: float = 120.0
+    #: Allow scan once, then track (docs/safety-rule.md §5.6); it is used
+    #: only where every exit from the free lists is marked.
+    tracking: bool = True
 
 
 class EbpfSource(FreePageSource):
@@ -59,6 +66,9 @@ class EbpfSource(FreePageSource):
         self._live: EbpfLiveFrees | None = None
         self._facts: dict[str, str] = {}
         self._lock = threading.Lock()
+        self._track_why = "not open"
+        #: Bumped by cancel_scans(); a scan that began before stops.
+        self._scan_gen = 0
 
     # -- setup -----------------------------------------------------------------
 
@@ -81,6 +91,12 @@ class EbpfSource(FreePageSource):
         except BaseException:
             self.close()
             raise
+        finally:
+            # The parsed BTF (every type of the kernel) is ~13 MiB of Python
+            # objects and nothing reads it after open: every resident page of
+            # the agent is guest memory each migration sends.
+            found.btf = None
+            memory.give_back()
 
     def _open(self, found: checks.Findings) -> None:
         assert found.layout is not None
@@ -101,17 +117,38 @@ class EbpfSource(FreePageSource):
             raise SourceUnavailable(f"cannot find vmemmap_base: {e}") from e
         prog.ctl[Ctl.VMEMMAP] = where.base
         prog.ctl[Ctl.NOCHECK] = 0 if opts.crosscheck else 1
-        attached = []
+        hooks = Hooks(prog)
+        kprobe, kfn = ISOLATE_KPROBE
+        try:
+            prog.attach_kprobe(kprobe, kfn)
+            hooks.kprobes.append((kprobe, kfn))
+        except (OSError, LoadError) as e:
+            log.info("no kprobe on %s (%s)", kprobe, e)
         for tp, (fn, _args, required) in TRACKERS.items():
             if tp in found.absent_tracepoints:
                 continue
+            if tp == FAST_ISOLATE and hooks.kprobes:
+                # The kprobe marks exactly the block the fast path isolates;
+                # the tracepoint could only mark everything above min_pfn.
+                continue
             try:
                 prog.attach_raw(tp, fn)
-                attached.append(tp)
+                hooks.raw.append((tp, fn))
             except Exception as e:
                 if required:
                     raise SourceUnavailable(f"cannot attach to tracepoint {tp}: {e}") from e
-        self._scanner = Scanner(prog, RamMap(self.paths, config.bitmap_pfns))
+        # Attached now; the self-test's scans must not race the attaching.
+        hooks.attached = True
+        try:
+            grace_period()
+        except OSError as e:
+            log.warning("no RCU grace period from membarrier (%s): exit hooks stay attached", e)
+            hooks.detachable = False
+            time.sleep(0.05)
+        attached = hooks.names()
+        self._track_why = tracking_refusal(attached, opts)
+        self._scanner = Scanner(prog, RamMap(self.paths, config.bitmap_pfns), hooks)
+        self._scanner.tracked.subtract = opts.tracked_subtraction
         self._facts = {
             "encoding": found.layout.encoding.source,
             "struct_page": (
@@ -123,6 +160,7 @@ class EbpfSource(FreePageSource):
             "headers": headers.describe(found.kernel_source),
             "tracepoints": ",".join(attached),
             "scan_windows": str(prog.config.scan_windows),
+            "tracking": f"off: {self._track_why}" if self._track_why else "on",
         }
         if found.notes:
             self._facts["notes"] = "; ".join(found.notes)
@@ -175,12 +213,34 @@ class EbpfSource(FreePageSource):
         """Scan now, yielding non-empty parts as soon as each is ready.
 
         Each part is sound on its own; send it before asking for the next to
-        keep the time from request to first chunk short.
+        keep the time from request to first chunk short. :meth:`cancel_scans`
+        stops it between two BPF runs.
         """
+        gen = self._scan_gen
         with self._lock:  # one scan at a time: they share the BPF arrays
-            for part in self.scanner.parts(deadline):
+            for part in self.scanner.parts(deadline, lambda: self._scan_gen != gen):
                 if part.ranges:
                     yield part
+
+    def cancel_scans(self) -> None:
+        self._scan_gen += 1
+
+    @property
+    def can_track(self) -> bool:
+        return not self._track_why
+
+    def set_tracking(self, on: bool) -> bool:
+        """Scan once, then track (on) or not (off); False when this kernel
+        does not allow it (``facts['tracking']`` says why)."""
+        if on and self._track_why:
+            return False
+        self.scanner.set_tracking(on)
+        return on
+
+    def tracked(self) -> TrackedAnswer | None:
+        """The pages free now by tracking, without a scan; None when not tracking
+        or no scan has run since tracking began."""
+        return self.scanner.answer() if self._scanner is not None else None
 
     def scan_summary(self) -> ScanSummary:
         stats = self.scanner.last
@@ -198,16 +258,37 @@ class EbpfSource(FreePageSource):
         )
 
     def live_frees(self) -> EbpfLiveFrees:
-        if self._prog is None:
+        if self._prog is None or self._scanner is None:
             raise SourceUnavailable("ebpf source is not open")
         if self._live is None:
-            self._live = EbpfLiveFrees(self._prog)
-            try:
-                self._prog.attach_raw("mm_page_free", "on_free")
-            except Exception as e:
-                self._live = None
-                raise SourceUnavailable(f"cannot attach to tracepoint mm_page_free: {e}") from e
+            scanner = self._scanner
+            self._live = EbpfLiveFrees(self._prog, keep_attached=lambda: scanner.tracking)
+            scanner.on_idle = self._live.detach_if_idle
         return self._live
+
+
+#: The compaction fast path's tracepoint (6.2+): a lower bound only.
+FAST_ISOLATE = "mm_compaction_fast_isolate_freepages"
+
+
+def tracking_refusal(attached: list[str], options: Options) -> str:
+    """Why this kernel's attached hooks do not allow tracking, or "".
+
+    Tracking needs every exit from the buddy free lists marked
+    (docs/safety-rule.md §5.6): the allocation tracepoints (required to
+    open at all) and every isolation of a free block, either from the kprobe
+    on ``__isolate_free_page`` or from both compaction tracepoints (Linux 6.1
+    isolates blocks in ``fast_isolate_freepages`` with no tracepoint).
+    """
+    if not options.tracking:
+        return "turned off (Options.tracking)"
+    if f"kprobe:{ISOLATE_KPROBE[0]}" in attached:
+        return ""
+    need = ("mm_compaction_isolate_freepages", "mm_compaction_fast_isolate_freepages")
+    missing = [tp for tp in need if tp not in attached]
+    if missing:
+        return f"no kprobe on {ISOLATE_KPROBE[0]} and no tracepoint {', '.join(missing)}"
+    return ""
 
 
 #: Scan windows per BPF run the verifier accepts, by kernel: 6.1's verifier

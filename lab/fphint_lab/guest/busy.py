@@ -102,8 +102,10 @@ class _Stoppable:
             _write_json(self.state / f"progress-{self.kind}.json", {"steps": self.steps})
 
     def finish(self, **info: object) -> int:
-        _write_json(self.state / f"result-{self.kind}.json",
-                    {"kind": self.kind, "pid": os.getpid(), "steps": self.steps, "errors": self.errors, **info})
+        _write_json(
+            self.state / f"result-{self.kind}.json",
+            {"kind": self.kind, "pid": os.getpid(), "steps": self.steps, "errors": self.errors, **info},
+        )
         return 3 if self.errors else 0
 
 
@@ -265,15 +267,21 @@ def run_fork(state: Path) -> int:
 
 def _spawn(state: Path, *args: str) -> None:
     with open(state / f"worker-{args[0]}.log", "wb") as log:
-        subprocess.Popen([sys.executable, "-m", __spec__.name, "--dir", str(state), "worker", *args],
-                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        subprocess.Popen(
+            [sys.executable, "-m", __spec__.name, "--dir", str(state), "worker", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def _churn(churn_dir: str, *args: str, timeout: float) -> dict[str, Any]:
     """``churn.py ARGS`` in a child; its JSON answer."""
     module = __spec__.name.rsplit(".", 1)[0] + ".churn"
-    out = subprocess.run([sys.executable, "-m", module, "--dir", churn_dir, *args], capture_output=True, text=True,
-                         timeout=timeout + 30)
+    out = subprocess.run(
+        [sys.executable, "-m", module, "--dir", churn_dir, *args], capture_output=True, text=True, timeout=timeout + 30
+    )
     lines = out.stdout.strip().splitlines()
     try:
         answer: dict[str, Any] = json.loads(lines[-1])
@@ -290,8 +298,21 @@ def cmd_start(args: argparse.Namespace) -> int:
     state.mkdir(parents=True, exist_ok=True)
     for old in state.iterdir():
         old.unlink()
-    churn = _churn(args.churn_dir, "start", "--workers", str(args.anon_workers), "--loop-mib", str(args.anon_mib), "--keep-mib",
-                   str(args.keep_mib), "--dwell", "0", "--timeout", str(args.timeout), timeout=args.timeout)
+    churn = _churn(
+        args.churn_dir,
+        "start",
+        "--workers",
+        str(args.anon_workers),
+        "--loop-mib",
+        str(args.anon_mib),
+        "--keep-mib",
+        str(args.keep_mib),
+        "--dwell",
+        "0",
+        "--timeout",
+        str(args.timeout),
+        timeout=args.timeout,
+    )
     if not churn.get("ok"):
         print(json.dumps({"ok": False, "problems": ["anonymous churn did not start"], "churn": churn}))
         return 1
@@ -320,9 +341,14 @@ def _ready(state: Path) -> list[dict[str, Any]]:
 
 def cmd_status(args: argparse.Namespace) -> int:
     state = Path(args.dir)
-    out = {w["kind"]: {"pid": w["pid"], "alive": _alive(w["pid"]),
-                       "steps": (_read_json(state / f"progress-{w['kind']}.json") or {"steps": 0})["steps"]}
-           for w in _ready(state)}
+    out = {
+        w["kind"]: {
+            "pid": w["pid"],
+            "alive": _alive(w["pid"]),
+            "steps": (_read_json(state / f"progress-{w['kind']}.json") or {"steps": 0})["steps"],
+        }
+        for w in _ready(state)
+    }
     print(json.dumps({"workers": out, "churn": _churn(args.churn_dir, "status", timeout=30)}))
     return 0
 
@@ -375,8 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--tmpfs-keep-mib", type=int, default=16)
     s.add_argument("--cache-mib", type=int, default=32, help="MiB of files read back after each cache drop")
     s.add_argument("--drop-every", type=float, default=1.0, help="seconds between page-cache drops")
-    s.add_argument("--no-drop", action="store_true", help="read the files back but never drop the cache "
-                   "(for trying it on a host)")
+    s.add_argument(
+        "--no-drop", action="store_true", help="read the files back but never drop the cache (for trying it on a host)"
+    )
     s.add_argument("--forkers", type=int, default=1)
     s.add_argument("--timeout", type=float, default=180.0)
     sub.add_parser("status", help="progress of every worker")

@@ -140,8 +140,18 @@ def cmd_start(args: argparse.Namespace) -> int:
     for wid in range(args.workers):
         log = open(state / f"worker-{wid}.log", "wb")
         subprocess.Popen(
-            [sys.executable, "-m", __spec__.name, "--dir", str(state), "worker", str(wid),
-             str(args.loop_mib), str(args.keep_mib), str(args.dwell)],  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                __spec__.name,
+                "--dir",
+                str(state),
+                "worker",
+                str(wid),
+                str(args.loop_mib),
+                str(args.keep_mib),
+                str(args.dwell),
+            ],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -82,9 +82,7 @@ class Region:
         if length <= 0 or length % PAGE:
             raise ValueError(f"region length {length} is not a positive multiple of {PAGE}")
         self.length = length
-        self._map: mmap.mmap | None = mmap.mmap(
-            -1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-        )
+        self._map: mmap.mmap | None = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
     @property
     def mem(self) -> mmap.mmap:

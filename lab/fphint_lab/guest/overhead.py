@@ -78,8 +78,17 @@ def main(argv: list[str] | None = None) -> int:
     t1, c1 = time.monotonic(), os.times()
     cpu = (c1.user - c0.user) + (c1.system - c0.system)
     children = (c1.children_user - c0.children_user) + (c1.children_system - c0.children_system)
-    print(json.dumps({"workload": args.cmd, "seconds": round(t1 - t0, 4), "cpu_s": round(cpu, 3),
-                      "children_cpu_s": round(children, 3), **facts}))
+    print(
+        json.dumps(
+            {
+                "workload": args.cmd,
+                "seconds": round(t1 - t0, 4),
+                "cpu_s": round(cpu, 3),
+                "children_cpu_s": round(children, 3),
+                **facts,
+            }
+        )
+    )
     return 1 if facts.get("failures") else 0
 
 

@@ -86,8 +86,15 @@ class LyingSource(KpageflagsSource):
         real, real_pages = join_parts(super().parts(deadline))
         victim = self.victim_ranges()
         lied = union(real, victim)
-        _note(self.journal, {"mode": "lie", "real_pages": real_pages, "victim_pages": sum(n for _, n in victim) // PAGE,
-                             "victim_ranges": victim[:64]})
+        _note(
+            self.journal,
+            {
+                "mode": "lie",
+                "real_pages": real_pages,
+                "victim_pages": sum(n for _, n in victim) // PAGE,
+                "victim_ranges": victim[:64],
+            },
+        )
         yield WholeScan(lied, sum(n for _, n in lied) // PAGE)
 
 
@@ -98,8 +105,13 @@ class SilentAgent(Agent):
         super().__init__(*args, **kw)  # type: ignore[arg-type]
         self.journal = journal
 
-    async def _answer(self, stub: hints_pb2_grpc.FreePageHintsStub, req: hints_pb2.HintRequest,
-                      md: tuple[tuple[str, str], ...], received: float) -> None:
+    async def _answer(
+        self,
+        stub: hints_pb2_grpc.FreePageHintsStub,
+        req: hints_pb2.HintRequest,
+        md: tuple[tuple[str, str], ...],
+        received: float,
+    ) -> None:
         _note(self.journal, {"mode": "silent", "epoch": req.epoch})
 
 
@@ -117,21 +129,28 @@ class LateAgent(Agent):
         self.journal = journal
         self._late: set[asyncio.Task[None]] = set()
 
-    def _start_request(self, stub: hints_pb2_grpc.FreePageHintsStub, req: hints_pb2.HintRequest,
-                       md: tuple[tuple[str, str], ...]) -> None:
+    def _start_request(
+        self, stub: hints_pb2_grpc.FreePageHintsStub, req: hints_pb2.HintRequest, md: tuple[tuple[str, str], ...]
+    ) -> None:
         self.requests += 1
         task = asyncio.ensure_future(self._answer_late(stub, req, md, time.monotonic()))
         self._late.add(task)
         task.add_done_callback(self._late.discard)
 
-    async def _answer_late(self, stub: hints_pb2_grpc.FreePageHintsStub, req: hints_pb2.HintRequest,
-                           md: tuple[tuple[str, str], ...], received: float) -> None:
+    async def _answer_late(
+        self,
+        stub: hints_pb2_grpc.FreePageHintsStub,
+        req: hints_pb2.HintRequest,
+        md: tuple[tuple[str, str], ...],
+        received: float,
+    ) -> None:
         deadline = received + req.deadline_ms / 1000
         await asyncio.sleep(max(0.0, deadline - time.monotonic()) + self.delay)
         entry: dict[str, object] = {"mode": "late", "epoch": req.epoch, "after_deadline_s": time.monotonic() - deadline}
         try:
-            entry["ranges_sent"] = await self._stream_snapshot(stub, md, req, self.settings.chunk_ranges,
-                                                               time.monotonic() + 10.0)
+            entry["ranges_sent"] = await self._stream_snapshot(
+                stub, md, req, self.settings.chunk_ranges, time.monotonic() + 10.0
+            )
         except Exception as exc:  # the collector refusing is what the tests want to see
             entry["error"] = repr(exc)[:300]
         except asyncio.CancelledError:  # the connection ended meanwhile (e.g. at a switchover)
@@ -144,8 +163,15 @@ class LateAgent(Agent):
 #: How a late report may fail when its connection goes away under it: gRPC's
 #: transport words (a status, or the aio batch error of a call on a channel
 #: that closed).
-_CONNECTION_ENDED = ("UNAVAILABLE", "CANCELLED", "SendMessageOperation", "execute_batch", "Socket closed",
-                     "Connection reset", "Broken pipe")
+_CONNECTION_ENDED = (
+    "UNAVAILABLE",
+    "CANCELLED",
+    "SendMessageOperation",
+    "execute_batch",
+    "Socket closed",
+    "Connection reset",
+    "Broken pipe",
+)
 
 
 def late_outcome(entry: dict[str, object]) -> str:
@@ -192,8 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         source = KpageflagsSource()
     source.open()
-    facts = build_facts(detect_safety(), [hints_pb2.SourceStatus(name="kpageflags", available=True)],
-                        "kpageflags", "")
+    facts = build_facts(detect_safety(), [hints_pb2.SourceStatus(name="kpageflags", available=True)], "kpageflags", "")
     places = discovery.Places(env=os.environ)
 
     def endpoint() -> Endpoint:

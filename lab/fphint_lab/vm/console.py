@@ -202,8 +202,7 @@ class Shell:
         # One command list: bash prints its prompt only after the whole list,
         # so no prompt lands between the markers.
         self._send(
-            f"printf '@@B%s@@\\n' $(({n}+1)); {{ {cmd}\n}} </dev/null 2>&1; "
-            f"printf '@@E%s:%s@@\\n' $(({n}+2)) \"$?\"\n"
+            f"printf '@@B%s@@\\n' $(({n}+1)); {{ {cmd}\n}} </dev/null 2>&1; printf '@@E%s:%s@@\\n' $(({n}+2)) \"$?\"\n"
         )
         deadline = time.monotonic() + timeout
         b = self._wait_for(begin, deadline, f"the start of {cmd!r}")

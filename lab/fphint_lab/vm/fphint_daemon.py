@@ -103,8 +103,9 @@ class CollectorDaemon:
         :meth:`witness` and :meth:`plant_fault` work; otherwise it runs as shipped.
     """
 
-    def __init__(self, workdir: Path, vms: Mapping[str, str], *, port: int | None = None,
-                 witness: bool = False) -> None:
+    def __init__(
+        self, workdir: Path, vms: Mapping[str, str], *, port: int | None = None, witness: bool = False
+    ) -> None:
         self.workdir = workdir
         self.vms = dict(vms)
         self.port = port or free_port()
@@ -131,16 +132,29 @@ class CollectorDaemon:
         serve = ["-v", "serve", "--config", str(self.config)]
         if not self.with_witness:
             return [sys.executable, "-m", "host_collector", *serve]
-        return [sys.executable, "-m", daemon_witness.__name__, "--witness-dir", str(self.witness_dir),
-                "--fault-file", str(self.fault_file), "--", *serve]
+        return [
+            sys.executable,
+            "-m",
+            daemon_witness.__name__,
+            "--witness-dir",
+            str(self.witness_dir),
+            "--fault-file",
+            str(self.fault_file),
+            "--",
+            *serve,
+        ]
 
     def start(self, timeout: float = 30.0) -> CollectorDaemon:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.write_config()
         self._log = self.log_path.open("ab")
         # Dies with its parent (a killed test run leaves no daemon behind).
-        self._proc = subprocess.Popen([*_pdeathsig_prefix(), *self.serve_argv()], stdin=subprocess.DEVNULL,
-                                      stdout=self._log, stderr=subprocess.STDOUT)
+        self._proc = subprocess.Popen(
+            [*_pdeathsig_prefix(), *self.serve_argv()],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + timeout
         while True:
             if self._proc.poll() is not None:
@@ -236,10 +250,28 @@ class CollectorDaemon:
         tmp.symlink_to(target)
         os.replace(tmp, link)
 
-    def migrate_argv(self, vm: str, to: str, *, dest_qmp: Path | None = None, timeout_s: float = 0,
-                     max_bandwidth: int | None = FAST_BANDWIDTH, extra: Sequence[str] = ()) -> list[str]:
-        argv = [sys.executable, "-m", "host_collector", "migrate", vm, "--to", to, "--admin", f"unix:{self.admin}",
-                "--json"]
+    def migrate_argv(
+        self,
+        vm: str,
+        to: str,
+        *,
+        dest_qmp: Path | None = None,
+        timeout_s: float = 0,
+        max_bandwidth: int | None = FAST_BANDWIDTH,
+        extra: Sequence[str] = (),
+    ) -> list[str]:
+        argv = [
+            sys.executable,
+            "-m",
+            "host_collector",
+            "migrate",
+            vm,
+            "--to",
+            to,
+            "--admin",
+            f"unix:{self.admin}",
+            "--json",
+        ]
         if dest_qmp is not None:
             argv += ["--dest-qmp", f"unix:{dest_qmp}"]
         if timeout_s:
@@ -251,15 +283,17 @@ class CollectorDaemon:
     def migrate(self, vm: str, to: str, *, timeout: float = 300.0, **kw: Any) -> MigrateCall:
         """``fph-collector migrate VM --to URI --json``; never raises for a failed migration."""
         t = time.monotonic()
-        out = subprocess.run(self.migrate_argv(vm, to, timeout_s=timeout, **kw), capture_output=True,
-                             text=True, timeout=timeout + 120)
+        out = subprocess.run(
+            self.migrate_argv(vm, to, timeout_s=timeout, **kw), capture_output=True, text=True, timeout=timeout + 120
+        )
         wall = time.monotonic() - t
         return MigrateCall(out.returncode, parse_report(out.stdout), out.stderr, wall)
 
     def start_migrate(self, vm: str, to: str, **kw: Any) -> subprocess.Popen[str]:
         """The same, in the background (for tests that disturb it midway)."""
-        return subprocess.Popen(self.migrate_argv(vm, to, **kw), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            self.migrate_argv(vm, to, **kw), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
 
     # Section: witness and planted faults
 
@@ -331,12 +365,18 @@ class FphintMigrator:
         call = self.daemon.migrate(self.VM_NAME, link.uri, dest_qmp=dst.aux_qmp, timeout=timeout)
         self.calls.append(call)
         if not call.completed:
-            raise MigrationError(f"fph-collector migrate: exit {call.rc}, stderr {call.stderr.strip()[-800:]!r}",
-                                 call.report)
+            raise MigrationError(
+                f"fph-collector migrate: exit {call.rc}, stderr {call.stderr.strip()[-800:]!r}", call.report
+            )
         wait_incoming(dst, 60)
         info = src.cmd("query-migrate")
-        result = MigrationResult(status=str(info.get("status")), total_time_ms=int(info.get("total-time", 0)),
-                                 downtime_ms=int(info.get("downtime", 0)), ram=info.get("ram", {}), info=info)
+        result = MigrationResult(
+            status=str(info.get("status")),
+            total_time_ms=int(info.get("total-time", 0)),
+            downtime_ms=int(info.get("downtime", 0)),
+            ram=info.get("ram", {}),
+            info=info,
+        )
         wall = float(call.report.get("wall_s") or call.wall_s)  # the daemon's own clock, not the CLI's start-up
         return Outcome(result, wall, call.report, source or str(call.report.get("agent_source", "")))
 

@@ -203,8 +203,10 @@ class VM:
 
     def describe(self, nbytes: int = 2500) -> str:
         """The tails of this VM's logs, for failure messages."""
-        parts = [f"== {self.name}: pid {self.pid}, exit {self.exitcode}, QEMU {self.qemu_version} ({self.binary}), "
-                 f"{self.accel.describe()}, logs in {self.rundir}"]
+        parts = [
+            f"== {self.name}: pid {self.pid}, exit {self.exitcode}, QEMU {self.qemu_version} ({self.binary}), "
+            f"{self.accel.describe()}, logs in {self.rundir}"
+        ]
         for title, path in (
             ("QEMU", self.qemu_log),
             ("console ttyS0", self.endpoints.console_log),

@@ -77,7 +77,7 @@ class QMP:
         fut = asyncio.run_coroutine_threadsafe(asyncio.wait_for(coro, timeout), self._loop)
         try:
             return fut.result(timeout + 5.0)
-        except (asyncio.TimeoutError, TimeoutError) as exc:
+        except TimeoutError as exc:
             fut.cancel()
             raise QMPTimeout(f"QMP {self.name}: no answer within {timeout:.0f} s") from exc
 

@@ -76,6 +76,9 @@ class Scenario:
     #: The guest agent: not started, the image's unit (source auto: eBPF
     #: first), or started by hand with the kpageflags source.
     agent: Agent = "off"
+    #: Opt-in rows: the clean page cache dropped before each migration (by
+    #: the agent's --reclaim-page-cache for fphint, by the lab otherwise).
+    reclaim: bool = False
     note: str = ""
 
     @property
@@ -87,18 +90,62 @@ SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
         Scenario("plain", "plain", note="Debian defaults (init_on_alloc=1), no balloon"),
-        Scenario("init_on_free", "init_on_free=1", append=("init_on_free=1",),
-                 note="the guest zeroes every page it frees: free memory is already zero"),
-        Scenario("balloon_hint", "balloon free-page-hint", balloon="hint",
-                 note="QEMU virtio-balloon free-page-hint, default init_on_alloc=1"),
-        Scenario("balloon_hint_ioa0", "balloon free-page-hint, init_on_alloc=0", append=("init_on_alloc=0",),
-                 balloon="hint", note="QEMU virtio-balloon free-page-hint with init_on_alloc=0"),
-        Scenario("balloon_report", "balloon free-page-reporting", balloon="report",
-                 note="virtio-balloon free-page-reporting: the guest discards free 2 MiB+ blocks"),
-        Scenario("fphint", "fphint", fphint=True, agent="auto",
-                 note="fphint: collector daemon, proxy, the image's agent unit (source auto: eBPF)"),
-        Scenario("fphint_kpageflags", "fphint, kpageflags agent", fphint=True, agent="kpageflags",
-                 note="fphint with the agent's /proc/kpageflags source (no bcc/LLVM in the guest)"),
+        Scenario(
+            "init_on_free",
+            "init_on_free=1",
+            append=("init_on_free=1",),
+            note="the guest zeroes every page it frees: free memory is already zero",
+        ),
+        Scenario(
+            "balloon_hint",
+            "balloon free-page-hint",
+            balloon="hint",
+            note="QEMU virtio-balloon free-page-hint, default init_on_alloc=1",
+        ),
+        Scenario(
+            "balloon_hint_ioa0",
+            "balloon free-page-hint, init_on_alloc=0",
+            append=("init_on_alloc=0",),
+            balloon="hint",
+            note="QEMU virtio-balloon free-page-hint with init_on_alloc=0",
+        ),
+        Scenario(
+            "balloon_report",
+            "balloon free-page-reporting",
+            balloon="report",
+            note="virtio-balloon free-page-reporting: the guest discards free 2 MiB+ blocks",
+        ),
+        Scenario(
+            "fphint",
+            "fphint",
+            fphint=True,
+            agent="auto",
+            note="fphint: collector daemon, proxy, the image's agent unit (source auto: eBPF)",
+        ),
+        Scenario(
+            "fphint_kpageflags",
+            "fphint, kpageflags agent",
+            fphint=True,
+            agent="kpageflags",
+            note="fphint with the agent's /proc/kpageflags source (no bcc/LLVM in the guest)",
+        ),
+        Scenario(
+            "init_on_free_reclaim",
+            "init_on_free=1, page cache dropped",
+            append=("init_on_free=1",),
+            reclaim=True,
+            note="opt-in row: init_on_free=1 and the clean page cache dropped right before the migration",
+        ),
+        Scenario(
+            "fphint_reclaim",
+            "fphint, page cache dropped",
+            # The unit inherits the manager's environment: the agent's opt-in.
+            append=("systemd.setenv=FPHINT_RECLAIM_PAGE_CACHE=1",),
+            fphint=True,
+            agent="auto",
+            reclaim=True,
+            note="opt-in row: the agent drops the clean page cache before the migration's first scan",
+        ),
     )
 }
 
@@ -141,14 +188,36 @@ class Workload:
         return "busy.py" if self.busy else "churn.py"
 
     def churn_args(self) -> list[str]:
-        return ["--workers", str(self.churn_workers), "--loop-mib", str(self.churn_loop_mib),
-                "--keep-mib", str(self.churn_keep_mib), "--dwell", str(self.churn_dwell)]
+        return [
+            "--workers",
+            str(self.churn_workers),
+            "--loop-mib",
+            str(self.churn_loop_mib),
+            "--keep-mib",
+            str(self.churn_keep_mib),
+            "--dwell",
+            str(self.churn_dwell),
+        ]
 
     def busy_args(self) -> list[str]:
-        return ["--anon-workers", str(self.busy_anon_workers), "--anon-mib", str(self.busy_anon_mib),
-                "--keep-mib", str(self.busy_keep_mib), "--tmpfs-mib", str(self.busy_tmpfs_mib),
-                "--tmpfs-keep-mib", str(self.busy_tmpfs_keep_mib), "--cache-mib", str(self.busy_cache_mib),
-                "--drop-every", str(self.busy_drop_every), "--forkers", str(self.busy_forkers)]
+        return [
+            "--anon-workers",
+            str(self.busy_anon_workers),
+            "--anon-mib",
+            str(self.busy_anon_mib),
+            "--keep-mib",
+            str(self.busy_keep_mib),
+            "--tmpfs-mib",
+            str(self.busy_tmpfs_mib),
+            "--tmpfs-keep-mib",
+            str(self.busy_tmpfs_keep_mib),
+            "--cache-mib",
+            str(self.busy_cache_mib),
+            "--drop-every",
+            str(self.busy_drop_every),
+            "--forkers",
+            str(self.busy_forkers),
+        ]
 
     def start_args(self) -> list[str]:
         return ["start", *(self.busy_args() if self.busy else self.churn_args())]
@@ -188,8 +257,7 @@ class PlainMigrator:
 
     def migrate(self, src: VM, dst: VM, link: LinkRelay, timeout: float) -> Outcome:
         t = time.monotonic()
-        result = migrate(src, link.uri, dst=dst, max_bandwidth=FAST_BANDWIDTH, timeout=timeout,
-                         capabilities=SAME_CLOCK)
+        result = migrate(src, link.uri, dst=dst, max_bandwidth=FAST_BANDWIDTH, timeout=timeout, capabilities=SAME_CLOCK)
         return Outcome(result, time.monotonic() - t)
 
 
@@ -336,8 +404,13 @@ def meminfo_mib(path: str = "/proc/meminfo") -> dict[str, float]:
     return out
 
 
-def pair_fits(guest_mib: int, *, shm_dir: Path = SHM_DIR, meminfo: Mapping[str, float] | None = None,
-              shm_free_mib: float | None = None) -> str | None:
+def pair_fits(
+    guest_mib: int,
+    *,
+    shm_dir: Path = SHM_DIR,
+    meminfo: Mapping[str, float] | None = None,
+    shm_free_mib: float | None = None,
+) -> str | None:
     """Why a source and destination of ``guest_mib`` each cannot run here now
     (None: they fit).
 
@@ -353,28 +426,42 @@ def pair_fits(guest_mib: int, *, shm_dir: Path = SHM_DIR, meminfo: Mapping[str, 
         shm_free_mib = st.f_bavail * st.f_frsize / MiB
     shm_free = shm_free_mib
     if shm_free < need:
-        return (f"a {guest_mib} MiB guest pair needs {need} MiB in {shm_dir}, which has {shm_free:.0f} MiB free "
-                f"(raise its size: mount -o remount,size=... {shm_dir})")
+        return (
+            f"a {guest_mib} MiB guest pair needs {need} MiB in {shm_dir}, which has {shm_free:.0f} MiB free "
+            f"(raise its size: mount -o remount,size=... {shm_dir})"
+        )
     if available < need + PAIR_MARGIN_MIB:
-        return (f"a {guest_mib} MiB guest pair needs {need + PAIR_MARGIN_MIB} MiB of host memory (two RAM files "
-                f"of {guest_mib} MiB + {PAIR_MARGIN_MIB} MiB for the QEMUs and the rest), but only "
-                f"{available:.0f} MiB is available (MemAvailable of {info.get('MemTotal', 0):.0f} MiB)")
+        return (
+            f"a {guest_mib} MiB guest pair needs {need + PAIR_MARGIN_MIB} MiB of host memory (two RAM files "
+            f"of {guest_mib} MiB + {PAIR_MARGIN_MIB} MiB for the QEMUs and the rest), but only "
+            f"{available:.0f} MiB is available (MemAvailable of {info.get('MemTotal', 0):.0f} MiB)"
+        )
     return None
 
 
-def boot_for(factory: VMFactory, scenario: Scenario, name: str, *, mem_mib: int = 1024,
-             guest_fields: Mapping[str, Any] | None = None) -> VM:
+def boot_for(
+    factory: VMFactory,
+    scenario: Scenario,
+    name: str,
+    *,
+    mem_mib: int = 1024,
+    guest_fields: Mapping[str, Any] | None = None,
+) -> VM:
     """Boot a source guest configured for ``scenario``."""
     fields: dict[str, Any] = {"mem_mib": mem_mib, "append": scenario.kernel_args, "balloon": scenario.balloon}
     fields.update(guest_fields or {})
     vm = factory.boot(name, **fields)
     if scenario.agent == "kpageflags":
-        vm.run("systemd-run --unit fph-agent-kpageflags --property=Restart=on-failure "
-               "/opt/fphint/bin/fph-agent --source kpageflags --log-format json run")
+        vm.run(
+            "systemd-run --unit fph-agent-kpageflags --property=Restart=on-failure "
+            "/opt/fphint/bin/fph-agent --source kpageflags --log-format json run"
+        )
     if scenario.balloon != "none":
         # udev loads virtio_balloon; hinting/reporting start once it is bound.
-        vm.run("for i in $(seq 50); do [ -d /sys/bus/virtio/drivers/virtio_balloon ] && break; sleep 0.2; done; "
-               "modprobe virtio_balloon")
+        vm.run(
+            "for i in $(seq 50); do [ -d /sys/bus/virtio/drivers/virtio_balloon ] && break; sleep 0.2; done; "
+            "modprobe virtio_balloon"
+        )
     return vm
 
 
@@ -428,9 +515,17 @@ def migrate_once(
         then nothing is verified in the guest here (``verify`` is ignored).
     :return: the run's figures and the destination VM (running unless ``paused``).
     """
-    res = RunResult(scenario.name, run, src.qemu_version, accel=src.accel.label, guest_mib=src.guest.mem_mib,
-                    workload=(workload or Workload()).name)
+    res = RunResult(
+        scenario.name,
+        run,
+        src.qemu_version,
+        accel=src.accel.label,
+        guest_mib=src.guest.mem_mib,
+        workload=(workload or Workload()).name,
+    )
     busy0, total0 = cpu_jiffies(src)
+    if scenario.reclaim and not scenario.fphint:  # fphint's agent does its own, at the first request
+        src.run("echo 1 > /proc/sys/vm/drop_caches")
     res.guest_used_mib = round(used_mib(src), 1)
     set_switchover_bandwidth(src, link_rate_bps)
     dst = factory.destination(src, dst_name, paused=paused)
@@ -517,15 +612,15 @@ def run_chain(
         if src is None:
             no_room = pair_fits(mem_mib)
             if no_room:
-                res = RunResult(scenario.name, run, "", guest_mib=mem_mib, workload=workload.name,
-                                problems=[f"not run: {no_room}"])
+                res = RunResult(
+                    scenario.name, run, "", guest_mib=mem_mib, workload=workload.name, problems=[f"not run: {no_room}"]
+                )
                 results.append(res)
                 if on_result:
                     on_result(res)
                 continue
             boots += 1
-            src = boot_for(factory, scenario, f"{label}-boot{boots}", mem_mib=mem_mib,
-                           guest_fields=guest_fields)
+            src = boot_for(factory, scenario, f"{label}-boot{boots}", mem_mib=mem_mib, guest_fields=guest_fields)
             boot_id = src.boot_id()
             if after_boot is not None:
                 after_boot(src)
@@ -534,16 +629,32 @@ def run_chain(
             if before_migrate is not None:
                 before_migrate(src)
         except Exception as exc:
-            res = RunResult(scenario.name, run, src.qemu_version, problems=[f"preparing the guest failed: {exc}"],
-                            accel=src.accel.label, guest_mib=src.guest.mem_mib, workload=workload.name)
+            res = RunResult(
+                scenario.name,
+                run,
+                src.qemu_version,
+                problems=[f"preparing the guest failed: {exc}"],
+                accel=src.accel.label,
+                guest_mib=src.guest.mem_mib,
+                workload=workload.name,
+            )
             results.append(res)
             if on_result:
                 on_result(res)
             _retire(src)
             src = None
             continue
-        res, dst = migrate_once(factory, src, f"{label}-r{run}", migrator, scenario=scenario, run=run,
-                                boot_id=boot_id, link_rate_bps=link_rate_bps, workload=workload)
+        res, dst = migrate_once(
+            factory,
+            src,
+            f"{label}-r{run}",
+            migrator,
+            scenario=scenario,
+            run=run,
+            boot_id=boot_id,
+            link_rate_bps=link_rate_bps,
+            workload=workload,
+        )
         results.append(res)
         if on_result:
             on_result(res)
@@ -634,8 +745,10 @@ def summarize(scenario: Scenario, results: Sequence[RunResult]) -> Summary:
 
 def table(summaries: Sequence[Summary]) -> str:
     """A Markdown table: medians with (min–max) over the runs."""
-    head = ("| scenario | runs | wire MiB | total time ms | downtime ms | guest CPU busy % | syncs "
-            "| survived | corrupted |\n|---|---|---|---|---|---|---|---|---|")
+    head = (
+        "| scenario | runs | wire MiB | total time ms | downtime ms | guest CPU busy % | syncs "
+        "| survived | corrupted |\n|---|---|---|---|---|---|---|---|---|"
+    )
     rows = [head]
     for s in summaries:
         rows.append(

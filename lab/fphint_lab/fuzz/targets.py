@@ -1,10 +1,10 @@
 """The fuzz targets: each takes one input (bytes) and raises only if a property breaks.
 
 Plain functions, so the committed corpus can be replayed without atheris
-(tests/test_fuzz_campaign.py) and atheris can drive them (tests/fuzz/run.py).
+(tests/test_fuzz_campaign.py) and atheris can drive them (fphint_lab/fuzz/run.py).
 
 * ``stream``: the migration stream parser, fed in slices chosen from the
-  input, against the reference reader (tests/stream_reference.py): the same
+  input, against the reference reader (fphint_lab/stream_reference.py): the same
   PAGE records, the same stopping byte; the C record loop and the Python one
   give identical results.
 * ``rewriter``: the real proxy (sockets, threads) relays the input through a
@@ -22,8 +22,8 @@ import random
 import zlib
 from collections.abc import Callable
 
-from tests.fuzz import subjects as S
-from tests.stream_reference import reference_read
+from fphint_lab.fuzz import subjects as S
+from fphint_lab.stream_reference import reference_read
 
 PAGE = 4096
 
@@ -103,7 +103,7 @@ def _is_hinted(page: int) -> bool:
 
 
 def rewriter(data: bytes) -> None:
-    from tests.stream_helpers import run_proxy
+    from fphint_lab.proxy_loopback import run_proxy
 
     cuts = _slices(data)
     sizes = [b - a for a, b in zip([0, *cuts], cuts)][:64]
@@ -151,9 +151,9 @@ def mtree(data: bytes) -> None:
 
 _END = 1 << 64
 #: Four blocks of 2**62 bytes tiling the whole address space: every well-formed range maps.
-_WHOLE = S.LayoutIndex(S.RamLayout.from_ranges(
-    [S.RamRange(gpa=i << 62, size=1 << 62, block=f"b{i}", offset=0) for i in range(4)]
-))
+_WHOLE = S.LayoutIndex(
+    S.RamLayout.from_ranges([S.RamRange(gpa=i << 62, size=1 << 62, block=f"b{i}", offset=0) for i in range(4)])
+)
 
 
 def _words(data: bytes) -> list[int] | None:
@@ -223,4 +223,3 @@ TARGETS: dict[str, tuple[Callable[[bytes], None], str]] = {
     "mtree": (mtree, "mtree"),
     "ranges": (ranges, "ranges"),
 }
-

@@ -8,7 +8,7 @@ qmp/mtree.py parses) and ``info mtree -f`` (which it must refuse cleanly) of
 several machine types. Ranges: real ReportChunks of this host's free pages
 (/proc/kpageflags), cut small.
 
-    flock /tmp/fphint-heavy.lock .venv/bin/python -m tests.fuzz.capture
+    flock /tmp/fphint-heavy.lock .venv/bin/python -m fphint_lab.fuzz.capture
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-CORPUS = Path(__file__).resolve().parent / "corpus"
+CORPUS = Path(__file__).resolve().parents[3] / "tests" / "fuzz" / "corpus"
 QEMU72 = ("qemu-system-x86_64", "")
 QEMU10 = ("/var/cache/fphint/qemu-10.0/bin/qemu-system-x86_64", "/var/cache/fphint/qemu-10.0/share/qemu")
 
 # F000:FFF0: xor ax,ax; mov ds,ax; l: inc word [0x5000]; inc word [0x9000]; jmp l
-_RESET = bytes.fromhex("31c08ed8" "ff060050" "ff060090" "ebf6")
+_RESET = bytes.fromhex("31c08ed8ff060050ff060090ebf6")
 
 
 def _firmware(path: Path) -> Path:
@@ -64,8 +64,20 @@ class _Qmp:
 def _qemu(qemu: tuple[str, str], machine: str, work: Path, *extra: str) -> tuple[subprocess.Popen[bytes], _Qmp]:
     binary, datadir = qemu
     qmp = str(work / f"qmp-{time.monotonic_ns()}.sock")
-    argv = [binary, *(["-L", datadir] if datadir else []), "-M", machine, "-accel", "tcg", "-display", "none",
-            "-nodefaults", "-qmp", f"unix:{qmp},server=on,wait=off", *extra]
+    argv = [
+        binary,
+        *(["-L", datadir] if datadir else []),
+        "-M",
+        machine,
+        "-accel",
+        "tcg",
+        "-display",
+        "none",
+        "-nodefaults",
+        "-qmp",
+        f"unix:{qmp},server=on,wait=off",
+        *extra,
+    ]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return proc, _Qmp(qmp)
 
@@ -112,8 +124,7 @@ def chunks(out_dir: Path) -> None:
     rs = list(snap.ranges)
     for i, (lo, n) in enumerate([(0, 64), (len(rs) // 2, 256)]):
         words = ranges.encode(rs[lo : lo + n])
-        chunk = hints_pb2.ReportChunk(epoch=1 + i, seq=0, kind=hints_pb2.REPORT_KIND_SNAPSHOT, ranges=words,
-                                      end=True)
+        chunk = hints_pb2.ReportChunk(epoch=1 + i, seq=0, kind=hints_pb2.REPORT_KIND_SNAPSHOT, ranges=words, end=True)
         (out_dir / f"host-snapshot-{i}.pb").write_bytes(bytes([0]) + chunk.SerializeToString())
     print("ranges:", len(rs), "host ranges, 2 seeds")
 

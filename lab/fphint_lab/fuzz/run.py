@@ -1,4 +1,4 @@
-"""Run one fuzz target under atheris (libFuzzer): ``python -m tests.fuzz.run TARGET [libFuzzer args] [dirs]``.
+"""Run one fuzz target under atheris (libFuzzer): ``python -m fphint_lab.fuzz.run TARGET [libFuzzer args] [dirs]``.
 
 The subjects are imported under ``atheris.instrument_imports`` so libFuzzer
 sees Python coverage; any exception the target lets out is a crash (saved
@@ -14,14 +14,14 @@ import sys
 import atheris
 
 with atheris.instrument_imports(include=["host_collector", "fphint"]):
-    from tests.fuzz import subjects  # noqa: F401  (instrumented here, used by the targets)
+    from fphint_lab.fuzz import subjects  # noqa: F401  (instrumented here, used by the targets)
 
-from tests.fuzz.targets import TARGETS  # noqa: E402
+from fphint_lab.fuzz.targets import TARGETS
 
 
 def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] not in TARGETS:
-        sys.exit(f"usage: python -m tests.fuzz.run {{{','.join(TARGETS)}}} [libFuzzer args]")
+        sys.exit(f"usage: python -m fphint_lab.fuzz.run {{{','.join(TARGETS)}}} [libFuzzer args]")
     target, _ = TARGETS[sys.argv[1]]
     atheris.Setup([sys.argv[0], *sys.argv[2:]], target)
     atheris.Fuzz()
