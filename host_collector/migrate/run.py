@@ -250,7 +250,7 @@ class MigrationRun:
             preflight = await self._preflight()
             gate = self._make_gate(preflight)
             if self.issue_migrate and not await self._set_parameters():
-                return self._finish(None, None)
+                return self.report  # _error() said why; _finish() would word it as an unknown end state
             limits = self.collector.limits
             proxy = self._proxy = MigrationProxy(
                 self.plan.listen,
