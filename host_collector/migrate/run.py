@@ -34,7 +34,7 @@ from host_collector.proxy.migration_proxy import MigrationProxy, ProxyError
 from host_collector.proxy.results import ProxyOutcome, ProxyResult
 from host_collector.qmp.preflight import Problem, SafetyReport, check_migration_safety
 from host_collector.qmp.ram_layout import read_layout
-from host_collector.qmp.session import QmpError, QmpSession
+from host_collector.qmp.session import QmpError, QmpSession, QmpTimeout
 from host_collector.rewrite.epoch_gate import EpochGate
 from host_collector.rewrite.gate import NoHints, RewriteGate
 from host_collector.rewrite.held import HeldGate
@@ -411,13 +411,27 @@ class MigrationRun:
         proxy_ended: float | None = None
         moved: tuple[int, int, int] = (-1, -1, -1)
         moved_at = time.monotonic()
+        answered_at = time.monotonic()
+        timeouts = 0
         while True:
             now = time.monotonic()
             try:
                 reply = await self.src.execute("query-migrate", timeout_s=QMP_TIMEOUT_S)
+            except QmpTimeout as e:
+                # QEMU answers only once it lets its lock go, which its completion holds while
+                # it writes the final pass: into a slow link that can outlast one timeout. A
+                # monitor that is still connected is not lost until STUCK_S without an answer.
+                timeouts += 1
+                if time.monotonic() - answered_at > STUCK_S:
+                    self._source_lost = str(e)
+                    return last
+                if timeouts == 1:
+                    self._notes.append(f"query-migrate timed out while the migration ran ({e}); waited for it")
+                continue
             except QmpError as e:
                 self._source_lost = str(e)
                 return last
+            answered_at = time.monotonic()
             info: Mapping[str, Any] = reply if isinstance(reply, Mapping) else {}
             last = info
             if self._coverage is not None:

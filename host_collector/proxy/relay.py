@@ -279,7 +279,9 @@ class MainRelay:
                 break
             if self.stop_seen_at is None and self.gate.guest_stopped:
                 self.stop_seen_at = time.monotonic()
-                self.backlog_at_stop = self.received - self.sent_bytes
+                # Source bytes received and not yet sent (sent_bytes shrinks with every rewrite).
+                first = self.chunks[0]
+                self.backlog_at_stop = self.received - (first.base + first.sent)
             if self.held:
                 self._judge()
                 if not self.held and self.drained_at is None and self.stop_seen_at is not None:
