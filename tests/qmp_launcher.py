@@ -59,15 +59,23 @@ class Qemu:
 
     async def qmp(self, timeout_s: float = 10.0) -> QmpSession:
         """A new QMP session (QEMU's monitor serves one client at a time)."""
-        try:
-            session = await QmpSession.connect(self.qmp_path, label=self.dir.name, timeout_s=timeout_s)
-        except QmpError as err:
-            await asyncio.sleep(0.2)  # let a dying QEMU finish its error message
-            raise RuntimeError(
-                f"{err}\nQEMU alive: {self.alive()}\nstderr: {self.stderr()}\nargv: {self.args}"
-            ) from err
-        self.sessions.append(session)
-        return session
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            try:
+                session = await QmpSession.connect(self.qmp_path, label=self.dir.name, timeout_s=timeout_s)
+            except QmpError as err:
+                # The socket file appears at bind(), before listen(): on a busy
+                # host a connect can fall between the two and be refused.
+                if "refused" in str(err) and self.alive() and loop.time() < deadline:
+                    await asyncio.sleep(0.05)
+                    continue
+                await asyncio.sleep(0.2)  # let a dying QEMU finish its error message
+                raise RuntimeError(
+                    f"{err}\nQEMU alive: {self.alive()}\nstderr: {self.stderr()}\nargv: {self.args}"
+                ) from err
+            self.sessions.append(session)
+            return session
 
     def stderr(self) -> str:
         try:
