@@ -59,8 +59,9 @@ def run_record(r: RunResult) -> dict[str, Any]:
         "problems": r.problems,
     }
     report = r.report or {}
-    if "coverage" in report:
-        rec["coverage"] = report["coverage"]
+    for key in ("coverage", "timing"):  # the collector's own blocks, as it reported them
+        if key in report:
+            rec[key] = report[key]
     for key in ("pages_rewritten", "hint_pages"):
         if key in report:
             rec[key] = report[key]

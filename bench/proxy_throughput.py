@@ -14,7 +14,12 @@ Relays: ``relay`` (recv_into + sendall, what the proxy does in pass-through),
 half of the non-zero pages and decides at once, one oracle for the whole
 stream), ``proxy_held`` (the same hints, but the gate confirms every 2 ms what
 it had received 2 ms earlier, so records wait in the hold queue as with the
-real epoch gate; one oracle window per confirmation).
+real epoch gate; one oracle window per confirmation), ``proxy_held_cov``
+(``proxy_held`` with the migration report's coverage counter on the relay's
+tap, one epoch whose free set is the hinted pages: what coverage costs), and
+with ``--paced-ms T`` ``proxy_paced`` (``proxy_held`` confirming every T ms,
+with the daemon's 16 MiB read-ahead: the source is paced as in a migration
+whose ``query-migrate`` round trip takes T).
 
 Parsers: each proxy mode runs with the C record loop (``_fastparse``) and,
 with ``--parser both`` (the default when the extension is built), also with
@@ -57,6 +62,8 @@ from typing import Any
 
 import numpy as np
 
+from host_collector.layout import RamLayout, RamRange
+from host_collector.migrate.coverage import CoverageCounter
 from host_collector.proxy.migration_proxy import MigrationProxy
 from host_collector.rewrite.gate import NoHints, PageOracle, RewriteGate
 from host_collector.stream import parser as stream_parser
@@ -328,18 +335,67 @@ def run_one(mode: str, helper: Peer, tr: Transport, free: dict[str, bytearray]) 
     return r
 
 
+class _Epoch:
+    """One epoch for the coverage counter: opened and answered before the stream."""
+
+    id = 1
+    opened_at = first_chunk_at = 0.0
+
+    def __init__(self, free: dict[str, bytearray]) -> None:
+        self.masks = {b: np.frombuffer(m, dtype=np.uint8).astype(np.bool_) for b, m in free.items()}
+
+    def blocks(self) -> list[str]:
+        return list(self.masks)
+
+    def free_mask(self, block: str) -> Any:
+        return self.masks.get(block)
+
+
+#: ``--paced-ms``; the read-ahead is the daemon's default.
+PACED_S = 0.05
+READAHEAD = 16 * MiB
+
+
 def run_proxy(mode: str, helper: Peer, tr: Transport, sink: str, free: dict[str, bytearray]) -> dict[str, float]:
     gate: RewriteGate
     base = mode.removesuffix("_py")
+    cov: CoverageCounter | None = None
+    readahead: int | None = None
     if base == "proxy":
         gate = NoHints()
     elif base == "proxy_hints":
         gate = ImmediateGate(BitmapOracle(free))
+    elif base == "proxy_paced":
+        gate = LaggingGate(BitmapOracle(free), tick=PACED_S)
+        readahead = READAHEAD
     else:
         gate = LaggingGate(BitmapOracle(free))
+    if base == "proxy_held_cov":
+        pages = {b: len(m) for b, m in free.items()}
+        layout = RamLayout(
+            ranges=tuple(RamRange(i << 40, n * PAGE, b, 0) for i, (b, n) in enumerate(pages.items())),
+            blocks={b: n * PAGE for b, n in pages.items()},
+        )
+        cov = CoverageCounter(layout)
+        epoch = _Epoch(free)
+        cov.epoch_opened(1, epoch)
+        drainer = threading.Event()
+
+        def drain_loop() -> None:  # as the daemon's status loop does, every 0.1 s
+            while not drainer.wait(0.1):
+                cov.drain()
+
+        threading.Thread(target=drain_loop, daemon=True).start()
     # The proxy's parser reads the switch when it is created (on accept).
     os.environ[stream_parser.NO_C_ENV] = "1" if mode.endswith("_py") else ""
-    px = MigrationProxy(tr.spare_address(), sink, gate, hold_bytes=256 * MiB)
+    px = MigrationProxy(
+        tr.spare_address(),
+        sink,
+        gate,
+        hold_bytes=256 * MiB,
+        readahead_bytes=readahead,
+        tap=cov.batch if cov is not None else None,
+    )
     px.start()
     helper.replay(tr.kind, px.listen_address)
     try:
@@ -351,7 +407,14 @@ def run_proxy(mode: str, helper: Peer, tr: Transport, sink: str, free: dict[str,
         px.close()
     assert res is not None, "proxy did not finish"
     st = res.stats
-    r.update(rewritten=st.pages_rewritten, held=st.pages_held, unjudged=st.pages_released_unjudged)
+    r.update(rewritten=st.pages_rewritten, held=st.pages_held, unjudged=st.pages_released_unjudged, paced_s=st.paced_s)
+    if cov is not None:
+        drainer.set()
+        cov.epoch_released(epoch)
+        c = cov.report(0.0, time.monotonic())
+        assert c.rewritten == c.sent_after_report > 0, (
+            f"{mode}: coverage counted {c.rewritten} of {c.sent_after_report}"
+        )
     assert st.fallback_reason is None and res.outcome.value == "finished", res
     assert base == "proxy" or st.pages_rewritten > 0, f"{mode}: the hints rewrote nothing"
     return r
@@ -367,12 +430,23 @@ def main() -> None:
         "--parser", choices=("c", "python", "both"), default=None,
         help="record loop of the proxy runs (default: both if the C extension is built, else python)",
     )  # fmt: skip
+    ap.add_argument(
+        "--paced-ms",
+        type=float,
+        default=None,
+        help="also run proxy_paced: the gate confirms every this many ms, 16 MiB read-ahead",
+    )
     args = ap.parse_args()
+    global PACED_S
+    if args.paced_ms is not None:
+        if args.paced_ms <= 0:
+            ap.error("--paced-ms must be positive")
+        PACED_S = args.paced_ms / 1000
     status = stream_parser.accelerator()  # "c", or why not (FPH_NO_C_PARSER is honoured)
     choice = args.parser or ("both" if status == "c" else "python")
     if choice != "python" and status != "c":
         ap.error(f"--parser {choice}: {status}")
-    proxies = ["proxy", "proxy_hints", "proxy_held"]
+    proxies = ["proxy", "proxy_hints", "proxy_held", "proxy_held_cov"] + (["proxy_paced"] if args.paced_ms else [])
     py_modes = [m + "_py" for m in proxies]
     modes = ["relay"] + {"c": proxies, "python": py_modes, "both": [x for p in zip(proxies, py_modes) for x in p]}[
         choice
@@ -431,7 +505,7 @@ def main() -> None:
         for m in modes[1:]:
             if m.startswith("proxy_hints"):
                 out[f"{kind}_{m}_rewritten_pages"] = results[kind, m][-1].get("rewritten")
-            if m.startswith("proxy_held"):
+            if m.startswith(("proxy_held", "proxy_paced")):
                 out[f"{kind}_{m}_rewritten_pages"] = results[kind, m][-1].get("rewritten")
                 out[f"{kind}_{m}_held_pages"] = results[kind, m][-1].get("held")
                 out[f"{kind}_{m}_unjudged_pages"] = results[kind, m][-1].get("unjudged")

@@ -55,6 +55,13 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--listen", default="", help="where the proxy listens for the source (default tcp:127.0.0.1:0)")
     m.add_argument("--max-bandwidth", help="set on the source first, bytes/s with K/M/G suffixes (e.g. 1G)")
     m.add_argument("--downtime-limit", type=int, metavar="MS", help="set on the source first")
+    m.add_argument(
+        "--switchover-bandwidth",
+        metavar="RATE",
+        help="the link's rate in bytes/s (K/M/G suffixes), set on the source as "
+        "avail-switchover-bandwidth (QEMU >= 8.2): behind the proxy QEMU measures how fast "
+        "the proxy reads, not the link, and would stop the guest too early",
+    )
     m.add_argument("--hint-deadline-ms", type=int, default=0, help="how long each epoch collects hints")
     m.add_argument("--timeout", type=float, default=0.0, metavar="S", help="cancel the migration after S seconds")
     m.add_argument("--admin", default=DEFAULT_ADMIN)
@@ -166,6 +173,10 @@ def _migrate(args: argparse.Namespace) -> int:
         )
         if args.max_bandwidth is not None:
             req.max_bandwidth = console.parse_size(args.max_bandwidth)
+        if args.switchover_bandwidth is not None:
+            req.switchover_bandwidth = console.parse_size(args.switchover_bandwidth)
+            if req.switchover_bandwidth == 0:
+                raise ValueError("--switchover-bandwidth must be positive (leave it out to let QEMU measure)")
         if args.downtime_limit is not None:
             if args.downtime_limit < 0:
                 raise ValueError("--downtime-limit cannot be negative")

@@ -126,6 +126,11 @@ class Epoch:
         return self._first_chunk_at is not None or age < WAIT_FIRST_CHUNK_S
 
     @property
+    def first_chunk_at(self) -> float | None:
+        """``time.monotonic()`` when the agent's first chunk for this epoch arrived (None: not yet)."""
+        return self._first_chunk_at
+
+    @property
     def answered(self) -> bool:
         """The agent sent at least one chunk for this epoch."""
         return self._first_chunk_at is not None

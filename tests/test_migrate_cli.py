@@ -165,6 +165,18 @@ def test_paused_source_hinted_pages_arrive_zero(setup: Setup) -> None:
     assert r["proxy_outcome"] == "finished" and r["source_bytes"] > r["destination_bytes"]
     assert r["source_bytes"] - r["destination_bytes"] == 4095 * r["pages_rewritten"]  # PAGE 4096 -> ZERO 1 byte
     assert r["downtime_ms"] >= 0 and r["wall_s"] > 0
+    # Coverage: a paused source sends each page once, every rewrite is of a hinted page and
+    # in some epoch's window, so the windows' rewrites add up to the proxy's count.
+    cov = r["coverage"]
+    assert cov["epochs"] and cov["epochs"][0]["reported"] and cov["first_report_ms"] >= 0, cov
+    assert sum(e["rewritten_after_open"] for e in cov["epochs"]) == r["pages_rewritten"], cov
+    assert sum(e["sent_after_open"] for e in cov["epochs"]) >= r["pages_rewritten"]
+    assert (
+        sum(e["records"] for e in cov["epochs"]) + cov["records_before_first_epoch"] + cov["end_section_records"]
+        == r["page_records"]
+    ), (cov, r["page_records"])
+    assert r["timing"]["polls"] == r["polls"] > 0
+    assert r["same_sync_rule"]  # TCG: rule (b)'s same-sync case in use (§7.2 concerns KVM)
     # The checker catches a destination page zeroed without a hint, and one with wrong content.
     for fault, where in ((b"\0" * 4096, 20 * MiB), (b"\1" * 4096, 120 * MiB)):
         with open(dst.files["mem"], "r+b") as f:
@@ -186,6 +198,7 @@ def test_unsafe_capability_means_plain_relay_with_the_reason(setup: Setup) -> No
     assert "source: capability xbzrle: XBZRLE deltas" in r["plain_relay_reason"], r["plain_relay_reason"]
     assert [p["setting"] for p in r["preflight"]["problems"]] == ["capability xbzrle"]
     assert not r["epochs"]  # no epoch was even opened
+    assert "coverage" not in r  # nothing to cover on a plain relay
     # The destination's return-path capability was never set, yet it answers on the return path.
     assert r["return_bytes"] > 0 and not r["preflight"]["destination_checked"]
     diff = compare_ram(src, dst)
@@ -208,6 +221,9 @@ def test_no_agent_or_a_silent_one_gives_a_plain_migration(setup: Setup, agent: s
     for e in r["epochs"]:
         assert e["hint_pages"] == 0 and e["request_to_last_chunk_s"] == -1
         assert e["request_sent"] == (agent != "none")
+    cov = r["coverage"]
+    assert cov["epochs"] and not any(e["reported"] for e in cov["epochs"]), cov
+    assert cov["first_report_ms"] == -1 and cov["fraction"] == -1 and not cov["first_report_goal_met"]
     if agent == "never answers":
         assert stalling.calls >= 1  # it was asked
     diff = compare_ram(src, dst)
@@ -370,3 +386,22 @@ def test_running_source_on_qemu10_rewrites_and_stays_exact(setup: Setup) -> None
     zeroed = assert_hinted_pages_zeroed(src, dst, r)
     assert zeroed, json.dumps(r, indent=1)
     assert r["return_bytes"] > 0  # return path used although only the source's capability is on
+
+
+def test_switchover_bandwidth_is_set_on_the_source_or_refused_clearly(setup: Setup) -> None:
+    """``--switchover-bandwidth`` sets avail-switchover-bandwidth (QEMU >= 8.2); an older
+    QEMU refuses the parameter, and the report says so before anything migrates."""
+    s = setup
+    s.start_daemon()
+    src, dst = s.pair()
+    version = tuple(src.cmd("query-version")["qemu"][k] for k in ("major", "minor"))
+    rc, r, err = migrate(s, dst, "--switchover-bandwidth", "100M", *PAUSED)
+    if version >= (8, 2):
+        assert rc == 0 and r["outcome"] == "completed", (err, r)
+        assert r["switchover_bandwidth"] == 100 * MiB
+        assert src.cmd("query-migrate-parameters")["avail-switchover-bandwidth"] == 100 * MiB
+    else:
+        assert rc != 0 and r["outcome"] == "error", r
+        assert "avail-switchover-bandwidth" in r["message"] and r["source_bytes"] == 0, r
+    proc = s.daemon.run("migrate", VM, "--to", "tcp:127.0.0.1:1", "--switchover-bandwidth", "0")
+    assert proc.returncode == 2 and "must be positive" in proc.stderr

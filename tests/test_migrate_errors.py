@@ -119,3 +119,44 @@ def test_registry_refuses_a_bad_qmp_monitor(spec: object) -> None:
 
     with pytest.raises(ConfigError, match=r"c\.toml: vm 'vm1'.*qmp"):
         parse({"vm": [{"name": "vm1", "token": "t" * 20, "qmp": spec}]}, "c.toml")
+
+
+def test_a_source_slow_to_answer_in_its_completion_is_not_lost() -> None:
+    """QEMU's completion holds the lock query-migrate needs while it writes the final pass;
+    behind a slow link one poll can time out. The run waits (a note says so) instead of
+    declaring the source lost and failing a migration that completes."""
+    import asyncio
+    from typing import Any
+
+    from host_collector.migrate import run as run_mod
+    from host_collector.proxy.results import ProxyStats
+    from host_collector.qmp.session import QmpError, QmpTimeout
+
+    class Src:
+        def __init__(self, script: list[Any]) -> None:
+            self.script = script
+
+        async def execute(self, cmd: str, args: Any = None, *, timeout_s: float | None = None) -> Any:
+            item = self.script.pop(0) if len(self.script) > 1 else self.script[0]
+            if isinstance(item, Exception):
+                raise item
+            return item
+
+    class Proxy:
+        def stats(self) -> ProxyStats:
+            return ProxyStats()
+
+        def wait(self, timeout: float | None = None) -> None:
+            return None
+
+    def follow(script: list[Any]) -> tuple[Any, run_mod.MigrationRun]:
+        plan = run_mod.Plan(vm="vm", source_qmp="unix:/nowhere", to="tcp:127.0.0.1:1")
+        mr = run_mod.MigrationRun(None, plan, Src(script), None, lambda ev: None)  # type: ignore[arg-type]
+        return asyncio.run(mr._follow(Proxy())), mr  # type: ignore[arg-type]
+
+    timeout = QmpTimeout("QMP vm source: query-migrate not answered within 5 s")
+    info, mr = follow([{"status": "device"}, timeout, timeout, {"status": "completed"}])
+    assert info == {"status": "completed"} and not mr.source_lost
+    assert any("timed out" in n for n in mr._notes)
+    info, mr = follow([{"status": "active"}, QmpError("QMP vm source: query-migrate: ConnectionResetError")])
+    assert mr.source_lost and info == {"status": "active"}

@@ -258,7 +258,34 @@ def test_stop_event_says_the_guest_stopped_and_ends_the_wait_for_hints() -> None
         n = len(woken)
         src.events._queue.put_nowait(Message({"event": "STOP", "timestamp": {}}))
         await until(lambda: gate.guest_stopped)
-        assert gate.decided_through() == 5000 and len(woken) > n
+        # §3.9: everything is decided now; what no poll covers, by request offsets alone
+        assert gate.decided_through() == NEVER and len(woken) > n and gate.ledger.completing
+        await gate.stop()
+
+    run(go())
+
+
+@pytest.mark.parametrize("status", ["device", "pre-switchover"])
+def test_the_completions_migration_status_decides_everything_at_once(status: str) -> None:
+    """A MIGRATION event of the completion (QEMU 10 enters 'device' there) ends the wait
+    for polls just as STOP does; any other status changes nothing."""
+
+    async def go() -> None:
+        src = FakeSource(counting)
+        coll = FakeCollector()
+        gate = EpochGate(src, coll, "vm", poll_interval_s=0.01)  # type: ignore[arg-type]
+        await gate.start()
+        src.emit_pass(1)
+        await until(lambda: gate.ledger.last_pass == 1)
+        gate.received(5000)
+        await until(lambda: gate.ledger.confirmed_through == 5000)
+        assert src.events is not None
+        src.events._queue.put_nowait(Message({"event": "MIGRATION", "data": {"status": "active"}}))
+        await asyncio.sleep(0.05)
+        assert not gate.ledger.completing and gate.decided_through() == 5000
+        src.events._queue.put_nowait(Message({"event": "MIGRATION", "data": {"status": status}}))
+        await until(lambda: gate.ledger.completing)
+        assert gate.decided_through() == NEVER and gate.guest_stopped
         await gate.stop()
 
     run(go())

@@ -209,6 +209,7 @@ class Record:
     page: int
     q: int  # pick time
     end: int = 0  # stream offset of its last byte
+    final: bool = False  # picked in the END section: the proxy never judges it
 
 
 @dataclass
@@ -256,9 +257,14 @@ def simulate(
     span: bool = False,
     kvm: bool = False,
     same_sync: bool | None = None,
+    completion: bool = False,
 ) -> SimResult:
     """``span``: judge like the proxy with ``oracle_until``, one window at a time.
-    ``kvm``: the world of §7.2; the ledger's ``same_sync`` follows it unless given."""
+    ``kvm``: the world of §7.2; the ledger's ``same_sync`` follows it unless given.
+    ``completion``: the migration ends as QEMU's does (docs/safety-rule.md §3.7, §3.9): right
+    after a sync the guest stops (STOP reaches the gate), no hint is taken after that, the
+    final sync runs and the END section's records follow, never judged; QEMU holds the lock
+    ``query-migrate`` needs from the stop to the last END record, so replies wait."""
     rnd = random.Random(seed)
     pages = rnd.choice([4, 8, 16])
     net = rnd.randint(0, 4)
@@ -279,6 +285,16 @@ def simulate(
         world.sync_start.append(t)
         world.sync_end.append(t + dur)
         t += dur + rnd.randint(3, 40)
+    stop_at = horizon  # iteration picks end here
+    locked: tuple[int, int] = (horizon + 60, horizon + 60)  # [from, to): no query-migrate reply computed
+    if completion:
+        # Completion follows a sync at once: the guest stops at its end, the final sync runs, END follows.
+        k = max(1, len(world.sync_start) - 1 - rnd.randint(0, 2))
+        del world.sync_start[k:], world.sync_end[k:]
+        stop_at = world.sync_end[-1]
+        world.sync_start.append(stop_at)
+        world.sync_end.append(stop_at + 2)
+        locked = (stop_at, stop_at + 2 + rnd.randint(2, 12))
 
     qmp_fifo: list[tuple[int, str, int, int, int]] = []  # (deliver_at, kind, a, b, c)
     last_delivery = 0
@@ -306,12 +322,16 @@ def simulate(
                 emit(t, "pass", c)
         syncing = any(s <= t < e for s, e in zip(world.sync_start, world.sync_end))
         count = sum(1 for s in world.sync_start if s <= t)
-        if poll is not None and poll[0] == t:
+        if completion and t == stop_at:
+            emit(t, "stop", 0)  # after the last pass before it: one FIFO
+        if poll is not None and poll[0] <= t and not locked[0] <= t < locked[1]:
             emit(t, "reply", poll[1], count, poll[2])
             poll = None
         # QEMU's migration thread picks a page when not syncing.
-        if t < horizon and not syncing and rnd.random() < 0.7:
+        if t < stop_at and not syncing and rnd.random() < 0.7:
             in_flight.append(Record(rnd.randrange(pages), t))
+        elif completion and world.sync_end[-1] <= t < locked[1] and rnd.random() < 0.7:
+            in_flight.append(Record(rnd.randrange(pages), t, final=True))
         # The proxy receives what was picked `net` ticks ago.
         while in_flight and in_flight[0].q + net <= t:
             r = in_flight.pop(0)
@@ -323,13 +343,17 @@ def simulate(
         for item in [p for p in pending_hints if p[0] == t]:
             pending_hints.remove(item)
             _, ep, h = item
+            if completion and h.t >= stop_at:
+                continue  # a stopped guest takes no hints
             if ep.add_free(BLOCK, h.page):
                 world.hints.setdefault(ep.id, []).append(h)
         # QMP deliveries, in wire order.
         while deliveries < len(qmp_fifo) and qmp_fifo[deliveries][0] <= t:
             _, kind, a, b, c = qmp_fifo[deliveries]
             deliveries += 1
-            if kind == "pass":
+            if kind == "stop":
+                led.completion_started()
+            elif kind == "pass":
                 entry = led.on_pass(a)
                 if entry is not None:
                     ep = coll.epochs[entry.epoch.id]
@@ -351,6 +375,8 @@ def simulate(
         keep = []
         window: tuple[object, int] = (None, -1)
         for r in held:
+            if r.final:
+                continue  # the END section: sent unchanged, never judged (§3.7)
             if r.end <= limit:
                 if span:
                     if r.end > window[1]:
@@ -596,3 +622,57 @@ def test_a_stopped_guest_is_not_waited_for() -> None:
     led.received(9000)
     led.on_poll(9000, 2)
     assert led.decided_through() == 9000
+
+
+class EagerCompletionLedger(EpochLedger[FakeEpoch]):
+    """Planted fault: at completion, an unpolled record may use every epoch still kept."""
+
+    def oracle_for(self, end: int):  # type: ignore[no-untyped-def]
+        if self._completing and (not self._poll_x or end > self._poll_x[-1]):
+            usable = [e for e in self._epochs.values() if not e.released]
+            return EpochOracle(usable) if usable else None
+        return super().oracle_for(end)
+
+
+def test_completion_decides_unpolled_records_at_once_by_request_offsets() -> None:
+    """§3.9: after the stop, a record no poll covers is decided at once, with only the
+    epochs whose request went out after it arrived (rule (a), no poll needed)."""
+    led, c = ledger()
+    led.received(100)
+    e1 = epoch(c, led.on_pass(1))
+    e1.add_free(BLOCK, 7)
+    led.received(1000)
+    led.on_poll(1000, 1)
+    led.received(2000)
+    e2 = epoch(c, led.on_pass(2))  # requested at 2000
+    e2.add_free(BLOCK, 8)
+    led.received(3000)
+    assert led.decided_through() == 1000
+    led.completion_started()
+    assert led.decided_through() == NEVER
+    # 1500: before epoch 2's request (case 3 for epoch 2), after the last poll (no case 1 for epoch 1)
+    o = led.oracle_for(1500)
+    assert syncs(o) == (2,) and o is not None and o.is_free(BLOCK, 8) and not o.is_free(BLOCK, 7)
+    assert led.oracle_for(2500) is None  # after every request: nothing may zero it
+    o2, through = led.oracle_until(1500)
+    assert syncs(o2) == (2,) and through == 2000
+    assert led.oracle_until(2500) == (None, NEVER)
+    # records a poll covers keep the full rule
+    assert syncs(led.oracle_for(900)) == (1, 2)
+
+
+@pytest.mark.parametrize("kvm", [False, True])
+def test_simulated_completion_follows_the_rule_and_decides_everything(kvm: bool) -> None:
+    judged = rewritten = 0
+    for seed in SEEDS:
+        res = simulate(seed, completion=True, kvm=kvm, span=bool(seed % 2))
+        assert not res.violations, res.violations[:3]
+        assert not res.mismatches, res.mismatches[:3]
+        judged += res.judged
+        rewritten += res.rewritten
+    assert judged > 10_000 and rewritten > 0
+
+
+def test_simulator_catches_the_planted_completion_fault() -> None:
+    caught = sum(1 for seed in SEEDS if simulate(seed, EagerCompletionLedger, completion=True).violations)
+    assert caught > 0, "EagerCompletionLedger was never caught"

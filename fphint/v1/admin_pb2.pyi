@@ -93,7 +93,7 @@ class CollectHintsResponse(_message.Message):
     def __init__(self, vm: _Optional[str] = ..., epoch: _Optional[int] = ..., close_reason: _Optional[str] = ..., free_pages: _Optional[int] = ..., accepted_ranges: _Optional[int] = ..., rejected_ranges: _Optional[int] = ..., reports: _Optional[int] = ..., rejected_reports: _Optional[int] = ..., request_to_last_chunk_s: _Optional[float] = ..., blocks: _Optional[_Iterable[_Union[BlockPages, _Mapping]]] = ..., agent_source: _Optional[str] = ..., agent_cpu_seconds: _Optional[float] = ..., agent_rss_bytes: _Optional[int] = ..., agent_snapshot_us: _Optional[int] = ..., page_size: _Optional[int] = ...) -> None: ...
 
 class MigrateRequest(_message.Message):
-    __slots__ = ("vm", "to", "dest_qmp", "listen", "progress_interval_ms", "hint_deadline_ms", "timeout_s", "max_bandwidth", "downtime_limit_ms")
+    __slots__ = ("vm", "to", "dest_qmp", "listen", "progress_interval_ms", "hint_deadline_ms", "timeout_s", "max_bandwidth", "downtime_limit_ms", "switchover_bandwidth")
     VM_FIELD_NUMBER: _ClassVar[int]
     TO_FIELD_NUMBER: _ClassVar[int]
     DEST_QMP_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +103,7 @@ class MigrateRequest(_message.Message):
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     MAX_BANDWIDTH_FIELD_NUMBER: _ClassVar[int]
     DOWNTIME_LIMIT_MS_FIELD_NUMBER: _ClassVar[int]
+    SWITCHOVER_BANDWIDTH_FIELD_NUMBER: _ClassVar[int]
     vm: str
     to: str
     dest_qmp: str
@@ -112,7 +113,8 @@ class MigrateRequest(_message.Message):
     timeout_s: float
     max_bandwidth: int
     downtime_limit_ms: int
-    def __init__(self, vm: _Optional[str] = ..., to: _Optional[str] = ..., dest_qmp: _Optional[str] = ..., listen: _Optional[str] = ..., progress_interval_ms: _Optional[int] = ..., hint_deadline_ms: _Optional[int] = ..., timeout_s: _Optional[float] = ..., max_bandwidth: _Optional[int] = ..., downtime_limit_ms: _Optional[int] = ...) -> None: ...
+    switchover_bandwidth: int
+    def __init__(self, vm: _Optional[str] = ..., to: _Optional[str] = ..., dest_qmp: _Optional[str] = ..., listen: _Optional[str] = ..., progress_interval_ms: _Optional[int] = ..., hint_deadline_ms: _Optional[int] = ..., timeout_s: _Optional[float] = ..., max_bandwidth: _Optional[int] = ..., downtime_limit_ms: _Optional[int] = ..., switchover_bandwidth: _Optional[int] = ...) -> None: ...
 
 class ProxyRequest(_message.Message):
     __slots__ = ("vm", "to", "dest_qmp", "listen", "progress_interval_ms", "hint_deadline_ms", "count")
@@ -252,8 +254,98 @@ class EpochReport(_message.Message):
     close_reason: str
     def __init__(self, epoch: _Optional[int] = ..., sync: _Optional[int] = ..., request_offset: _Optional[int] = ..., request_sent: _Optional[bool] = ..., hint_pages: _Optional[int] = ..., accepted_ranges: _Optional[int] = ..., rejected_ranges: _Optional[int] = ..., reports: _Optional[int] = ..., request_to_last_chunk_s: _Optional[float] = ..., close_reason: _Optional[str] = ...) -> None: ...
 
+class EpochCoverage(_message.Message):
+    __slots__ = ("epoch", "sync", "opened_at_s", "duration_ms", "reported", "first_report_ms", "reported_free_pages", "records", "sent_after_open", "rewritten_after_open", "sent_after_report", "rewritten", "after_stop")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SYNC_FIELD_NUMBER: _ClassVar[int]
+    OPENED_AT_S_FIELD_NUMBER: _ClassVar[int]
+    DURATION_MS_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_FIELD_NUMBER: _ClassVar[int]
+    FIRST_REPORT_MS_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_FREE_PAGES_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    SENT_AFTER_OPEN_FIELD_NUMBER: _ClassVar[int]
+    REWRITTEN_AFTER_OPEN_FIELD_NUMBER: _ClassVar[int]
+    SENT_AFTER_REPORT_FIELD_NUMBER: _ClassVar[int]
+    REWRITTEN_FIELD_NUMBER: _ClassVar[int]
+    AFTER_STOP_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    sync: int
+    opened_at_s: float
+    duration_ms: float
+    reported: bool
+    first_report_ms: float
+    reported_free_pages: int
+    records: int
+    sent_after_open: int
+    rewritten_after_open: int
+    sent_after_report: int
+    rewritten: int
+    after_stop: bool
+    def __init__(self, epoch: _Optional[int] = ..., sync: _Optional[int] = ..., opened_at_s: _Optional[float] = ..., duration_ms: _Optional[float] = ..., reported: _Optional[bool] = ..., first_report_ms: _Optional[float] = ..., reported_free_pages: _Optional[int] = ..., records: _Optional[int] = ..., sent_after_open: _Optional[int] = ..., rewritten_after_open: _Optional[int] = ..., sent_after_report: _Optional[int] = ..., rewritten: _Optional[int] = ..., after_stop: _Optional[bool] = ...) -> None: ...
+
+class Coverage(_message.Message):
+    __slots__ = ("epochs", "first_report_ms", "sent_after_report", "rewritten", "fraction", "sent_after_open", "rewritten_after_open", "fraction_after_open", "epochs_over_200ms_without_report", "end_section_records", "end_section_reported_free", "records_before_first_epoch", "epochs_not_tracked", "first_report_goal_met", "fraction_goal_met", "report_every_epoch_goal_met")
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_REPORT_MS_FIELD_NUMBER: _ClassVar[int]
+    SENT_AFTER_REPORT_FIELD_NUMBER: _ClassVar[int]
+    REWRITTEN_FIELD_NUMBER: _ClassVar[int]
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
+    SENT_AFTER_OPEN_FIELD_NUMBER: _ClassVar[int]
+    REWRITTEN_AFTER_OPEN_FIELD_NUMBER: _ClassVar[int]
+    FRACTION_AFTER_OPEN_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_OVER_200MS_WITHOUT_REPORT_FIELD_NUMBER: _ClassVar[int]
+    END_SECTION_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    END_SECTION_REPORTED_FREE_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_BEFORE_FIRST_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_NOT_TRACKED_FIELD_NUMBER: _ClassVar[int]
+    FIRST_REPORT_GOAL_MET_FIELD_NUMBER: _ClassVar[int]
+    FRACTION_GOAL_MET_FIELD_NUMBER: _ClassVar[int]
+    REPORT_EVERY_EPOCH_GOAL_MET_FIELD_NUMBER: _ClassVar[int]
+    epochs: _containers.RepeatedCompositeFieldContainer[EpochCoverage]
+    first_report_ms: float
+    sent_after_report: int
+    rewritten: int
+    fraction: float
+    sent_after_open: int
+    rewritten_after_open: int
+    fraction_after_open: float
+    epochs_over_200ms_without_report: int
+    end_section_records: int
+    end_section_reported_free: int
+    records_before_first_epoch: int
+    epochs_not_tracked: int
+    first_report_goal_met: bool
+    fraction_goal_met: bool
+    report_every_epoch_goal_met: bool
+    def __init__(self, epochs: _Optional[_Iterable[_Union[EpochCoverage, _Mapping]]] = ..., first_report_ms: _Optional[float] = ..., sent_after_report: _Optional[int] = ..., rewritten: _Optional[int] = ..., fraction: _Optional[float] = ..., sent_after_open: _Optional[int] = ..., rewritten_after_open: _Optional[int] = ..., fraction_after_open: _Optional[float] = ..., epochs_over_200ms_without_report: _Optional[int] = ..., end_section_records: _Optional[int] = ..., end_section_reported_free: _Optional[int] = ..., records_before_first_epoch: _Optional[int] = ..., epochs_not_tracked: _Optional[int] = ..., first_report_goal_met: _Optional[bool] = ..., fraction_goal_met: _Optional[bool] = ..., report_every_epoch_goal_met: _Optional[bool] = ...) -> None: ...
+
+class ProxyTiming(_message.Message):
+    __slots__ = ("paced_s", "send_s", "held_wait_s", "polls", "poll_ms_mean", "poll_ms_max", "backlog_at_stop_bytes", "stop_to_end_section_ms", "stop_to_drained_ms", "stop_to_eof_ms")
+    PACED_S_FIELD_NUMBER: _ClassVar[int]
+    SEND_S_FIELD_NUMBER: _ClassVar[int]
+    HELD_WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    POLLS_FIELD_NUMBER: _ClassVar[int]
+    POLL_MS_MEAN_FIELD_NUMBER: _ClassVar[int]
+    POLL_MS_MAX_FIELD_NUMBER: _ClassVar[int]
+    BACKLOG_AT_STOP_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STOP_TO_END_SECTION_MS_FIELD_NUMBER: _ClassVar[int]
+    STOP_TO_DRAINED_MS_FIELD_NUMBER: _ClassVar[int]
+    STOP_TO_EOF_MS_FIELD_NUMBER: _ClassVar[int]
+    paced_s: float
+    send_s: float
+    held_wait_s: float
+    polls: int
+    poll_ms_mean: float
+    poll_ms_max: float
+    backlog_at_stop_bytes: int
+    stop_to_end_section_ms: float
+    stop_to_drained_ms: float
+    stop_to_eof_ms: float
+    def __init__(self, paced_s: _Optional[float] = ..., send_s: _Optional[float] = ..., held_wait_s: _Optional[float] = ..., polls: _Optional[int] = ..., poll_ms_mean: _Optional[float] = ..., poll_ms_max: _Optional[float] = ..., backlog_at_stop_bytes: _Optional[int] = ..., stop_to_end_section_ms: _Optional[float] = ..., stop_to_drained_ms: _Optional[float] = ..., stop_to_eof_ms: _Optional[float] = ...) -> None: ...
+
 class MigrationReport(_message.Message):
-    __slots__ = ("vm", "migration", "outcome", "message", "to", "proxy_address", "issued_migrate", "started_at_unix", "wall_s", "source_status", "source_error", "source_runstate", "destination_status", "downtime_ms", "total_time_ms", "setup_time_ms", "dirty_sync_count", "qemu_transferred_bytes", "qemu_normal_pages", "qemu_zero_pages", "proxy_outcome", "source_bytes", "destination_bytes", "return_bytes", "extra_connections", "page_records", "zero_records", "pages_rewritten", "pages_held", "pages_released_unjudged", "fallback_reason", "abort_reason", "proxy_error", "rewriting", "plain_relay_reason", "gate_failure", "passes", "polls", "epochs", "epochs_not_listed", "agent_attached", "agent_source", "ram_bytes", "page_size", "preflight", "notes")
+    __slots__ = ("vm", "migration", "outcome", "message", "to", "proxy_address", "issued_migrate", "started_at_unix", "wall_s", "source_status", "source_error", "source_runstate", "destination_status", "downtime_ms", "total_time_ms", "setup_time_ms", "dirty_sync_count", "qemu_transferred_bytes", "qemu_normal_pages", "qemu_zero_pages", "proxy_outcome", "source_bytes", "destination_bytes", "return_bytes", "extra_connections", "page_records", "zero_records", "pages_rewritten", "pages_held", "pages_released_unjudged", "fallback_reason", "abort_reason", "proxy_error", "rewriting", "plain_relay_reason", "gate_failure", "passes", "polls", "epochs", "epochs_not_listed", "agent_attached", "agent_source", "ram_bytes", "page_size", "preflight", "notes", "coverage", "timing", "switchover_bandwidth", "same_sync_rule")
     VM_FIELD_NUMBER: _ClassVar[int]
     MIGRATION_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
@@ -300,6 +392,10 @@ class MigrationReport(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PREFLIGHT_FIELD_NUMBER: _ClassVar[int]
     NOTES_FIELD_NUMBER: _ClassVar[int]
+    COVERAGE_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
+    SWITCHOVER_BANDWIDTH_FIELD_NUMBER: _ClassVar[int]
+    SAME_SYNC_RULE_FIELD_NUMBER: _ClassVar[int]
     vm: str
     migration: int
     outcome: str
@@ -346,4 +442,8 @@ class MigrationReport(_message.Message):
     page_size: int
     preflight: Preflight
     notes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, vm: _Optional[str] = ..., migration: _Optional[int] = ..., outcome: _Optional[str] = ..., message: _Optional[str] = ..., to: _Optional[str] = ..., proxy_address: _Optional[str] = ..., issued_migrate: _Optional[bool] = ..., started_at_unix: _Optional[float] = ..., wall_s: _Optional[float] = ..., source_status: _Optional[str] = ..., source_error: _Optional[str] = ..., source_runstate: _Optional[str] = ..., destination_status: _Optional[str] = ..., downtime_ms: _Optional[int] = ..., total_time_ms: _Optional[int] = ..., setup_time_ms: _Optional[int] = ..., dirty_sync_count: _Optional[int] = ..., qemu_transferred_bytes: _Optional[int] = ..., qemu_normal_pages: _Optional[int] = ..., qemu_zero_pages: _Optional[int] = ..., proxy_outcome: _Optional[str] = ..., source_bytes: _Optional[int] = ..., destination_bytes: _Optional[int] = ..., return_bytes: _Optional[int] = ..., extra_connections: _Optional[int] = ..., page_records: _Optional[int] = ..., zero_records: _Optional[int] = ..., pages_rewritten: _Optional[int] = ..., pages_held: _Optional[int] = ..., pages_released_unjudged: _Optional[int] = ..., fallback_reason: _Optional[str] = ..., abort_reason: _Optional[str] = ..., proxy_error: _Optional[str] = ..., rewriting: _Optional[bool] = ..., plain_relay_reason: _Optional[str] = ..., gate_failure: _Optional[str] = ..., passes: _Optional[int] = ..., polls: _Optional[int] = ..., epochs: _Optional[_Iterable[_Union[EpochReport, _Mapping]]] = ..., epochs_not_listed: _Optional[int] = ..., agent_attached: _Optional[bool] = ..., agent_source: _Optional[str] = ..., ram_bytes: _Optional[int] = ..., page_size: _Optional[int] = ..., preflight: _Optional[_Union[Preflight, _Mapping]] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
+    coverage: Coverage
+    timing: ProxyTiming
+    switchover_bandwidth: int
+    same_sync_rule: bool
+    def __init__(self, vm: _Optional[str] = ..., migration: _Optional[int] = ..., outcome: _Optional[str] = ..., message: _Optional[str] = ..., to: _Optional[str] = ..., proxy_address: _Optional[str] = ..., issued_migrate: _Optional[bool] = ..., started_at_unix: _Optional[float] = ..., wall_s: _Optional[float] = ..., source_status: _Optional[str] = ..., source_error: _Optional[str] = ..., source_runstate: _Optional[str] = ..., destination_status: _Optional[str] = ..., downtime_ms: _Optional[int] = ..., total_time_ms: _Optional[int] = ..., setup_time_ms: _Optional[int] = ..., dirty_sync_count: _Optional[int] = ..., qemu_transferred_bytes: _Optional[int] = ..., qemu_normal_pages: _Optional[int] = ..., qemu_zero_pages: _Optional[int] = ..., proxy_outcome: _Optional[str] = ..., source_bytes: _Optional[int] = ..., destination_bytes: _Optional[int] = ..., return_bytes: _Optional[int] = ..., extra_connections: _Optional[int] = ..., page_records: _Optional[int] = ..., zero_records: _Optional[int] = ..., pages_rewritten: _Optional[int] = ..., pages_held: _Optional[int] = ..., pages_released_unjudged: _Optional[int] = ..., fallback_reason: _Optional[str] = ..., abort_reason: _Optional[str] = ..., proxy_error: _Optional[str] = ..., rewriting: _Optional[bool] = ..., plain_relay_reason: _Optional[str] = ..., gate_failure: _Optional[str] = ..., passes: _Optional[int] = ..., polls: _Optional[int] = ..., epochs: _Optional[_Iterable[_Union[EpochReport, _Mapping]]] = ..., epochs_not_listed: _Optional[int] = ..., agent_attached: _Optional[bool] = ..., agent_source: _Optional[str] = ..., ram_bytes: _Optional[int] = ..., page_size: _Optional[int] = ..., preflight: _Optional[_Union[Preflight, _Mapping]] = ..., notes: _Optional[_Iterable[str]] = ..., coverage: _Optional[_Union[Coverage, _Mapping]] = ..., timing: _Optional[_Union[ProxyTiming, _Mapping]] = ..., switchover_bandwidth: _Optional[int] = ..., same_sync_rule: _Optional[bool] = ...) -> None: ...

@@ -83,6 +83,39 @@ def progress_line(vm: str, p: admin_pb2.MigrateProgress, page_size: int = 4096) 
     return "  ".join(parts)
 
 
+def _pct(x: float) -> str:
+    return "-" if x < 0 else f"{100 * x:.1f}%"
+
+
+def coverage_lines(c: admin_pb2.Coverage) -> list[str]:
+    """Per epoch: when its report came, and how much of what QEMU sent after it was rewritten."""
+    first = "none" if c.first_report_ms < 0 else f"{c.first_report_ms:.0f} ms"
+    goals = [
+        ("first report <= 100 ms", c.first_report_goal_met),
+        (">= 90 % rewritten", c.fraction_goal_met),
+        ("a report in every epoch > 200 ms", c.report_every_epoch_goal_met),
+    ]
+    lines = [
+        f"  coverage   first report {first}; {c.rewritten} of {c.sent_after_report} reported-free pages sent "
+        f"after a report rewritten ({_pct(c.fraction)}; after the epoch opened {c.rewritten_after_open} of "
+        f"{c.sent_after_open}, {_pct(c.fraction_after_open)}); {c.epochs_over_200ms_without_report} epochs "
+        f"over 200 ms without a report; END section {c.end_section_records} records, "
+        f"{c.end_section_reported_free} of them reported free",
+        "             goals: " + ", ".join(f"{name} {'met' if ok else 'NOT met'}" for name, ok in goals),
+    ]
+    for e in c.epochs:
+        when = "no report" if e.first_report_ms < 0 else f"report after {e.first_report_ms:.0f} ms"
+        if e.first_report_ms >= 0 and not e.reported:
+            when += " (too late)"
+        lines.append(
+            f"             sync {e.sync}: at {e.opened_at_s:.2f} s for {e.duration_ms:.0f} ms, {when}; "
+            f"{e.reported_free_pages} free, {e.rewritten} of {e.sent_after_report} sent after the report "
+            f"rewritten ({e.rewritten_after_open} of {e.sent_after_open} after opening)"
+            + ("; guest stopped" if e.after_stop else "")
+        )
+    return lines
+
+
 def render_report(r: admin_pb2.MigrationReport) -> str:
     ps = r.page_size or 4096
     lines = []
@@ -127,6 +160,8 @@ def render_report(r: admin_pb2.MigrationReport) -> str:
             )
         if r.epochs_not_listed:
             lines.append(f"             ... {r.epochs_not_listed} older epochs not listed")
+        if r.HasField("coverage"):
+            lines.extend(coverage_lines(r.coverage))
     else:
         lines.append(f"  hints      none: plain relay because {r.plain_relay_reason or 'of an earlier error'}")
     pf = r.preflight

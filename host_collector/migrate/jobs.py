@@ -87,6 +87,7 @@ class Migrations:
             timeout_s=req.timeout_s,
             max_bandwidth=req.max_bandwidth if req.HasField("max_bandwidth") else None,
             downtime_limit_ms=req.downtime_limit_ms if req.HasField("downtime_limit_ms") else None,
+            switchover_bandwidth=req.switchover_bandwidth if req.HasField("switchover_bandwidth") else None,
         )
         return self._start(plan, "migrate", lambda job: self._migrate(job, plan))
 

@@ -34,12 +34,13 @@ from host_collector.proxy.migration_proxy import MigrationProxy, ProxyError
 from host_collector.proxy.results import ProxyOutcome, ProxyResult
 from host_collector.qmp.preflight import Problem, SafetyReport, check_migration_safety
 from host_collector.qmp.ram_layout import read_layout
-from host_collector.qmp.session import QmpError, QmpSession
+from host_collector.qmp.session import QmpError, QmpSession, QmpTimeout
 from host_collector.rewrite.epoch_gate import EpochGate
 from host_collector.rewrite.gate import NoHints, RewriteGate
 from host_collector.rewrite.held import HeldGate
 from host_collector.rewrite.recorder import EpochRecorder
 
+from .coverage import CoverageCounter
 from .observer import NO_OBSERVER, MigrationObserver
 from .report import preflight_message, progress_message, progress_text
 
@@ -85,6 +86,8 @@ class Plan:
     timeout_s: float | None = None
     max_bandwidth: int | None = None
     downtime_limit_ms: int | None = None
+    #: avail-switchover-bandwidth, bytes/s (QEMU >= 8.2).
+    switchover_bandwidth: int | None = None
 
 
 def _endpoint(spec: str, what: str) -> str:
@@ -109,6 +112,7 @@ def make_plan(
     timeout_s: float = 0.0,
     max_bandwidth: int | None = None,
     downtime_limit_ms: int | None = None,
+    switchover_bandwidth: int | None = None,
 ) -> Plan:
     """Check a request against the registry. :raise MigrateError: with a message naming what is wrong."""
     try:
@@ -140,6 +144,7 @@ def make_plan(
         timeout_s=timeout_s or None,
         max_bandwidth=max_bandwidth,
         downtime_limit_ms=downtime_limit_ms,
+        switchover_bandwidth=switchover_bandwidth,
     )
 
 
@@ -189,7 +194,9 @@ class MigrationRun:
         self.rewriting = False
         self._layout: RamLayout | None = None
         self._watch = observer.migration(plan.vm, number)
-        self._recorder = EpochRecorder(on_release=self._watch.epoch_released)
+        self._recorder = EpochRecorder(on_release=self._epoch_released)
+        self._coverage: CoverageCounter | None = None
+        self._ended_at: float | None = None
         self._epoch_gate: EpochGate[Epoch] | None = None
         self._held: HeldGate | None = None
         self._proxy: MigrationProxy | None = None
@@ -197,6 +204,16 @@ class MigrationRun:
         self._source_lost: str | None = None
         self._t0 = time.monotonic()
         self._notes: list[str] = []
+
+    @property
+    def connected_or_sent(self) -> bool:
+        """A stream may have flowed: ``migrate`` was issued, or the orchestrator's source connected."""
+        return self._migrate_sent or self.connected
+
+    def _epoch_released(self, epoch: Epoch) -> None:
+        if self._coverage is not None:
+            self._coverage.epoch_released(epoch)
+        self._watch.epoch_released(epoch)
 
     @property
     def source_lost(self) -> bool:
@@ -220,6 +237,8 @@ class MigrationRun:
         if report is not None:
             report.epochs.extend(self._recorder.reports())
             report.epochs_not_listed = self._recorder.dropped
+            if self._coverage is not None and self._proxy is not None and self.connected_or_sent:
+                report.coverage.CopyFrom(self._coverage.report(self._t0, self._ended_at or time.monotonic()))
             await self._read_states()
             self._log(report)
         return report
@@ -231,7 +250,7 @@ class MigrationRun:
             preflight = await self._preflight()
             gate = self._make_gate(preflight)
             if self.issue_migrate and not await self._set_parameters():
-                return self._finish(None, None)
+                return self.report  # _error() said why; _finish() would word it as an unknown end state
             limits = self.collector.limits
             proxy = self._proxy = MigrationProxy(
                 self.plan.listen,
@@ -240,6 +259,7 @@ class MigrationRun:
                 hold_bytes=limits.proxy_hold_bytes,
                 hold_seconds=limits.proxy_hold_s,
                 readahead_bytes=limits.proxy_readahead_bytes,
+                tap=self._coverage.batch if self._coverage is not None else None,
             )
             try:
                 proxy.start()
@@ -311,13 +331,17 @@ class MigrationRun:
             r.page_size = self._layout.page_size
         if not self.rewriting:
             return NoHints()
+        if self._layout is not None:
+            self._coverage = CoverageCounter(self._layout, guest_stopped=lambda: gate.guest_stopped)
+        r.same_sync_rule = preflight.same_sync_allowed
         gate = self._epoch_gate = EpochGate(
             self.src,
             self.collector,
             self.plan.vm,
             hint_deadline_s=self.plan.hint_deadline_s,
             on_release=self._recorder.released,
-            same_sync=preflight.same_sync_allowed,
+            same_sync=r.same_sync_rule,
+            on_open=self._coverage.epoch_opened if self._coverage is not None else None,
         )
         if self.issue_migrate:
             return gate
@@ -330,6 +354,11 @@ class MigrationRun:
             params["max-bandwidth"] = self.plan.max_bandwidth
         if self.plan.downtime_limit_ms is not None:
             params["downtime-limit"] = self.plan.downtime_limit_ms
+        if self.plan.switchover_bandwidth is not None:
+            # Not a limit: the rate QEMU's switchover test assumes instead of the one it
+            # measures, which behind the proxy is how fast the proxy reads (docs/migrate.md).
+            params["avail-switchover-bandwidth"] = self.plan.switchover_bandwidth
+            self.report.switchover_bandwidth = self.plan.switchover_bandwidth
         if not params:
             return True
         try:
@@ -382,15 +411,31 @@ class MigrationRun:
         proxy_ended: float | None = None
         moved: tuple[int, int, int] = (-1, -1, -1)
         moved_at = time.monotonic()
+        answered_at = time.monotonic()
+        timeouts = 0
         while True:
             now = time.monotonic()
             try:
                 reply = await self.src.execute("query-migrate", timeout_s=QMP_TIMEOUT_S)
+            except QmpTimeout as e:
+                # QEMU answers only once it lets its lock go, which its completion holds while
+                # it writes the final pass: into a slow link that can outlast one timeout. A
+                # monitor that is still connected is not lost until STUCK_S without an answer.
+                timeouts += 1
+                if time.monotonic() - answered_at > STUCK_S:
+                    self._source_lost = str(e)
+                    return last
+                if timeouts == 1:
+                    self._notes.append(f"query-migrate timed out while the migration ran ({e}); waited for it")
+                continue
             except QmpError as e:
                 self._source_lost = str(e)
                 return last
+            answered_at = time.monotonic()
             info: Mapping[str, Any] = reply if isinstance(reply, Mapping) else {}
             last = info
+            if self._coverage is not None:
+                self._coverage.drain()  # off the relay's thread (coverage.py)
             status = info.get("status")
             if now >= next_progress or status in TERMINAL:
                 next_progress = now + plan.progress_interval_s
@@ -494,7 +539,8 @@ class MigrationRun:
 
     def _finish(self, info: Mapping[str, Any] | None, result: ProxyResult | None) -> admin_pb2.MigrationReport:
         r = self.report
-        r.wall_s = time.monotonic() - self._t0
+        self._ended_at = time.monotonic()
+        r.wall_s = self._ended_at - self._t0
         info = info or {}
         r.source_status = str(info.get("status", ""))
         r.source_error = str(info.get("error-desc", ""))
@@ -522,12 +568,27 @@ class MigrationRun:
             r.fallback_reason = st.fallback_reason or ""
             r.abort_reason = st.abort_reason or ""
             r.proxy_error = st.error or ""
+            r.timing.paced_s = st.paced_s
+            r.timing.send_s = st.send_s
+            r.timing.held_wait_s = st.held_wait_s
+            r.timing.backlog_at_stop_bytes = st.backlog_at_stop
+            for field, at in (
+                ("stop_to_end_section_ms", st.end_section_at),
+                ("stop_to_drained_ms", st.drained_at),
+                ("stop_to_eof_ms", st.eof_at),
+            ):
+                since = at - st.stop_seen_at if at is not None and st.stop_seen_at is not None else None
+                setattr(r.timing, field, -1.0 if since is None else 1000 * since)
         r.rewriting = self.rewriting
         gate = self._epoch_gate
         if gate is not None:
             gst = gate.stats()
             r.passes = gst.passes
             r.polls = gst.polls_answered
+            r.timing.polls = gate.poll_rtt_n
+            if gate.poll_rtt_n:
+                r.timing.poll_ms_mean = 1000 * gate.poll_rtt_sum / gate.poll_rtt_n
+                r.timing.poll_ms_max = 1000 * gate.poll_rtt_max
             if gate.failure and not (self._held is not None and self._held.refusal):
                 r.gate_failure = gate.failure
         r.notes.extend(self._notes)

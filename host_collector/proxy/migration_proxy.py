@@ -34,7 +34,7 @@ import grpc
 from host_collector.errors import CollectorError
 from host_collector.proxy import sockets
 from host_collector.proxy.relay import CHUNK_SIZE, HoldLimits, MainRelay
-from host_collector.proxy.results import PhaseListener, ProxyOutcome, ProxyResult, ProxyStats
+from host_collector.proxy.results import BatchTap, PhaseListener, ProxyOutcome, ProxyResult, ProxyStats
 from host_collector.rewrite.gate import RewriteGate
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,8 @@ class MigrationProxy:
     before any byte of that phase is forwarded (so calling :meth:`abort` from
     it cuts the stream exactly there). ``hold_bytes``, ``hold_seconds``,
     ``readahead_bytes`` and ``chunk_size`` are the relay's
-    :class:`~.relay.HoldLimits` (ValueError if out of range).
+    :class:`~.relay.HoldLimits` (ValueError if out of range). ``tap`` sees
+    every batch of PAGE records once it is done with (:data:`~.results.BatchTap`).
     """
 
     def __init__(
@@ -73,7 +74,9 @@ class MigrationProxy:
         readahead_bytes: int | None = None,
         on_phase: PhaseListener | None = None,
         chunk_size: int = CHUNK_SIZE,
+        tap: BatchTap | None = None,
     ) -> None:
+        self._tap = tap
         self._limits = HoldLimits(hold_bytes, hold_seconds, readahead_bytes, chunk_size)
         self._listen = sockets.parse_endpoint(listen)
         self._dest = sockets.parse_endpoint(dest)
@@ -193,6 +196,7 @@ class MigrationProxy:
             ended=self._ended,
             fail=self._fail,
             note_fallback=self._note_fallback,
+            tap=self._tap,
         )
         self._main = main
         fwd = threading.Thread(target=main.run, name="fph-proxy-main", daemon=True)

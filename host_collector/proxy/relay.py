@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from host_collector.proxy import sockets
-from host_collector.proxy.results import PhaseListener, ProxyOutcome, ProxyStats
+from host_collector.proxy.results import BatchTap, PhaseListener, ProxyOutcome, ProxyStats
 from host_collector.rewrite.gate import PageOracle, RewriteGate
 from host_collector.stream import wire as s
 from host_collector.stream.parser import PageRecord, StreamParser
@@ -99,16 +99,27 @@ class _Batch:
     """PAGE records from one parse call, judged in order; ``i`` is the first not judged.
 
     A ``final`` batch (the ram END section) goes out unchanged without asking the gate.
+    ``rw`` collects the indices of rewritten records for a tap (None: no tap).
     """
 
-    __slots__ = ("chunk", "deadline", "final", "i", "pages")
+    __slots__ = ("chunk", "deadline", "final", "i", "pages", "received_at", "rw")
 
-    def __init__(self, chunk: _Chunk, pages: list[PageRecord], deadline: float, final: bool = False) -> None:
+    def __init__(
+        self,
+        chunk: _Chunk,
+        pages: list[PageRecord],
+        received_at: float,
+        deadline: float,
+        final: bool = False,
+        tap: bool = False,
+    ) -> None:
         self.chunk = chunk
         self.pages = pages
         self.i = 0
+        self.received_at = received_at
         self.deadline = deadline
         self.final = final
+        self.rw: list[int] | None = [] if tap else None
 
 
 class MainRelay:
@@ -132,8 +143,10 @@ class MainRelay:
         ended: Callable[[], bool],
         fail: Callable[[ProxyOutcome, str], None],
         note_fallback: Callable[[str], None],
+        tap: BatchTap | None = None,
     ) -> None:
         self.gate = gate
+        self._tap = tap
         self.src = src
         self.dst = dst
         self._hold_bytes = limits.hold_bytes
@@ -162,6 +175,19 @@ class MainRelay:
         self._extra: int | None = None
         self._waker = sockets.WakePipe()
         self._poller = select.poll()
+        #: Where the time went (ProxyStats): reading stopped by the read-ahead,
+        #: inside sendmsg, and held with nothing to send.
+        self.paced_s = 0.0
+        self._paced_since: float | None = None
+        self.send_s = 0.0
+        self.held_wait_s = 0.0
+        #: The switchover as the relay saw it: when it first saw the guest stopped, what it then
+        #: had received but not sent, and when the END section, the last held record and EOF came.
+        self.stop_seen_at: float | None = None
+        self.backlog_at_stop = 0
+        self.end_section_at: float | None = None
+        self.drained_at: float | None = None
+        self.eof_at: float | None = None
 
     def snapshot(self, st: ProxyStats) -> ProxyStats:
         p = self.parser
@@ -176,6 +202,14 @@ class MainRelay:
             pages_held=self.pages_held,
             pages_released_unjudged=self.unjudged,
             held_bytes=self._held_bytes(),
+            paced_s=self.paced_s + (time.monotonic() - self._paced_since if self._paced_since is not None else 0.0),
+            send_s=self.send_s,
+            held_wait_s=self.held_wait_s,
+            stop_seen_at=self.stop_seen_at,
+            backlog_at_stop=self.backlog_at_stop,
+            end_section_at=self.end_section_at,
+            drained_at=self.drained_at,
+            eof_at=self.eof_at,
         )
 
     def wake(self) -> None:
@@ -226,7 +260,9 @@ class MainRelay:
                     # Not every change of decided_through wakes us (hints that
                     # stop being awaited do not): look again soon.
                     timeout = min(timeout, _PACED_RECHECK_S)
+                t_wait = time.monotonic()
                 events = poller.poll(int(timeout * 1000) + 1)
+                self.held_wait_s += time.monotonic() - t_wait
                 readable = False
                 for fd, _ in events:
                     if fd == waker.fd:
@@ -241,8 +277,15 @@ class MainRelay:
                 self._receive()  # nothing held: block in recv
             if ended():
                 break
+            if self.stop_seen_at is None and self.gate.guest_stopped:
+                self.stop_seen_at = time.monotonic()
+                # Source bytes received and not yet sent (sent_bytes shrinks with every rewrite).
+                first = self.chunks[0]
+                self.backlog_at_stop = self.received - (first.base + first.sent)
             if self.held:
                 self._judge()
+                if not self.held and self.drained_at is None and self.stop_seen_at is not None:
+                    self.drained_at = time.monotonic()
             self._send_ready()
         if not ended():
             log.debug("migration proxy: everything sent (%d bytes)", self.sent_bytes)
@@ -259,6 +302,12 @@ class MainRelay:
         if want != self._reading:
             self._poller.modify(self.src, select.POLLIN if want else 0)
             self._reading = want
+            now = time.monotonic()
+            if want and self._paced_since is not None:
+                self.paced_s += now - self._paced_since
+                self._paced_since = None
+            elif not want:
+                self._paced_since = now
 
     def _held_bytes(self) -> int:
         try:
@@ -301,20 +350,22 @@ class MainRelay:
         pages = parser.pages
         if pages:
             parser.pages = []
-            deadline = time.monotonic() + self._hold_seconds
+            now = time.monotonic()
+            deadline = now + self._hold_seconds
+            tap = self._tap is not None
             final: list[PageRecord] = []
             if self._completion_at is not None:
                 split = self._completion_at - ck.base
                 i = next((k for k, rec in enumerate(pages) if rec[0] > split), len(pages))
                 pages, final = pages[:i], pages[i:]
             if pages:
-                bt = _Batch(ck, pages, deadline)
+                bt = _Batch(ck, pages, now, deadline, tap=tap)
                 self.held.append(bt)
                 self._judge()
                 if self.held and self.held[-1] is bt:
                     self.pages_held += len(pages) - bt.i
             if final:
-                self.held.append(_Batch(ck, final, deadline, final=True))
+                self.held.append(_Batch(ck, final, now, deadline, final=True, tap=tap))
                 self._judge()
         if not parser.parsing:
             ck.parsed = ck.fill
@@ -333,6 +384,7 @@ class MainRelay:
             )
             if phase is Phase.COMPLETION:
                 self._completion_at = offset
+                self.end_section_at = time.monotonic()
                 self.gate.stop_holding()
                 # The guest is stopped: no switchover left to inform, and QEMU
                 # may write the final pass holding the lock its QMP answers
@@ -362,10 +414,17 @@ class MainRelay:
         """Send every held record unchanged."""
         for bt in self.held:
             self.unjudged += len(bt.pages) - bt.i
+            self._tapped(bt)
         self.held.clear()
+
+    def _tapped(self, bt: _Batch) -> None:
+        """Hand a batch that is done with (every record judged or let go) to the tap."""
+        if self._tap is not None:
+            self._tap(bt.received_at, bt.pages, bt.rw, bt.final)
 
     def _source_closed(self) -> None:
         self.src_eof = True
+        self.eof_at = time.monotonic()
         log.debug(
             "migration proxy: source EOF at %d (sent %d, held %d bytes)",
             self.received,
@@ -413,6 +472,7 @@ class MainRelay:
         limit = self._hold_bytes
         rewritten = 0
         unjudged = 0
+        tapped = self._tapped if self._tap is not None else None
         try:
             while held:
                 bt = held[0]
@@ -423,10 +483,13 @@ class MainRelay:
                 i = bt.i
                 buf = ck.buf
                 cuts = ck.cuts
+                rw = bt.rw
                 expired = bt.deadline <= now
                 last_end = base + pages[-1][1]
                 if bt.final or (oracle is None and last_end <= valid_through):
                     held.popleft()  # the rest of the batch goes out unchanged
+                    if tapped is not None:
+                        tapped(bt)
                     continue
                 while i < n:
                     a, b, blk, pg = pages[i]
@@ -441,6 +504,8 @@ class MainRelay:
                             buf[fill] = 0
                             cuts.append(fill)
                             rewritten += 1
+                            if rw is not None:
+                                rw.append(i)
                     elif expired or received - (base + a) > limit:
                         unjudged += 1
                         if expired and self._paced:
@@ -454,6 +519,8 @@ class MainRelay:
                         return
                     i += 1
                 held.popleft()
+                if tapped is not None:
+                    tapped(bt)
         finally:
             self.rewritten += rewritten
             self.unjudged += unjudged
@@ -490,10 +557,12 @@ class MainRelay:
                 break
         if not iov:
             return
+        t_send = time.monotonic()
         try:
             sent = sockets.sendmsg_all(self.dst, iov)
         except OSError as e:
             raise _SideError(f"destination stopped reading: {sockets.describe(e)}") from e
+        self.send_s += time.monotonic() - t_send
         self.sent_bytes += sent
         for ck, pos in marks:
             ck.sent = pos

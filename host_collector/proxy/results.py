@@ -54,6 +54,20 @@ class ProxyStats:
     abort_reason: str | None = None
     #: The I/O error that ended the migration, if any.
     error: str | None = None
+    #: Seconds the relay stopped reading the source because the read-ahead was full.
+    paced_s: float = 0.0
+    #: Seconds inside sendmsg to the destination (a slow link shows here).
+    send_s: float = 0.0
+    #: Seconds waiting with records held (for the gate, or a hold deadline).
+    held_wait_s: float = 0.0
+    #: The switchover (``time.monotonic()``, None: not seen): the relay first saw the guest
+    #: stopped, with ``backlog_at_stop`` bytes received and not yet sent; the END section began;
+    #: the last held record went out after it; the source's EOF.
+    stop_seen_at: float | None = None
+    backlog_at_stop: int = 0
+    end_section_at: float | None = None
+    drained_at: float | None = None
+    eof_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -66,3 +80,11 @@ class ProxyResult:
 
 #: ``on_phase(phase, offset)``: the main channel enters ``phase`` at stream offset ``offset``.
 PhaseListener = Callable[[Phase, int], None]
+
+#: ``tap(received_at, pages, rewritten, final)``: a batch of PAGE records is
+#: done with (judged, or let go unjudged), in receive order, from the relay's
+#: thread. ``received_at`` is ``time.monotonic()`` when its bytes were parsed,
+#: ``pages`` the parser's records ``(start, end, block, page)``, ``rewritten``
+#: the indices of the records turned into zero records, ``final`` an END
+#: section batch. Must be cheap: it runs on the hot path, once per batch.
+BatchTap = Callable[[float, list[tuple[int, int, str, int]], "list[int] | None", bool], None]

@@ -27,6 +27,8 @@ from host_collector.rewrite.ledger import CollectorLike, E, EpochEntry, EpochLed
 
 #: query-migrate states that still carry a current ``ram.dirty-sync-count``.
 _COUNTING = frozenset({"active", "pre-switchover", "device", "completed", "cancelling"})
+#: MIGRATION statuses of the source's completion: the guest is stopped, the final sync comes next.
+_COMPLETING = frozenset({"pre-switchover", "device"})
 #: States before the first page record (setup runs sync 1; wait-unplug follows it).
 _BEFORE_PAGES = frozenset({"setup", "wait-unplug"})
 
@@ -35,7 +37,10 @@ class EpochGate(RewriteGate, Generic[E]):
     """The :class:`RewriteGate` of one migration stream.
 
     ``on_release`` is the ledger's (:class:`EpochLedger`): it sees each
-    epoch's entry before the collector frees its bitmaps.
+    epoch's entry before the collector frees its bitmaps. ``on_open(sync,
+    epoch)`` is told of each epoch as it opens (the migration's coverage
+    figures); neither may block. ``same_sync=False`` drops rule (b)'s
+    e == s case (a KVM source: docs/safety-rule.md §7.2).
     """
 
     def __init__(
@@ -48,6 +53,7 @@ class EpochGate(RewriteGate, Generic[E]):
         poll_timeout_s: float = 1.0,
         hint_deadline_s: float = 5.0,
         on_release: Callable[[EpochEntry[E]], None] | None = None,
+        on_open: Callable[[int, E], None] | None = None,
         same_sync: bool = True,
     ) -> None:
         if poll_interval_s <= 0 or poll_timeout_s <= 0:
@@ -66,6 +72,11 @@ class EpochGate(RewriteGate, Generic[E]):
         self._events: EventQueue | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.polls_issued = 0
+        self._on_open = on_open
+        #: query-migrate round trips: answered polls, their sum and the longest (seconds).
+        self.poll_rtt_n = 0
+        self.poll_rtt_sum = 0.0
+        self.poll_rtt_max = 0.0
         self._started = False
         #: The guest stopped (QMP STOP): its agent cannot answer any more.
         self._stopped = False
@@ -82,7 +93,7 @@ class EpochGate(RewriteGate, Generic[E]):
         self._started = True
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
-        self._events = self._source.listen("MIGRATION_PASS", "STOP")
+        self._events = self._source.listen("MIGRATION_PASS", "STOP", "MIGRATION")
         self._tasks = [
             asyncio.create_task(self._event_loop(), name="fph-gate-events"),
             asyncio.create_task(self._poll_loop(), name="fph-gate-polls"),
@@ -179,15 +190,27 @@ class EpochGate(RewriteGate, Generic[E]):
             self._apply_event(ev)
 
     def _apply_event(self, ev: Mapping[str, Any]) -> None:
-        if ev.get("event") == "STOP":
+        name = ev.get("event")
+        if name == "STOP" or (name == "MIGRATION" and _status(ev) in _COMPLETING):
+            # The guest stopped during the migration (QEMU's completion, or anyone's
+            # stop): decide unpolled records now, by request offsets alone (§3.9).
+            self.ledger.completion_started()
             self.guest_not_running()
+            self._notify()
+            return
+        if name == "MIGRATION":
             return
         data = ev.get("data")
         count = data.get("pass") if isinstance(data, Mapping) else None
         if not isinstance(count, int) or isinstance(count, bool) or count < 1:
             self._fail(f"malformed MIGRATION_PASS event: {dict(ev)!r}")
             return
-        self.ledger.on_pass(count)
+        entry = self.ledger.on_pass(count)
+        if entry is not None and self._on_open is not None:
+            try:
+                self._on_open(entry.sync, entry.epoch)
+            except Exception:  # a watcher's bug must not stop the gate
+                pass
         if self.ledger.failure:
             self._notify()
 
@@ -218,6 +241,10 @@ class EpochGate(RewriteGate, Generic[E]):
             except QmpError as err:
                 self._fail(f"query-migrate: {err}")
                 return
+            rtt = time.monotonic() - last_issue
+            self.poll_rtt_n += 1
+            self.poll_rtt_sum += rtt
+            self.poll_rtt_max = max(self.poll_rtt_max, rtt)
             # Events queued before this reply are applied before it (QEMU emits
             # MIGRATION_PASS s before it can answer s; the client keeps wire order).
             self._take_events()
@@ -237,3 +264,8 @@ class EpochGate(RewriteGate, Generic[E]):
             self._fail(f"query-migrate status {status!r} without a dirty-sync-count")
             return
         self.ledger.on_poll(x, count, passes_before)
+
+
+def _status(ev: Mapping[str, Any]) -> object:
+    data = ev.get("data")
+    return data.get("status") if isinstance(data, Mapping) else None

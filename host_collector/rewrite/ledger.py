@@ -14,8 +14,7 @@ A record ending at ``end`` is judged by the earliest answered poll with
 X >= end (answer s). Epoch e's hints may zero it when
 
 * e == s: rule (b). The hints were taken after sync s ended and no sync
-  started between them and the record's pick (only with ``same_sync``: it
-  is off under KVM, whose deferred dirty-log clear breaks it, §7.2);
+  started between them and the record's pick;
 * e > s: rule (a). Sync e started after that poll's reply, so after the
   record was read; every hint of epoch e is later still;
 * O_e >= end: rule (a). The record was received before epoch e's request
@@ -25,6 +24,15 @@ Any other epoch (older than s, requested after the record was read) is
 stale: a sync may have collected a write between hint and pick. Those
 records go out unchanged. If a poll fails, nothing past the last answered
 poll is ever rewritten.
+
+Two switches (docs/safety-rule.md §3.9, §7.2):
+
+* once the source's completion began (``MIGRATION`` status ``device``),
+  records no answered poll covers are decided at once, by the third case
+  alone (it needs no poll): nothing waits for the poll QEMU can only answer
+  after the final pass;
+* ``same_sync=False`` (a KVM source without the dirty ring) drops the first
+  case: KVM's deferred dirty-log clear breaks rule (b).
 
 Each entry is the one record of its epoch: the migration report reads the
 entries the ledger hands to ``on_release`` (:mod:`.recorder`).
@@ -149,8 +157,10 @@ class EpochLedger(Generic[E]):
         same_sync: bool = True,
     ) -> None:
         self._collector = collector
-        #: Rule (b)'s e == s case allowed (TCG); off, only e > s and O_e >= end judge.
-        self._same_sync = same_sync
+        #: Whether the e == s case (rule (b)) may be used (§7.2: not under KVM without the dirty ring).
+        self.same_sync = same_sync
+        #: The source's completion began: unpolled records are decided by request offsets alone (§3.9).
+        self._completing = False
         self._on_release = on_release
         self._vm = vm
         self._deadline_s = hint_deadline_s
@@ -274,6 +284,21 @@ class EpochLedger(Generic[E]):
         final sync too, and holding for its snapshot would add to downtime)."""
         self._hold_for_hints = False
 
+    def completion_started(self) -> None:
+        """The source entered ``device`` (its completion: guest stopped, final sync to come).
+
+        From now on a record no answered poll covers is decided at once with
+        the epochs whose request went out after it was received (rule (a),
+        no poll needed; docs/safety-rule.md §3.9), instead of waiting for a
+        poll QEMU answers only after it wrote the final pass.
+        """
+        self._completing = True
+        self._hold_for_hints = False
+
+    @property
+    def completing(self) -> bool:
+        return self._completing
+
     def release_all(self) -> None:
         with self._lock:
             for e in list(self._epochs.values()):
@@ -287,7 +312,7 @@ class EpochLedger(Generic[E]):
         epoch's request went out while its snapshot is still arriving: a record
         judged now would miss hints that are on their way (the proxy's hold
         bounds still cap the wait, so no migration waits on a guest)."""
-        if self._failed:
+        if self._failed or self._completing:
             return NEVER
         x = self._poll_x[-1] if self._poll_x else 0
         if self._agent_silent or not self._hold_for_hints:
@@ -297,18 +322,25 @@ class EpochLedger(Generic[E]):
                 x = min(x, e.decided_at_open)
         return x
 
+    def _usable(self, e: EpochEntry[E], s: int) -> bool:
+        """Whether epoch ``e`` may zero a record judged by a poll that answered ``s`` (§3.4, cases 1-2)."""
+        return e.sync > s or (e.sync == s and self.same_sync)
+
     def oracle_for(self, end: int) -> PageOracle | None:
         with self._lock:
             i = bisect.bisect_left(self._poll_x, end)
             if i >= len(self._poll_x):
+                if self._completing and not self._failed:
+                    # §3.9: no poll covers it, and none will before the final pass: case 3 alone.
+                    return self._oracle_locked(
+                        tuple(e for e in self._epochs.values() if not e.released and e.request_offset >= end)
+                    )
                 return None  # not confirmed (after a failure, never will be)
             # If the earliest poll after `end` was dropped, _poll_x[i] is a later
             # one: its answer is no smaller, so the usable set only shrinks.
             s = self._poll_s[i]
             usable = tuple(
-                e
-                for e in self._epochs.values()
-                if not e.released and (e.sync > s or (self._same_sync and e.sync == s) or e.request_offset >= end)
+                e for e in self._epochs.values() if not e.released and (self._usable(e, s) or e.request_offset >= end)
             )
             return self._oracle_locked(usable)
 
@@ -324,6 +356,15 @@ class EpochLedger(Generic[E]):
         with self._lock:
             i = bisect.bisect_left(self._poll_x, end)
             if i >= len(self._poll_x):
+                if self._completing and not self._failed:
+                    # §3.9: case 3 alone; the answer changes only where a request offset is passed.
+                    through = NEVER
+                    usable = []
+                    for e in self._epochs.values():
+                        if not e.released and e.request_offset >= end:
+                            usable.append(e)
+                            through = min(through, e.request_offset)
+                    return self._oracle_locked(tuple(usable)), through
                 # Not confirmed yet (the proxy does not ask then), or never will be.
                 return None, (NEVER if self._failed else end)
             s = self._poll_s[i]
@@ -332,7 +373,7 @@ class EpochLedger(Generic[E]):
             for e in self._epochs.values():
                 if e.released:
                     continue
-                if e.sync > s or (self._same_sync and e.sync == s):
+                if self._usable(e, s):
                     usable.append(e)
                 elif e.request_offset >= end:
                     usable.append(e)
