@@ -251,7 +251,9 @@ async def ended_by_server(coro: Any) -> str:
     try:
         await coro
     except grpc.aio.AioRpcError as e:
-        if e.code() is grpc.StatusCode.INTERNAL and LOCAL_SEND_FAILURE in (e.details() or ""):
+        # gRPC says "Internal error from Core" and names the failed operation
+        # in its debug string.
+        if e.code() is grpc.StatusCode.INTERNAL and LOCAL_SEND_FAILURE in (e.debug_error_string() or ""):
             return "send refused"
         return str(e.code().name)
     return "OK"
