@@ -18,8 +18,12 @@ kernel log, and the workload must verify every byte it wrote.
 A *group* is one guest size and workload; each scenario of a group boots one
 guest and migrates it --runs times in a chain (a failed or crashed run costs
 a fresh boot). Sizes of 8 GiB and more run only --big-scenarios. Before a
-pair is booted the host must hold both RAM files (/dev/shm) and the QEMUs:
-the campaign refuses at the start when a size cannot fit.
+pair is booted the host must hold both RAMs and the QEMUs: the campaign
+refuses at the start when a size cannot fit. Destinations run on anonymous
+RAM, as deployments do (--destination-ram shm: the lab's tmpfs file, where
+every ZERO record costs the destination a page allocation and the downtime
+of every zero-heavy scenario grows; the first guest of a chain keeps its
+RAM file either way).
 
 Writes docs/comparison.json (accelerator, QEMU, link, per group and scenario
 every run and the medians, with the collector's coverage block where its
@@ -74,6 +78,11 @@ REQUIRED = ORDER[:6]
 #: Opt-in rows (issue 13 item 5), never in the default campaign: clean page
 #: cache dropped before the migration, fphint against init_on_free.
 OPT_IN = ("init_on_free_reclaim", "fphint_reclaim")
+#: The destination's RAM (--destination-ram): what each choice means in the report.
+DESTINATION_RAM = {
+    "anon": "anonymous (memory-backend-ram)",
+    "shm": "a shared tmpfs file (memory-backend-file in /dev/shm, share=on)",
+}
 #: Sizes from this many GiB on run only the big scenarios by default.
 BIG_GIB = 8
 BIG_SCENARIOS = ("plain", "init_on_free", "balloon_report", "fphint")
@@ -155,12 +164,14 @@ def estimate_chain_s(group: Group, scenario: str, runs: int, link_mbit: float, k
     return boot + runs * per_run
 
 
-def plan_lines(groups: Sequence[Group], runs: int, link_mbit: float, kvm: bool) -> tuple[list[str], float]:
+def plan_lines(
+    groups: Sequence[Group], runs: int, link_mbit: float, kvm: bool, shared_destination_ram: bool = False
+) -> tuple[list[str], float]:
     lines, total = [], 0.0
     for g in groups:
         secs = [estimate_chain_s(g, n, runs, link_mbit, kvm) for n in g.scenarios]
         total += sum(secs)
-        fits = pair_fits(g.guest_mib)
+        fits = pair_fits(g.guest_mib, shared_destination_ram=shared_destination_ram)
         lines.append(
             f"{g.title}: {len(g.scenarios)} scenarios x {runs} runs, {g.workload.describe()}; "
             f"~{sum(secs) / 60:.0f} min" + (f"  [CANNOT RUN HERE NOW: {fits}]" if fits else "")
@@ -365,6 +376,13 @@ def make_parser() -> argparse.ArgumentParser:
         help="garbage per migration at every size (default: 512 MiB at 1 GiB, 3/4 of the guest above)",
     )
     ap.add_argument("--link-mbit", type=float, default=GIGABIT / 1e6)
+    ap.add_argument(
+        "--destination-ram",
+        choices=DESTINATION_RAM,
+        default="anon",
+        help="the destination's RAM: anon (memory-backend-ram, as deployments run; default) or shm (the lab's "
+        "shared tmpfs file, where each ZERO record costs a page allocation)",
+    )
     ap.add_argument("--accel", choices=MODES, help="kvm, tcg or auto (default: $FPH_ACCEL, else auto)")
     ap.add_argument("--out", type=Path, help="write comparison.json/.md/.png into this directory")
     ap.add_argument("--json", type=Path, help="the JSON document (default docs/comparison.json on a full run)")
@@ -408,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     if not groups:
         ap.error("nothing to run: no scenario is left for these sizes (see --big-scenarios)")
     kvm_guess = (args.accel or os.environ.get("FPH_ACCEL", "")) == "kvm"
-    lines, total = plan_lines(groups, args.runs, args.link_mbit, kvm_guess)
+    shared_dst = args.destination_ram == "shm"
+    lines, total = plan_lines(groups, args.runs, args.link_mbit, kvm_guess, shared_dst)
     if args.plan:
         print(
             f"campaign: {len(groups)} group(s), {sum(len(g.scenarios) for g in groups)} chains, "
@@ -421,7 +440,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.geteuid() != 0:
             print("migration_comparison.py: run as root (QEMU guests, the image build)", file=sys.stderr)
             return 2
-        refused = [f"{g.title}: {why}" for g in groups if (why := pair_fits(g.guest_mib))]
+        refused = [
+            f"{g.title}: {why}" for g in groups if (why := pair_fits(g.guest_mib, shared_destination_ram=shared_dst))
+        ]
         if refused:
             print(
                 "migration_comparison.py: refusing, a guest pair cannot fit on this host now:\n  "
@@ -441,7 +462,9 @@ def main(argv: list[str] | None = None) -> int:
             accel = Accel("tcg", None, "fixed", "dry run: no guest was started")
             groups_done = run_campaign(groups, dry_runner(args.runs, qemu_version(binary), accel), progress)
         else:
-            with vm_session("bench-comparison", keep=args.keep, accel=args.accel) as factory:
+            with vm_session(
+                "bench-comparison", keep=args.keep, accel=args.accel, shared_destination_ram=shared_dst
+            ) as factory:
                 accel = factory.accel
                 print(f"accelerator: {accel.describe()}", flush=True)
                 groups_done = run_campaign(groups, real_runner(factory, args.runs, args.link_mbit), progress)
@@ -461,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
             "how": "rate-limited relay in front of the destination; QEMU's "
             "bandwidth limit off; avail-switchover-bandwidth set to the link's rate",
         },
+        "destination_ram": {"kind": args.destination_ram, "how": DESTINATION_RAM[args.destination_ram]},
         "host": {"cpus": os.cpu_count(), "mem_mib": round(meminfo_mib().get("MemTotal", 0))},
         "runs_per_scenario": args.runs,
     }

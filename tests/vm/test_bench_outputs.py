@@ -57,6 +57,7 @@ def test_comparison_dry_run_writes_the_document(tmp_path: Path) -> None:
     assert {"name", "label", "how", "reason"} <= set(doc["accelerator"])
     assert doc["qemu"]["version"] and doc["link"]["mbit"] == 1000 and doc["runs_per_scenario"] == 3
     assert doc["anchors"]["plain"]["wire_gb"] == 8.1
+    assert doc["destination_ram"]["kind"] == "anon", "destinations run on anonymous RAM unless asked"
     keys = [g["key"] for g in doc["groups"]]
     assert keys == ["1gib-churn", "8gib-churn", "1gib-busy"]
     by = {g["key"]: g for g in doc["groups"]}
@@ -77,6 +78,7 @@ def test_comparison_dry_run_writes_the_document(tmp_path: Path) -> None:
         assert g["goals"]["evaluated"] and "downtime_at_most_plain" in g["goals"]["checks"]
     md = (tmp_path / "comparison.md").read_text()
     assert "DRY RUN" in md and "accelerator **TCG**" in md and "## 8 GiB guest, churn workload" in md
+    assert "destination RAM anonymous (memory-backend-ram)" in md
     assert "Published anchor" in md and "![comparison chart](comparison.png)" in md
     assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -116,6 +118,10 @@ def test_pair_fits_counts_both_ram_files_and_the_margin() -> None:
     shm = pair_fits(8192, meminfo=roomy, shm_free_mib=12000)
     assert shm is not None and "16384 MiB in /dev/shm" in shm and "12000 MiB free" in shm
     assert pair_fits(1024, meminfo=roomy, shm_free_mib=23000) is None
+    # With the destination on anonymous RAM only the source's file is in tmpfs.
+    assert pair_fits(8192, meminfo=roomy, shm_free_mib=12000, shared_destination_ram=False) is None
+    alone = pair_fits(8192, meminfo=roomy, shm_free_mib=8000, shared_destination_ram=False)
+    assert alone is not None and "8192 MiB in /dev/shm" in alone
 
 
 def test_coverage_block_is_passed_through() -> None:

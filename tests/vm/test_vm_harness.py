@@ -14,13 +14,23 @@ import pytest
 
 from fphint_lab.vm import daemon_witness
 from fphint_lab.vm.fphint_daemon import CollectorDaemon, DaemonError, FphintMigrator
-from fphint_lab.vm.harness import VM, MigrationError, VMFactory, VMLaunchError, migrate, remove_stale_ram_files
+from fphint_lab.vm.harness import (
+    VM,
+    MigrationError,
+    VMError,
+    VMFactory,
+    VMLaunchError,
+    migrate,
+    remove_stale_ram_files,
+    start_incoming,
+    wait_incoming,
+)
 from vmimage.accel import Accel, tcg
 from vmimage.builder import Image
 from vmimage.qemu import FW_CFG_TOKEN, Endpoints, GuestConfig, qemu_argv
 
 
-def _endpoints(tmp: Path, incoming: bool = False, paused: bool = False) -> Endpoints:
+def _endpoints(tmp: Path, incoming: bool = False, paused: bool = False, shared_ram: bool = True) -> Endpoints:
     return Endpoints(
         name="x",
         mem_path=tmp / "x.ram",
@@ -30,6 +40,7 @@ def _endpoints(tmp: Path, incoming: bool = False, paused: bool = False) -> Endpo
         console_log=tmp / "x.console.log",
         incoming=incoming,
         paused=paused,
+        shared_ram=shared_ram,
     )
 
 
@@ -51,6 +62,15 @@ def test_argv_shape(tmp_path: Path) -> None:
     dst = qemu_argv(_guest(tmp_path), _endpoints(tmp_path, incoming=True, paused=True))
     assert dst[-3:] == ["-S", "-incoming", "defer"]
     assert not any("fw_cfg" in a for a in dst)
+
+
+def test_anonymous_ram_has_no_file_and_keeps_the_block_name(tmp_path: Path) -> None:
+    shared = " ".join(qemu_argv(_guest(tmp_path), _endpoints(tmp_path, incoming=True), accel=tcg("test")))
+    anon = qemu_argv(_guest(tmp_path), _endpoints(tmp_path, incoming=True, shared_ram=False), accel=tcg("test"))
+    assert "memory-backend-file,id=mem," in shared and "memory-backend-ram" not in shared
+    backend = anon[anon.index("-object") + 1]
+    assert backend.startswith("memory-backend-ram,id=mem,") and "mem-path" not in backend and "share" not in backend
+    assert "memory-backend=mem" in anon[anon.index("-machine") + 1], "the RAMBlock keeps its name: it must migrate"
 
 
 def test_argv_on_kvm_names_the_cpu_model(tmp_path: Path) -> None:
@@ -122,6 +142,37 @@ def test_failed_migration_is_reported_and_source_survives(vm_factory: VMFactory,
     ram = src.ram_path
     src.shutdown()
     assert not ram.exists(), "shutdown removes the RAM file"
+
+
+@pytest.mark.vm
+@pytest.mark.qemu
+@pytest.mark.root
+@pytest.mark.timeout(600)
+def test_a_file_backed_source_migrates_into_an_anonymous_destination(vm_image: Image, tmp_path: Path) -> None:
+    """What the comparison bench runs (its destinations on anonymous RAM):
+    bytes written into the source's RAM file arrive in the destination's
+    anonymous RAM (read back with pmemsave), and that VM has no RAM file."""
+    factory = VMFactory(vm_image, tmp_path, accel=tcg("test"), shared_destination_ram=False)
+    try:
+        src = factory.vm("src", factory.guest(mem_mib=256), paused=True)
+        src.launch()
+        offset, length = 64 << 20, 1 << 20
+        pattern = os.urandom(length)
+        with open(src.ram_path, "r+b") as f:  # share=on: this file is the guest's RAM
+            f.seek(offset)
+            f.write(pattern)
+        dst = factory.destination(src, "dst", paused=True)
+        assert not dst.endpoints.shared_ram and not dst.endpoints.mem_path.exists()
+        with pytest.raises(VMError, match="anonymous RAM"):
+            _ = dst.ram_path
+        migrate(src, start_incoming(dst), dst=dst, timeout=120)
+        wait_incoming(dst, 60)
+        dump = tmp_path / "dump.bin"
+        dst.cmd("pmemsave", {"val": offset, "size": length, "filename": str(dump)})
+        assert dump.read_bytes() == pattern
+    finally:
+        errors = factory.shutdown_all()
+        assert not errors, errors
 
 
 def test_binary_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

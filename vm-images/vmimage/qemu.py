@@ -7,7 +7,9 @@ The guest's devices and wiring:
 
 * RAM is a ``memory-backend-file`` with ``share=on`` (normally in /dev/shm):
   its file *is* guest RAM, which lets a test compare source and destination
-  page by page after a migration. The RAMBlock is named ``mem``.
+  page by page after a migration; or, where nothing compares it
+  (``Endpoints.shared_ram``), an anonymous ``memory-backend-ram``. The
+  RAMBlock is named ``mem`` either way, so the two migrate into each other.
 * ttyS0 is the kernel and systemd console, written to a log file only.
 * ttyS1 is a root shell (autologin) on a Unix socket: the harness's command
   channel, free of console messages.
@@ -101,6 +103,12 @@ class Endpoints:
     #: per monitor, and the harness keeps the first).
     aux_qmp: Path | None = None
     extra_args: tuple[str, ...] = field(default=())
+    #: RAM in the shared file ``mem_path``, which tests read and compare; False:
+    #: anonymous RAM (``memory-backend-ram``), as most deployments run guests.
+    #: On a destination that matters: a ZERO record makes QEMU read the page,
+    #: which allocates a tmpfs page but maps the shared zero page of anonymous
+    #: memory.
+    shared_ram: bool = True
 
 
 def default_binary() -> str:
@@ -158,7 +166,9 @@ def qemu_argv(guest: GuestConfig, ep: Endpoints, binary: str | None = None, acce
         "-smp", str(guest.smp),
         "-m", mem,
         "-object",
-        f"memory-backend-file,id={RAM_BACKEND_ID},size={mem},mem-path={ep.mem_path},share=on",
+        f"memory-backend-file,id={RAM_BACKEND_ID},size={mem},mem-path={ep.mem_path},share=on"
+        if ep.shared_ram
+        else f"memory-backend-ram,id={RAM_BACKEND_ID},size={mem}",
         "-machine", f"q35,memory-backend={RAM_BACKEND_ID}",
         "-kernel", str(guest.kernel),
         "-initrd", str(guest.initrd),

@@ -133,7 +133,10 @@ class VM:
         binary: str | None = None,
         accel: Accel | None = None,
         extra_args: tuple[str, ...] = (),
+        shared_ram: bool = True,
     ) -> None:
+        """``shared_ram``: RAM in a shared file that :attr:`ram_path` names
+        (for page-by-page comparisons), else anonymous (vmimage Endpoints)."""
         self.name = name
         self.guest = guest
         self.rundir = rundir
@@ -153,6 +156,7 @@ class VM:
             incoming=incoming,
             paused=paused,
             extra_args=extra_args,
+            shared_ram=shared_ram,
         )
         self.qemu_log = rundir / f"{name}.qemu.log"
         self.log = LOG.getChild(name)
@@ -169,6 +173,8 @@ class VM:
     @property
     def ram_path(self) -> Path:
         """The guest RAM file (RAMBlock ``mem``), valid until shutdown()."""
+        if not self.endpoints.shared_ram:
+            raise VMError(f"{self.name} runs on anonymous RAM: there is no RAM file to read")
         return self.endpoints.mem_path
 
     @property
@@ -367,9 +373,18 @@ def remove_stale_ram_files(shm_dir: Path = SHM_DIR) -> list[Path]:
 class VMFactory:
     """Makes VMs from one image in one run directory and tears them all down."""
 
-    def __init__(self, image: Image, rundir: Path, accel: Accel | None = None) -> None:
+    def __init__(
+        self, image: Image, rundir: Path, accel: Accel | None = None, *, shared_destination_ram: bool = True
+    ) -> None:
+        """``shared_destination_ram``: destinations keep their RAM in a shared
+        file (tests compare it with the source's); False gives them anonymous
+        RAM, as deployments run, for benchmarks that compare nothing there:
+        the lab's tmpfs file makes each ZERO record cost the destination a page
+        allocation (docs/e2e.md), which inflates the downtime of every scenario
+        that sends many of them."""
         self.image = image
         self.rundir = rundir
+        self.shared_destination_ram = shared_destination_ram
         self.vms: list[VM] = []
         self._disks = 0
         self._accel = accel
@@ -420,7 +435,15 @@ class VMFactory:
             (``-S``) so its RAM file can be compared before it runs.
         """
         guest = replace(src.guest, **guest_changes) if guest_changes else src.guest
-        vm = self.vm(name, guest, incoming=True, paused=paused, binary=src.binary, accel=src.accel)
+        vm = self.vm(
+            name,
+            guest,
+            incoming=True,
+            paused=paused,
+            binary=src.binary,
+            accel=src.accel,
+            shared_ram=self.shared_destination_ram,
+        )
         vm.launch()
         return vm
 

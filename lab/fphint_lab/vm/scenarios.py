@@ -359,20 +359,23 @@ def churn_check(vm: VM, script: str = "churn.py") -> tuple[list[str], int]:
 
 
 @contextlib.contextmanager
-def vm_session(label: str, keep: bool = False, accel: str | None = None) -> Iterator[VMFactory]:
+def vm_session(
+    label: str, keep: bool = False, accel: str | None = None, *, shared_destination_ram: bool = True
+) -> Iterator[VMFactory]:
     """A VM factory outside pytest (benchmark, demo): builds or reuses the
     image, and shuts every VM down at the end; the run directory (logs) is
     removed unless something failed or ``keep``.
 
     :param accel: kvm, tcg or auto (an --accel option); None: ``$FPH_ACCEL``,
         else auto (vmimage.accel.choose, decided here once for every guest).
+    :param shared_destination_ram: see :class:`VMFactory`.
     """
     parse_mode(accel if accel is not None else os.environ.get(ACCEL_ENV))  # a bad value fails before any build
     remove_stale_ram_files()
     image = ensure_image()
     chosen = choose(default_binary(), image.kernel, accel)
     rundir = Path(tempfile.mkdtemp(prefix=f"fphvm-{label}-", dir="/tmp"))
-    factory = VMFactory(image, rundir, accel=chosen)
+    factory = VMFactory(image, rundir, accel=chosen, shared_destination_ram=shared_destination_ram)
     failed = False
     try:
         yield factory
@@ -389,7 +392,7 @@ def vm_session(label: str, keep: bool = False, accel: str | None = None) -> Iter
             shutil.rmtree(rundir, ignore_errors=True)
 
 
-#: Host memory a migration pair needs beyond its two RAM files: two QEMUs
+#: Host memory a migration pair needs beyond its two RAMs: two QEMUs
 #: (~0.3 GiB each), the collector, the relay, and room for everyone else.
 PAIR_MARGIN_MIB = 1536
 
@@ -410,29 +413,32 @@ def pair_fits(
     shm_dir: Path = SHM_DIR,
     meminfo: Mapping[str, float] | None = None,
     shm_free_mib: float | None = None,
+    shared_destination_ram: bool = True,
 ) -> str | None:
     """Why a source and destination of ``guest_mib`` each cannot run here now
     (None: they fit).
 
-    Both RAM files live in tmpfs (``shm_dir``) and both end up fully
-    allocated (a migration reads or writes every page): 2 x guest RAM of
-    tmpfs space and of available memory, plus :data:`PAIR_MARGIN_MIB`.
+    Both RAMs end up fully allocated (a migration reads or writes every
+    page): 2 x guest RAM of available memory, plus :data:`PAIR_MARGIN_MIB`;
+    the source's RAM file lives in tmpfs (``shm_dir``), and so does the
+    destination's unless ``shared_destination_ram`` is False (anonymous RAM).
     """
     need = 2 * guest_mib
+    shm_need = need if shared_destination_ram else guest_mib
     info = meminfo if meminfo is not None else meminfo_mib()
     available = info.get("MemAvailable", 0.0)
     if shm_free_mib is None:
         st = os.statvfs(shm_dir)
         shm_free_mib = st.f_bavail * st.f_frsize / MiB
     shm_free = shm_free_mib
-    if shm_free < need:
+    if shm_free < shm_need:
         return (
-            f"a {guest_mib} MiB guest pair needs {need} MiB in {shm_dir}, which has {shm_free:.0f} MiB free "
+            f"a {guest_mib} MiB guest pair needs {shm_need} MiB in {shm_dir}, which has {shm_free:.0f} MiB free "
             f"(raise its size: mount -o remount,size=... {shm_dir})"
         )
     if available < need + PAIR_MARGIN_MIB:
         return (
-            f"a {guest_mib} MiB guest pair needs {need + PAIR_MARGIN_MIB} MiB of host memory (two RAM files "
+            f"a {guest_mib} MiB guest pair needs {need + PAIR_MARGIN_MIB} MiB of host memory (two RAMs "
             f"of {guest_mib} MiB + {PAIR_MARGIN_MIB} MiB for the QEMUs and the rest), but only "
             f"{available:.0f} MiB is available (MemAvailable of {info.get('MemTotal', 0):.0f} MiB)"
         )
