@@ -185,9 +185,16 @@ def _anchor_lines(g: Mapping[str, Any]) -> list[str]:
     return [" ".join(lines), ""]
 
 
+#: The destination's RAM (migration_comparison.py --destination-ram): what each choice means.
+DESTINATION_RAM = {
+    "anon": "anonymous (memory-backend-ram)",
+    "shm": "a shared tmpfs file (memory-backend-file in /dev/shm, share=on)",
+}
+
+
 def destination_ram(doc: Mapping[str, Any]) -> str:
     """How the destination held its RAM (documents before the option: the lab's shared file)."""
-    ram = doc.get("destination_ram") or {"how": "a shared tmpfs file (memory-backend-file in /dev/shm, share=on)"}
+    ram = doc.get("destination_ram") or {"how": DESTINATION_RAM["shm"]}
     return f"destination RAM {ram['how']}"
 
 

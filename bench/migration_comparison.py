@@ -78,11 +78,6 @@ REQUIRED = ORDER[:6]
 #: Opt-in rows (issue 13 item 5), never in the default campaign: clean page
 #: cache dropped before the migration, fphint against init_on_free.
 OPT_IN = ("init_on_free_reclaim", "fphint_reclaim")
-#: The destination's RAM (--destination-ram): what each choice means in the report.
-DESTINATION_RAM = {
-    "anon": "anonymous (memory-backend-ram)",
-    "shm": "a shared tmpfs file (memory-backend-file in /dev/shm, share=on)",
-}
 #: Sizes from this many GiB on run only the big scenarios by default.
 BIG_GIB = 8
 BIG_SCENARIOS = ("plain", "init_on_free", "balloon_report", "fphint")
@@ -378,7 +373,7 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--link-mbit", type=float, default=GIGABIT / 1e6)
     ap.add_argument(
         "--destination-ram",
-        choices=DESTINATION_RAM,
+        choices=report.DESTINATION_RAM,
         default="anon",
         help="the destination's RAM: anon (memory-backend-ram, as deployments run; default) or shm (the lab's "
         "shared tmpfs file, where each ZERO record costs a page allocation)",
@@ -484,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
             "how": "rate-limited relay in front of the destination; QEMU's "
             "bandwidth limit off; avail-switchover-bandwidth set to the link's rate",
         },
-        "destination_ram": {"kind": args.destination_ram, "how": DESTINATION_RAM[args.destination_ram]},
+        "destination_ram": {"kind": args.destination_ram, "how": report.DESTINATION_RAM[args.destination_ram]},
         "host": {"cpus": os.cpu_count(), "mem_mib": round(meminfo_mib().get("MemTotal", 0))},
         "runs_per_scenario": args.runs,
     }
